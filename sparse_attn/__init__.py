@@ -1,0 +1,35 @@
+"""sparse-attn: exact block-sparse attention with analytic layouts, Triton kernels and a PyTorch backend."""
+
+from .api import sparse_attention
+from .layout import BlockLayout
+from .patterns import (
+    Pattern,
+    bigbird,
+    block_sparse,
+    causal,
+    dilated,
+    global_tokens,
+    longformer,
+    per_head,
+    random_blocks,
+    sliding_window,
+)
+from .reference import attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockLayout",
+    "Pattern",
+    "attention_reference",
+    "bigbird",
+    "block_sparse",
+    "causal",
+    "dilated",
+    "global_tokens",
+    "longformer",
+    "per_head",
+    "random_blocks",
+    "sliding_window",
+    "sparse_attention",
+]

@@ -1,0 +1,116 @@
+"""The autograd boundary: custom ops around a backend's forward and backward.
+
+`torch.library.custom_op` makes attention one opaque node with a fake (meta) implementation, so
+`torch.compile(fullgraph=True)` traces through `sparse_attention` without a graph break, and the
+backward is registered once for every backend. A layout crosses as its tensors plus five ints.
+
+A backend module offers:
+- ``forward(q, k, v, layout, scale, key_mask) -> (out, lse)``, lse ``[B, Hq, Sq]`` in `lse_dtype(q.dtype)`;
+- ``backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask) -> (dq, dk, dv)``, where `dlse`
+  (the gradient flowing into lse, or None) enters as ``delta = rowsum(dO * O) - dlse``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockLayout
+
+
+def _backend(name: str):
+    if name == "torch":
+        from .backends import torch_backend
+
+        return torch_backend
+    from .backends import triton_backend
+
+    return triton_backend
+
+
+@torch.library.custom_op("sparse_attn::attention_fwd", mutates_args=())
+def attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout_tensors: list[torch.Tensor],
+    layout_ints: list[int],
+    key_mask: torch.Tensor | None,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    layout = BlockLayout.unflatten(layout_tensors, layout_ints)
+    return _backend(backend).forward(q, k, v, layout, scale, key_mask)
+
+
+@attention_fwd.register_fake
+def _(q, k, v, layout_tensors, layout_ints, key_mask, scale, backend):
+    batch, heads, q_len, _ = q.shape
+    return torch.empty_like(q), q.new_empty(batch, heads, q_len, dtype=lse_dtype(q.dtype))
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (the PyTorch backend's gradcheck precision)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("sparse_attn::attention_bwd", mutates_args=())
+def attention_bwd(
+    do: torch.Tensor,
+    dlse: torch.Tensor | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    layout_tensors: list[torch.Tensor],
+    layout_ints: list[int],
+    key_mask: torch.Tensor | None,
+    scale: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = BlockLayout.unflatten(layout_tensors, layout_ints)
+    return _backend(backend).backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+
+
+@attention_bwd.register_fake
+def _(do, dlse, q, k, v, out, lse, layout_tensors, layout_ints, key_mask, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, layout_tensors, layout_ints, key_mask, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *layout_tensors, *([key_mask] if key_mask is not None else []))
+    ctx.n_layout = len(layout_tensors)
+    ctx.has_key_mask = key_mask is not None
+    ctx.layout_ints, ctx.scale, ctx.backend = layout_ints, scale, backend
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, out, lse, *rest = ctx.saved_tensors
+    layout_tensors = rest[: ctx.n_layout]
+    key_mask = rest[ctx.n_layout] if ctx.has_key_mask else None
+    dq, dk, dv = attention_bwd(
+        do.contiguous() if do.stride(-1) != 1 else do,
+        dlse,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        list(layout_tensors),
+        ctx.layout_ints,
+        key_mask,
+        ctx.scale,
+        ctx.backend,
+    )
+    return dq, dk, dv, [None] * ctx.n_layout, None, None, None, None
+
+
+attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, layout: BlockLayout, scale: float, key_mask, backend: str):
+    """Differentiable ``(out, lse)`` through the custom ops."""
+    tensors, ints = layout.flatten()
+    return attention_fwd(q, k, v, tensors, ints, key_mask, scale, backend)

@@ -1,0 +1,139 @@
+"""`sparse_attention`: the documented public function. Validates, builds or checks the layout, dispatches."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+
+import torch
+
+from . import _ops
+from .layout import BlockLayout
+from .patterns import Pattern
+
+BACKENDS = ("auto", "triton", "torch")
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Head dims the Triton kernels take; the PyTorch backend takes any.
+TRITON_HEAD_DIMS = (16, 256)
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern_or_layout,
+    *,
+    scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention of `q` over `k`, `v` restricted to a sparsity pattern, exactly.
+
+    Args:
+        q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0``. fp16, bf16 or fp32
+            (float64 too on the PyTorch backend). Only the last dimension needs to be contiguous.
+        pattern_or_layout: a `Pattern`, or a `BlockLayout` built for ``(Sq, Skv)``.
+        scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+        key_mask: bool ``[B, Skv]``, True for a real key (padding is False).
+        return_lse: also return the float32 natural-log logsumexp ``[B, Hq, Sq]``.
+        backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+
+    Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
+    gets output 0 and lse -inf.
+    """
+    backend = _resolve_backend(backend, q)
+    scale = _check_inputs(q, k, v, key_mask, scale, backend)
+    layout = _resolve_layout(pattern_or_layout, q, k, _backend_module(backend).DEFAULT_BLOCK_SIZE)
+    out, lse = _ops.attention(q, k, v, layout, scale, key_mask, backend)
+    return (out, lse) if return_lse else out
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
+    if backend == "triton" and isinstance(q, torch.Tensor) and not q.is_cuda:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
+                "to run the kernels on the CPU through Triton's interpreter"
+            )
+    return backend
+
+
+def _backend_module(backend: str):
+    if backend == "torch":
+        from .backends import torch_backend
+
+        return torch_backend
+    from .backends import triton_backend
+
+    return triton_backend
+
+
+def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
+    """Validate shapes, dtypes and devices; return the scale to use."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
+    dtypes = SUPPORTED_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if q.dtype not in dtypes:
+        raise TypeError(f"q must be one of {[str(d) for d in dtypes]} for backend {backend!r}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, heads, _, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, Hkv, Skv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k must be [B={batch}, Hkv, Skv, D={head_dim}] to match q, got {tuple(k.shape)}")
+    if k.shape[1] == 0 or heads % k.shape[1]:
+        raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})")
+    if q.shape[2] == 0 or k.shape[2] == 0:
+        raise ValueError(f"sequence lengths must be >= 1, got Sq={q.shape[2]}, Skv={k.shape[2]}")
+    lo, hi = TRITON_HEAD_DIMS
+    if backend == "triton" and not lo <= head_dim <= hi:
+        raise ValueError(f"the Triton backend supports head dims {lo} to {hi}, got {head_dim}")
+    if head_dim == 0:
+        raise ValueError("head dim must be >= 1")
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError("key_mask must be a bool tensor [B, Skv] (True marks a real key)")
+        if key_mask.shape != (batch, k.shape[2]):
+            raise ValueError(f"key_mask must be [B={batch}, Skv={k.shape[2]}], got {tuple(key_mask.shape)}")
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask must be on {q.device}, got {key_mask.device}")
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim)
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    return float(scale)
+
+
+def _resolve_layout(pattern_or_layout, q, k, block_size) -> BlockLayout:
+    """The pattern's layout for these shapes, or the given layout after checking it fits them."""
+    q_len, kv_len, heads = q.shape[2], k.shape[2], q.shape[1]
+    if isinstance(pattern_or_layout, Pattern):
+        per_head = pattern_or_layout.num_heads is not None
+        if per_head and pattern_or_layout.num_heads != heads:
+            raise ValueError(f"pattern defines {pattern_or_layout.num_heads} heads, but q has {heads} heads")
+        return pattern_or_layout.layout(
+            q_len, kv_len, block_size=block_size, heads=heads if per_head else None, device=q.device
+        )
+    if not isinstance(pattern_or_layout, BlockLayout):
+        raise TypeError(f"expected a Pattern or a BlockLayout, got {type(pattern_or_layout).__name__}")
+    layout = pattern_or_layout
+    if (layout.q_len, layout.kv_len) != (q_len, kv_len):
+        raise ValueError(
+            f"layout was built for q_len={layout.q_len}, kv_len={layout.kv_len}, but the inputs have "
+            f"Sq={q_len}, Skv={kv_len}"
+        )
+    if layout.num_heads not in (1, heads):
+        raise ValueError(f"layout has {layout.num_heads} heads; expected 1 (shared) or {heads} (query heads)")
+    return layout.to(q.device)

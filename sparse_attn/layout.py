@@ -1,0 +1,223 @@
+"""`BlockLayout`: the one data structure that crosses from patterns to kernels.
+
+Every (query block, key block) pair of every layout head is exactly one of:
+- empty: skipped by every pass;
+- partial: a token mask applies inside it (``tiles[tile_id]``, bit-packed);
+- full: every real query-key pair in it is visible; no mask work.
+
+Storage (all int32, on `device`):
+- ``row_full_ptr``/``row_part_ptr`` ``[H, nqb + 1]`` index ``row_full_idx`` (key blocks) and
+  ``row_part_idx``/``row_part_tile`` (key blocks and their tile ids): the forward and dQ passes walk
+  query-block rows. Offsets are global (head h's rows continue where head h-1's stop); key blocks ascend.
+- ``col_full_ptr``/``col_part_ptr`` ``[H, nkb + 1]`` index ``col_full_idx``/``col_part_idx`` (query blocks)
+  and ``col_part_tile``: the dK/dV pass walks key-block columns. Query blocks ascend.
+- ``tiles`` ``[n_tiles, block_q, ceil(block_k / 32)]``: bit ``c % 32`` of word ``c // 32`` of row ``r`` says
+  whether row ``r`` may see column ``c`` of the tile. Bits outside the real sequence are 0. Distinct partial
+  tiles are stored once and shared by every block that has them.
+
+`H` is 1 when every head has the same layout (it then applies to all query heads) or the number of
+query heads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .patterns._blockset import FULL, BlockSet, Geometry
+
+_INDEX_FIELDS = (
+    "row_full_ptr",
+    "row_full_idx",
+    "row_part_ptr",
+    "row_part_idx",
+    "row_part_tile",
+    "col_full_ptr",
+    "col_full_idx",
+    "col_part_ptr",
+    "col_part_idx",
+    "col_part_tile",
+    "tiles",
+)
+_CLASS_CHARS = {0: "·", 1: "▒", 2: "█"}
+
+
+def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """bool ``[m, bq, bk]`` -> int32 ``[m, bq, ceil(bk / 32)]``, bit c % 32 of word c // 32."""
+    m, bq, bk = tiles.shape
+    words = -(-bk // 32)
+    padded = torch.zeros(m, bq, words * 32, dtype=torch.int64)
+    padded[:, :, :bk] = tiles
+    weights = torch.ones(32, dtype=torch.int64) << torch.arange(32)
+    packed = (padded.view(m, bq, words, 32) * weights).sum(-1)
+    # Reinterpret as int32: values >= 2**31 wrap to negative, keeping the bit pattern.
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def unpack_tiles(packed: torch.Tensor, block_k: int) -> torch.Tensor:
+    """Inverse of `pack_tiles`."""
+    bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
+    return bits.flatten(-2)[..., :block_k].bool()
+
+
+def _csr(group: torch.Tensor, n_groups: int, order_key: torch.Tensor):
+    """Sort entries by (group, order_key); return the permutation and int32 offsets ``[n_groups + 1]``."""
+    perm = torch.argsort(group * (int(order_key.max()) + 1 if len(order_key) else 1) + order_key)
+    counts = torch.bincount(group, minlength=n_groups)
+    ptr = torch.zeros(n_groups + 1, dtype=torch.int64)
+    ptr[1:] = torch.cumsum(counts, 0)
+    return perm, ptr.to(torch.int32)
+
+
+class BlockLayout:
+    """Exact block classification of a pattern for one (q_len, kv_len, block size, heads)."""
+
+    def __init__(self, geometry: Geometry, num_heads: int, **fields: torch.Tensor):
+        self.geometry = geometry
+        self.num_heads = num_heads
+        for name in _INDEX_FIELDS:
+            setattr(self, name, fields[name])
+        self._tile_cache: dict = {}
+
+    # -- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_block_set(cls, s: BlockSet, g: Geometry) -> BlockLayout:
+        h, qb, kb = s.split_key(g)
+        is_full = s.tile_id == FULL
+        fields = {"tiles": pack_tiles(s.tiles)}
+        for kind, sel in (("full", is_full), ("part", ~is_full)):
+            hh, qq, kk, tt = h[sel], qb[sel], kb[sel], s.tile_id[sel]
+            perm, fields[f"row_{kind}_ptr"] = _csr(hh * g.num_q_blocks + qq, s.heads * g.num_q_blocks, kk)
+            fields[f"row_{kind}_idx"] = kk[perm].to(torch.int32)
+            if kind == "part":
+                fields["row_part_tile"] = tt[perm].to(torch.int32)
+            perm, fields[f"col_{kind}_ptr"] = _csr(hh * g.num_k_blocks + kk, s.heads * g.num_k_blocks, qq)
+            fields[f"col_{kind}_idx"] = qq[perm].to(torch.int32)
+            if kind == "part":
+                fields["col_part_tile"] = tt[perm].to(torch.int32)
+        for side, n in (("row", g.num_q_blocks), ("col", g.num_k_blocks)):
+            for kind in ("full", "part"):
+                # Per-head rows of n + 1 offsets; head h's last offset is head h + 1's first.
+                starts = torch.arange(s.heads)[:, None] * n + torch.arange(n + 1)[None, :]
+                fields[f"{side}_{kind}_ptr"] = fields[f"{side}_{kind}_ptr"][starts]
+        return cls(g, s.heads, **fields)
+
+    def flatten(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Tensors and ints that `unflatten` turns back into this layout (custom ops take no objects)."""
+        g = self.geometry
+        ints = [g.q_len, g.kv_len, g.block_q, g.block_k, self.num_heads]
+        return [getattr(self, name) for name in _INDEX_FIELDS], ints
+
+    @classmethod
+    def unflatten(cls, tensors: list[torch.Tensor], ints: list[int]) -> BlockLayout:
+        q_len, kv_len, block_q, block_k, heads = ints
+        return cls(Geometry(q_len, kv_len, block_q, block_k), heads, **dict(zip(_INDEX_FIELDS, tensors)))
+
+    # -- geometry -------------------------------------------------------------------------------------
+    q_len = property(lambda self: self.geometry.q_len)
+    kv_len = property(lambda self: self.geometry.kv_len)
+    block_q = property(lambda self: self.geometry.block_q)
+    block_k = property(lambda self: self.geometry.block_k)
+    num_q_blocks = property(lambda self: self.geometry.num_q_blocks)
+    num_k_blocks = property(lambda self: self.geometry.num_k_blocks)
+
+    @property
+    def block_size(self) -> tuple[int, int]:
+        return self.block_q, self.block_k
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_full_idx.device
+
+    @property
+    def num_full(self) -> int:
+        return self.row_full_idx.numel()
+
+    @property
+    def num_partial(self) -> int:
+        return self.row_part_idx.numel()
+
+    # -- views ----------------------------------------------------------------------------------------
+    def tile_masks(self) -> torch.Tensor:
+        """Unpacked partial tiles, bool ``[n_tiles, block_q, block_k]`` (cached per layout)."""
+        if "bool" not in self._tile_cache:
+            self._tile_cache["bool"] = unpack_tiles(self.tiles, self.block_k)
+        return self._tile_cache["bool"]
+
+    def _row_entries(self, kind: str):
+        """(head, query block, key block) of the full or partial blocks, on the CPU."""
+        ptr = getattr(self, f"row_{kind}_ptr").cpu().long()
+        idx = getattr(self, f"row_{kind}_idx").cpu().long()
+        per_row = (ptr[:, 1:] - ptr[:, :-1]).reshape(-1)
+        row = torch.repeat_interleave(torch.arange(len(per_row)), per_row)
+        return row // self.num_q_blocks, row % self.num_q_blocks, idx
+
+    def to_block_mask(self) -> torch.Tensor:
+        """int8 ``[H, nqb, nkb]``: 0 empty, 1 partial, 2 full."""
+        out = torch.zeros(self.num_heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.int8)
+        for kind, value in (("part", 1), ("full", 2)):
+            h, qb, kb = self._row_entries(kind)
+            out[h, qb, kb] = value
+        return out.to(self.device)
+
+    def to_dense(self) -> torch.Tensor:
+        """Token mask bool ``[H, q_len, kv_len]``. O(S^2): small sizes only."""
+        bq, bk = self.block_q, self.block_k
+        grid = torch.zeros(self.num_heads, self.num_q_blocks * bq, self.num_k_blocks * bk, dtype=torch.bool)
+        view = grid.view(self.num_heads, self.num_q_blocks, bq, self.num_k_blocks, bk)
+        h, qb, kb = self._row_entries("full")
+        view[h, qb, :, kb, :] = True
+        h, qb, kb = self._row_entries("part")
+        tiles = self.tile_masks().cpu()[self.row_part_tile.cpu().long()]
+        view[h, qb, :, kb, :] = tiles
+        return grid[:, : self.q_len, : self.kv_len].to(self.device)
+
+    def density(self) -> float:
+        """Fraction of query-key pairs the kernels compute (real pairs in kept blocks)."""
+        g = self.geometry
+        total = 0
+        for kind in ("full", "part"):
+            _, qb, kb = self._row_entries(kind)
+            total += int((g.valid_rows(qb) * g.valid_cols(kb)).sum())
+        return total / (self.num_heads * self.q_len * self.kv_len)
+
+    def to(self, device) -> BlockLayout:
+        """The same layout with its tensors on `device` (self if already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = {name: getattr(self, name).to(device) for name in _INDEX_FIELDS}
+        return BlockLayout(self.geometry, self.num_heads, **moved)
+
+    def __repr__(self) -> str:
+        n_blocks = self.num_heads * self.num_q_blocks * self.num_k_blocks
+        head = (
+            f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block_size={self.block_size}, "
+            f"heads={self.num_heads}, grid={self.num_q_blocks}x{self.num_k_blocks}, full={self.num_full}, "
+            f"partial={self.num_partial}, empty={n_blocks - self.num_full - self.num_partial}, "
+            f"tiles={self.tiles.shape[0]}, density={self.density():.4f}, device={self.device})"
+        )
+        return head + "\n" + self._picture()
+
+    def _picture(self, max_rows: int = 24, max_cols: int = 64) -> str:
+        """The block grid of the first head, one character per (downsampled) block: █ full, ▒ partial, · empty."""
+        grid = self.to_block_mask()[0].cpu().to(torch.int32)
+        step_r = -(-grid.shape[0] // max_rows)
+        step_c = -(-grid.shape[1] // max_cols)
+        rows = []
+        for r in range(0, grid.shape[0], step_r):
+            cells = grid[r : r + step_r]
+            line = "".join(
+                _CLASS_CHARS[int(_summarise(cells[:, c : c + step_c]))] for c in range(0, grid.shape[1], step_c)
+            )
+            rows.append(line)
+        scale = f" (each character {step_r}x{step_c} blocks)" if step_r * step_c > 1 else ""
+        return f"head 0{scale}:\n" + "\n".join(rows)
+
+
+def _summarise(cells: torch.Tensor) -> int:
+    """Full if all cells are full, empty if all are empty, else partial."""
+    if bool((cells == 2).all()):
+        return 2
+    if bool((cells == 0).all()):
+        return 0
+    return 1

@@ -1,0 +1,182 @@
+"""The `Pattern` base class: a token predicate plus an analytic enumeration of the blocks it keeps.
+
+Every pattern answers two questions:
+- `_visible(g, h, i, j)`: may query row `i` (absolute position ``i + g.offset``) of head `h` see key `j`?
+  Broadcasting tensors in, a bool tensor out. This is the token-level truth used by `mask()` and to fill
+  the few distinct partial tiles.
+- `_blocks(g)`: the kept blocks as a `BlockSet`, enumerated without an S x S mask.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ._blockset import BlockSet, Geometry, combine
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """`value` as an int, or a TypeError/ValueError naming `name` and what was expected."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_block_size(block_size) -> tuple[int, int]:
+    """An int or a (block_q, block_k) pair of positive ints."""
+    if isinstance(block_size, tuple | list):
+        if len(block_size) != 2:
+            raise ValueError(f"block_size must be an int or a (block_q, block_k) pair, got {block_size!r}")
+        return check_int("block_size[0]", block_size[0], 1), check_int("block_size[1]", block_size[1], 1)
+    size = check_int("block_size", block_size, 1)
+    return size, size
+
+
+class Pattern:
+    """Which query-key pairs may interact. Compose with ``|`` (union) and ``&`` (intersection)."""
+
+    #: None for a pattern shared by all heads, else the number of heads it defines.
+    num_heads: int | None = None
+
+    # -- what subclasses implement -------------------------------------------------------------------
+    def _visible(self, g: Geometry, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _blocks(self, g: Geometry) -> BlockSet:
+        raise NotImplementedError
+
+    def _check_lengths(self, q_len: int, kv_len: int) -> None:
+        """Raise ValueError if the pattern cannot apply to these lengths."""
+
+    # -- public API ----------------------------------------------------------------------------------
+    def mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None, device=None):
+        """Token-level truth, bool ``[q_len, kv_len]`` (``[H, q_len, kv_len]`` with heads). O(S^2): tests and plots only."""
+        q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
+        g = Geometry(q_len, kv_len, 1, 1)
+        h = torch.arange(heads or 1)[:, None, None]
+        i = torch.arange(q_len)[None, :, None]
+        j = torch.arange(kv_len)[None, None, :]
+        m = self._visible(g, h, i, j).expand(heads or 1, q_len, kv_len)
+        m = m if heads is not None else m[0]
+        return m.contiguous().to(device) if device is not None else m.contiguous()
+
+    def layout(self, q_len: int, kv_len: int | None = None, *, block_size=128, heads=None, device=None):
+        """The exact `BlockLayout`, built in time and memory proportional to the kept blocks."""
+        from ..layout import BlockLayout
+
+        q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
+        block_q, block_k = check_block_size(block_size)
+        g = Geometry(q_len, kv_len, block_q, block_k)
+        layout = BlockLayout.from_block_set(self._blocks(g), g)
+        return layout.to(device) if device is not None else layout
+
+    def _check_call(self, q_len, kv_len, heads):
+        q_len = check_int("q_len", q_len, 1)
+        kv_len = q_len if kv_len is None else check_int("kv_len", kv_len, 1)
+        if heads is not None:
+            heads = check_int("heads", heads, 1)
+            if self.num_heads is not None and heads != self.num_heads:
+                raise ValueError(f"this pattern defines {self.num_heads} heads, but heads={heads} was asked for")
+        elif self.num_heads is not None:
+            heads = self.num_heads
+        self._check_lengths(q_len, kv_len)
+        return q_len, kv_len, heads
+
+    def __or__(self, other: Pattern) -> Pattern:
+        return Union(self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return Intersection(self, other)
+
+
+class _Binary(Pattern):
+    symbol = "?"
+
+    def __init__(self, left: Pattern, right: Pattern):
+        for side in (left, right):
+            if not isinstance(side, Pattern):
+                raise TypeError(f"patterns compose only with patterns, got {type(side).__name__}")
+        if None not in (left.num_heads, right.num_heads) and left.num_heads != right.num_heads:
+            raise ValueError(f"cannot combine per-head patterns of {left.num_heads} and {right.num_heads} heads")
+        self.left, self.right = left, right
+        self.num_heads = left.num_heads if left.num_heads is not None else right.num_heads
+
+    def _check_lengths(self, q_len, kv_len):
+        self.left._check_lengths(q_len, kv_len)
+        self.right._check_lengths(q_len, kv_len)
+
+    def __repr__(self):
+        return f"({self.left!r} {self.symbol} {self.right!r})"
+
+
+class Union(_Binary):
+    """Visible where either side is."""
+
+    symbol = "|"
+
+    def _visible(self, g, h, i, j):
+        return self.left._visible(g, h, i, j) | self.right._visible(g, h, i, j)
+
+    def _blocks(self, g):
+        return combine(self.left._blocks(g), self.right._blocks(g), g, "or")
+
+
+class Intersection(_Binary):
+    """Visible where both sides are."""
+
+    symbol = "&"
+
+    def _visible(self, g, h, i, j):
+        return self.left._visible(g, h, i, j) & self.right._visible(g, h, i, j)
+
+    def _blocks(self, g):
+        return combine(self.left._blocks(g), self.right._blocks(g), g, "and")
+
+
+class PerHead(Pattern):
+    """Head `h` uses ``patterns[h]``."""
+
+    def __init__(self, patterns):
+        patterns = list(patterns)
+        if not patterns:
+            raise ValueError("per_head needs at least one pattern")
+        for k, p in enumerate(patterns):
+            if not isinstance(p, Pattern):
+                raise TypeError(f"per_head expects Patterns, item {k} is {type(p).__name__}")
+            if p.num_heads is not None:
+                raise ValueError(f"per_head items must be shared patterns; item {k} is already per-head")
+        self.patterns = patterns
+        self.num_heads = len(patterns)
+
+    def _check_lengths(self, q_len, kv_len):
+        for p in self.patterns:
+            p._check_lengths(q_len, kv_len)
+
+    def _visible(self, g, h, i, j):
+        out = None
+        for k, p in enumerate(self.patterns):
+            part = p._visible(g, h, i, j) & (h == k)
+            out = part if out is None else out | part
+        return out
+
+    def _blocks(self, g):
+        sets = [p._blocks(g) for p in self.patterns]
+        per_head = g.num_q_blocks * g.num_k_blocks
+        keys, ids, tiles, base = [], [], [], 0
+        for k, s in enumerate(sets):
+            keys.append(s.key + k * per_head)
+            ids.append(torch.where(s.tile_id >= 0, s.tile_id + base, s.tile_id))
+            tiles.append(s.tiles)
+            base += s.tiles.shape[0]
+        return BlockSet(len(sets), torch.cat(keys), torch.cat(ids), torch.cat(tiles))
+
+    def __repr__(self):
+        return f"per_head([{', '.join(map(repr, self.patterns))}])"
+
+
+def per_head(patterns) -> Pattern:
+    """Give head `h` the pattern ``patterns[h]``; the number of heads is ``len(patterns)``."""
+    return PerHead(patterns)

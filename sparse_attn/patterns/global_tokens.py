@@ -1,0 +1,70 @@
+"""`global_tokens`: a few positions that see everything and are seen by everything."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from ._blockset import from_candidates
+from .base import Pattern, check_int
+
+
+class GlobalTokens(Pattern):
+    """Visible iff key `j` is global or query position `qpos` is global."""
+
+    def __init__(self, n_or_positions):
+        if isinstance(n_or_positions, numbers.Integral) and not isinstance(n_or_positions, bool):
+            positions = torch.arange(check_int("global_tokens n", n_or_positions, 0))
+        else:
+            try:
+                positions = torch.as_tensor(n_or_positions)
+            except (TypeError, ValueError) as e:
+                raise TypeError("global_tokens takes an int n or a sequence of int positions") from e
+            if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dim() != 1:
+                raise TypeError("global_tokens positions must be a 1-D sequence of ints")
+            if len(positions) and int(positions.min()) < 0:
+                raise ValueError(f"global token positions must be >= 0, got {int(positions.min())}")
+        self.positions = torch.unique(positions.long().cpu())
+
+    def _check_lengths(self, q_len, kv_len):
+        if len(self.positions) and int(self.positions[-1]) >= kv_len:
+            raise ValueError(
+                f"global token position {int(self.positions[-1])} is out of range for kv_len={kv_len}"
+            )
+
+    def _visible(self, g, h, i, j):
+        return torch.isin(i + g.offset, self.positions) | torch.isin(j, self.positions)
+
+    def _blocks(self, g):
+        nqb, nkb = g.num_q_blocks, g.num_k_blocks
+        rows = self.positions - g.offset
+        rows = rows[(rows >= 0) & (rows < g.q_len)]
+        rows_in_block = torch.bincount(rows // g.block_q, minlength=nqb)
+        cols_in_block = torch.bincount(self.positions // g.block_k, minlength=nkb)
+        all_rows = rows_in_block == g.valid_rows(torch.arange(nqb))
+        all_cols = cols_in_block == g.valid_cols(torch.arange(nkb))
+        # Whole key-block columns under global keys, and whole query-block rows of global queries.
+        col_kb = torch.nonzero(cols_in_block).squeeze(1)
+        row_qb = torch.nonzero(rows_in_block).squeeze(1)
+        qb = torch.cat([torch.arange(nqb).repeat_interleave(len(col_kb)), row_qb.repeat_interleave(nkb)])
+        kb = torch.cat([col_kb.repeat(nqb), torch.arange(nkb).repeat(len(row_qb))])
+        key = torch.unique(qb * nkb + kb)
+        qb, kb = key // nkb, key % nkb
+        full = all_rows[qb] | all_cols[kb]
+        # A tile is fixed by which of its rows and which of its columns are global.
+        row_kind = torch.where(rows_in_block[qb] > 0, qb + 1, 0)
+        col_kind = torch.where(cols_in_block[kb] > 0, kb + 1, 0)
+        tile_key = row_kind * (nkb + 1) + col_kind
+        return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, tile_key)
+
+    def __repr__(self):
+        p = self.positions
+        if len(p) and torch.equal(p, torch.arange(len(p))):
+            return f"global_tokens({len(p)})"
+        return f"global_tokens({p.tolist()})"
+
+
+def global_tokens(n_or_positions) -> Pattern:
+    """Global positions see and are seen by every position; an int n means positions 0..n-1."""
+    return GlobalTokens(n_or_positions)

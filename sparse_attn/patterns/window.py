@@ -1,0 +1,101 @@
+"""Diagonal-band patterns: `sliding_window`, `dilated` and `causal`.
+
+All three see key `j` from query position `qpos` according to ``d = qpos - j`` alone, so every row of
+query blocks keeps one contiguous run of key blocks, and a tile's mask depends only on the ``d`` at its
+top-left corner: a window of any length has a handful of distinct partial tiles.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._blockset import from_candidates
+from .base import Pattern, check_int
+
+# Stands in for an unbounded window side; far beyond any sequence length, far from int64 overflow.
+UNBOUNDED = 1 << 40
+
+
+class _Band(Pattern):
+    """Visible iff ``lo <= qpos - j <= hi`` and ``(qpos - j) % dilation == 0``."""
+
+    lo: int
+    hi: int
+    dilation: int = 1
+
+    def _visible(self, g, h, i, j):
+        d = i + g.offset - j
+        visible = (d >= self.lo) & (d <= self.hi)
+        if self.dilation > 1:
+            visible &= d % self.dilation == 0
+        return visible
+
+    def _blocks(self, g):
+        qb, kb = _band_candidates(g, self.lo, self.hi)
+        row0, col0 = qb * g.block_q + g.offset, kb * g.block_k
+        d_min = row0 - (col0 + g.valid_cols(kb) - 1)
+        d_max = row0 + g.valid_rows(qb) - 1 - col0
+        full = (d_min >= self.lo) & (d_max <= self.hi)
+        if self.dilation > 1:
+            full &= (d_min == d_max) & (d_min % self.dilation == 0)
+        # The tile is a function of the d at its top-left corner.
+        return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, row0 - col0)
+
+
+def _band_candidates(g, lo, hi):
+    """Every (query block, key block) whose d-range meets [lo, hi], one contiguous key run per row."""
+    qb = torch.arange(g.num_q_blocks)
+    q_first = qb * g.block_q + g.offset
+    q_last = q_first + g.valid_rows(qb) - 1
+    j_first = (q_first - hi).clamp(min=0)
+    j_last = (q_last - lo).clamp(max=g.kv_len - 1)
+    kb_first = j_first // g.block_k
+    counts = (j_last // g.block_k - kb_first + 1).clamp(min=0)
+    counts = torch.where(j_first <= j_last, counts, 0)
+    rows = torch.repeat_interleave(qb, counts)
+    starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    kb = torch.repeat_interleave(kb_first, counts) + torch.arange(len(rows)) - starts
+    return rows, kb
+
+
+class SlidingWindow(_Band):
+    def __init__(self, left: int, right: int | None = None):
+        self.left = check_int("left", left, 0)
+        self.right = self.left if right is None else check_int("right", right, 0)
+        self.lo, self.hi = -self.right, self.left
+
+    def __repr__(self):
+        return f"sliding_window({self.left}, {self.right})"
+
+
+class Dilated(_Band):
+    def __init__(self, left: int, right: int | None = None, dilation: int = 2):
+        self.left = check_int("left", left, 0)
+        self.right = self.left if right is None else check_int("right", right, 0)
+        self.dilation = check_int("dilation", dilation, 1)
+        self.lo, self.hi = -self.right * self.dilation, self.left * self.dilation
+
+    def __repr__(self):
+        return f"dilated({self.left}, {self.right}, dilation={self.dilation})"
+
+
+class Causal(_Band):
+    lo, hi = 0, UNBOUNDED
+
+    def __repr__(self):
+        return "causal()"
+
+
+def sliding_window(left: int, right: int | None = None) -> Pattern:
+    """Visible iff ``-right <= qpos - j <= left``; `right` defaults to `left`."""
+    return SlidingWindow(left, right)
+
+
+def dilated(left: int, right: int | None = None, dilation: int = 2) -> Pattern:
+    """Every `dilation`-th key, `left` keys back and `right` keys ahead (Longformer's dilated window)."""
+    return Dilated(left, right, dilation)
+
+
+def causal() -> Pattern:
+    """Visible iff ``j <= qpos``."""
+    return Causal()

@@ -1,0 +1,58 @@
+"""The oracle: dense, masked attention in plain PyTorch. Every backend is tested against it.
+
+Imports nothing optional and runs anywhere. It computes in the inputs' dtype, so the same function gives
+both the float64 truth (pass float64 inputs) and the error the plain math has in fp16/bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dense_mask(pattern_or_mask, q_len: int, kv_len: int, heads: int, device) -> torch.Tensor:
+    """A bool ``[H or 1, q_len, kv_len]`` mask from a Pattern, a BlockLayout, a bool tensor or None."""
+    from .layout import BlockLayout
+    from .patterns import Pattern
+
+    if pattern_or_mask is None:
+        return torch.ones(1, q_len, kv_len, dtype=torch.bool, device=device)
+    if isinstance(pattern_or_mask, Pattern):
+        per_head = pattern_or_mask.num_heads is not None
+        m = pattern_or_mask.mask(q_len, kv_len, heads=heads if per_head else None)
+    elif isinstance(pattern_or_mask, BlockLayout):
+        m = pattern_or_mask.to_dense()
+    else:
+        m = torch.as_tensor(pattern_or_mask)
+    if m.dtype != torch.bool:
+        raise TypeError(f"mask must be bool, got {m.dtype}")
+    m = m if m.dim() == 3 else m[None]
+    if m.shape[-2:] != (q_len, kv_len) or m.shape[0] not in (1, heads):
+        raise ValueError(f"mask of shape {tuple(m.shape)} does not fit [{heads} or 1, {q_len}, {kv_len}]")
+    return m.to(device)
+
+
+def attention_reference(q, k, v, mask=None, *, scale=None, key_mask=None):
+    """Dense masked attention: ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])`` in q's dtype, natural-log lse.
+
+    A query with no visible key gets output 0 and lse -inf; its gradients are 0 and nothing is NaN.
+    """
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[-2]
+    group = heads // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    visible = dense_mask(mask, q_len, kv_len, heads, q.device)[None]  # [1, H|1, Sq, Skv]
+    if key_mask is not None:
+        visible = visible & key_mask[:, None, None, :].to(q.device)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    has_key = visible.any(-1)
+    # Empty rows: score 0 keeps logsumexp and its gradient finite; the mask then zeroes their weights.
+    lse = torch.logsumexp(torch.where(has_key[..., None], scores, torch.zeros_like(scores)), dim=-1)
+    probs = torch.exp(scores - lse[..., None]) * visible
+    out = torch.matmul(probs.to(v.dtype), v)
+    lse = torch.where(has_key, lse, torch.full_like(lse, float("-inf")))
+    return out, lse
