@@ -2,6 +2,7 @@
 
 from .api import sparse_attention
 from .layout import BlockLayout
+from .merge import merge_attention
 from .patterns import (
     Pattern,
     bigbird,
@@ -28,6 +29,7 @@ __all__ = [
     "dilated",
     "global_tokens",
     "longformer",
+    "merge_attention",
     "per_head",
     "random_blocks",
     "sliding_window",

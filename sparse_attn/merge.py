@@ -1,0 +1,58 @@
+"""`merge_attention`: combine attention computed over disjoint key shards, exactly.
+
+Sequence- and context-parallel (ring) attention split the keys into shards, attend each query to every
+shard separately, and merge. With ``lse_i`` the logsumexp of shard i, the full softmax gives shard i the
+weight ``exp(lse_i - lse)`` where ``lse = logsumexp_i(lse_i)``, so
+
+    out = sum_i exp(lse_i - lse) * out_i.
+
+Empty shards (``lse_i = -inf``) get weight 0; a query that sees no key in any shard gets out 0 and
+lse -inf, as `sparse_attention` gives. Differentiable in every ``out_i`` and ``lse_i``, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge per-shard ``(out_i [..., S, D], lse_i [..., S])`` into the attention over all shards.
+
+    Args:
+        outs: a sequence of outputs over disjoint key shards, each ``[B, H, S, D]`` (any leading dims).
+        lses: their natural-log logsumexps, each ``[B, H, S]`` (``sparse_attention(..., return_lse=True)``).
+
+    Returns:
+        ``(out, lse)``: out in the outputs' dtype, lse in the lses' dtype.
+    """
+    outs, lses = _check(outs, lses)
+    lse_stack = torch.stack(lses)  # [n, ..., S]
+    peak = lse_stack.amax(0)
+    # A query empty in every shard has peak -inf; shift by 0 there so nothing becomes inf - inf.
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    weights = torch.exp(lse_stack - peak)  # exp(-inf) = 0 for empty shards
+    total = weights.sum(0)
+    has_key = total > 0
+    safe_total = torch.where(has_key, total, torch.ones_like(total))
+    lse = torch.where(has_key, peak + torch.log(safe_total), torch.full_like(peak, float("-inf")))
+    shares = weights / safe_total  # [n, ..., S]
+    acc_dtype = torch.promote_types(outs[0].dtype, torch.float32)
+    out = sum(s[..., None].to(acc_dtype) * o.to(acc_dtype) for s, o in zip(shares, outs, strict=True))
+    return out.to(outs[0].dtype), lse
+
+
+def _check(outs, lses):
+    outs, lses = list(outs), list(lses)
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"expected as many outs as lses (at least one), got {len(outs)} and {len(lses)}")
+    for i, (o, s) in enumerate(zip(outs, lses, strict=True)):
+        if not isinstance(o, torch.Tensor) or not isinstance(s, torch.Tensor):
+            raise TypeError(f"outs[{i}] and lses[{i}] must be tensors")
+        if o.shape[:-1] != s.shape:
+            raise ValueError(
+                f"outs[{i}] must be [..., S, D] with lses[{i}] [..., S]; "
+                f"got {tuple(o.shape)} and {tuple(s.shape)}"
+            )
+        if o.shape != outs[0].shape or o.dtype != outs[0].dtype or s.dtype != lses[0].dtype:
+            raise ValueError(f"all shards must share shapes and dtypes; shard {i} differs from shard 0")
+    return outs, lses
