@@ -90,7 +90,9 @@ def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, heads, _, head_dim = q.shape
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape [B, Hkv, Skv, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise ValueError(
+            f"k and v must have the same shape [B, Hkv, Skv, D], got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     if k.shape[0] != batch or k.shape[3] != head_dim:
         raise ValueError(f"k must be [B={batch}, Hkv, Skv, D={head_dim}] to match q, got {tuple(k.shape)}")
     if k.shape[1] == 0 or heads % k.shape[1]:

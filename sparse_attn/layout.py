@@ -110,7 +110,9 @@ class BlockLayout:
     @classmethod
     def unflatten(cls, tensors: list[torch.Tensor], ints: list[int]) -> BlockLayout:
         q_len, kv_len, block_q, block_k, heads = ints
-        return cls(Geometry(q_len, kv_len, block_q, block_k), heads, **dict(zip(_INDEX_FIELDS, tensors)))
+        return cls(
+            Geometry(q_len, kv_len, block_q, block_k), heads, **dict(zip(_INDEX_FIELDS, tensors, strict=True))
+        )
 
     # -- geometry -------------------------------------------------------------------------------------
     q_len = property(lambda self: self.geometry.q_len)
@@ -207,7 +209,8 @@ class BlockLayout:
         for r in range(0, grid.shape[0], step_r):
             cells = grid[r : r + step_r]
             line = "".join(
-                _CLASS_CHARS[int(_summarise(cells[:, c : c + step_c]))] for c in range(0, grid.shape[1], step_c)
+                _CLASS_CHARS[int(_summarise(cells[:, c : c + step_c]))]
+                for c in range(0, grid.shape[1], step_c)
             )
             rows.append(line)
         scale = f" (each character {step_r}x{step_c} blocks)" if step_r * step_c > 1 else ""

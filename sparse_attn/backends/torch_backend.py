@@ -22,7 +22,9 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :]
     lse = lse.to(q.dtype)
-    probs = torch.exp(torch.matmul(q, kr.transpose(-1, -2)) * scale - lse.masked_fill(lse.isinf(), 0)[..., None])
+    probs = torch.exp(
+        torch.matmul(q, kr.transpose(-1, -2)) * scale - lse.masked_fill(lse.isinf(), 0)[..., None]
+    )
     probs = probs * visible
     delta = (do * out).sum(-1)
     if dlse is not None:

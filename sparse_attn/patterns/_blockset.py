@@ -105,7 +105,8 @@ def from_candidates(pattern, g: Geometry, heads, h, qb, kb, full, tile_key) -> B
     if partial.numel() == 0:
         return BlockSet(heads, key, tile_id, empty_tiles(g))
     # Tiles at the ragged end of either axis differ from interior ones with the same key.
-    edge = (qb[partial] == nqb - 1).long() * 2 + (kb[partial] == nkb - 1).long()
+    ragged_q, ragged_k = g.q_len % g.block_q != 0, g.kv_len % g.block_k != 0
+    edge = ((qb[partial] == nqb - 1) & ragged_q).long() * 2 + ((kb[partial] == nkb - 1) & ragged_k).long()
     unique_keys, inverse = torch.unique(tile_key[partial] * 4 + edge, return_inverse=True)
     first = torch.full((len(unique_keys),), len(partial), dtype=torch.int64)
     first.scatter_reduce_(0, inverse, torch.arange(len(partial)), reduce="amin")
@@ -152,9 +153,8 @@ def combine(a: BlockSet, b: BlockSet, g: Geometry, op: str) -> BlockSet:
     ia[inverse[: len(a.key)]] = torch.arange(len(a.key))
     ib[inverse[len(a.key) :]] = torch.arange(len(b.key))
     in_a, in_b = ia >= 0, ib >= 0
-    # Tile ids in a shared table: a's tiles first, then b's.
-    ta = torch.where(in_a, a.tile_id[ia.clamp(min=0)], torch.tensor(-2))
-    tb = torch.where(in_b, b.tile_id[ib.clamp(min=0)], torch.tensor(-2))
+    # Tile ids in a shared table: a's tiles first, then b's; ABSENT where a side does not keep the block.
+    ta, tb = _lookup(a.tile_id, ia), _lookup(b.tile_id, ib)
     tb = torch.where(tb >= 0, tb + a.tiles.shape[0], tb)
     tiles = torch.cat([a.tiles, b.tiles])
     if op == "or":
@@ -170,6 +170,15 @@ def combine(a: BlockSet, b: BlockSet, g: Geometry, op: str) -> BlockSet:
     keys, tile_id, ta, tb, both_partial = (t[keep] for t in (keys, tile_id, ta, tb, both_partial))
     result = BlockSet(heads, keys, tile_id, tiles)
     return _merge_partial_pairs(result, g, ta, tb, both_partial, op)
+
+
+ABSENT = -2
+
+
+def _lookup(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``values[index]``, ABSENT where index is -1 (works when `values` is empty)."""
+    padded = torch.cat([values, torch.tensor([ABSENT])])
+    return padded[torch.where(index >= 0, index, len(values))]
 
 
 def _merge_partial_pairs(s: BlockSet, g: Geometry, ta, tb, both, op) -> BlockSet:

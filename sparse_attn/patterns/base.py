@@ -79,7 +79,9 @@ class Pattern:
         if heads is not None:
             heads = check_int("heads", heads, 1)
             if self.num_heads is not None and heads != self.num_heads:
-                raise ValueError(f"this pattern defines {self.num_heads} heads, but heads={heads} was asked for")
+                raise ValueError(
+                    f"this pattern defines {self.num_heads} heads, but heads={heads} was asked for"
+                )
         elif self.num_heads is not None:
             heads = self.num_heads
         self._check_lengths(q_len, kv_len)
@@ -100,7 +102,9 @@ class _Binary(Pattern):
             if not isinstance(side, Pattern):
                 raise TypeError(f"patterns compose only with patterns, got {type(side).__name__}")
         if None not in (left.num_heads, right.num_heads) and left.num_heads != right.num_heads:
-            raise ValueError(f"cannot combine per-head patterns of {left.num_heads} and {right.num_heads} heads")
+            raise ValueError(
+                f"cannot combine per-head patterns of {left.num_heads} and {right.num_heads} heads"
+            )
         self.left, self.right = left, right
         self.num_heads = left.num_heads if left.num_heads is not None else right.num_heads
 

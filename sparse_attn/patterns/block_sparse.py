@@ -38,9 +38,9 @@ def _cells_to_blocks(pattern, g, heads, h, r, c, cell_q, cell_k, row_shift):
     rows_first = bq * g.block_q + row_shift
     rows_last = bq * g.block_q + g.valid_rows(bq) - 1 + row_shift
     cols_last = bk * g.block_k + g.valid_cols(bk) - 1
-    overlapped = (rows_last.div(cell_q, rounding_mode="floor") - rows_first.div(cell_q, rounding_mode="floor") + 1) * (
-        cols_last // cell_k - (bk * g.block_k) // cell_k + 1
-    )
+    overlapped = (
+        rows_last.div(cell_q, rounding_mode="floor") - rows_first.div(cell_q, rounding_mode="floor") + 1
+    ) * (cols_last // cell_k - (bk * g.block_k) // cell_k + 1)
     full = hits == overlapped
     return from_candidates(pattern, g, heads, bh, bq, bk, full, key)
 
@@ -54,7 +54,9 @@ class BlockSparse(Pattern):
         if layout.dtype != torch.bool:
             raise TypeError(f"block_sparse layout must have dtype torch.bool, got {layout.dtype}")
         if layout.dim() not in (2, 3):
-            raise ValueError(f"block_sparse layout must be [nqb, nkb] or [H, nqb, nkb], got shape {tuple(layout.shape)}")
+            raise ValueError(
+                f"block_sparse layout must be [nqb, nkb] or [H, nqb, nkb], got shape {tuple(layout.shape)}"
+            )
         self.cell_q, self.cell_k = check_block_size(block_size)
         self.cells = layout.detach().cpu()
         self.num_heads = layout.shape[0] if layout.dim() == 3 else None
@@ -154,7 +156,9 @@ def block_sparse(layout: torch.Tensor, block_size) -> Pattern:
     return BlockSparse(layout, block_size)
 
 
-def random_blocks(num_blocks: int, block_size: int = 64, *, seed: int = 0, heads: int | None = None) -> Pattern:
+def random_blocks(
+    num_blocks: int, block_size: int = 64, *, seed: int = 0, heads: int | None = None
+) -> Pattern:
     """Each block of `block_size` query positions sees `num_blocks` distinct random key blocks.
 
     Deterministic in `seed`; the draw for a query block depends only on the seed, the head, the block's

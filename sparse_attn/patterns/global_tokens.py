@@ -14,13 +14,18 @@ class GlobalTokens(Pattern):
     """Visible iff key `j` is global or query position `qpos` is global."""
 
     def __init__(self, n_or_positions):
-        if isinstance(n_or_positions, numbers.Integral) and not isinstance(n_or_positions, bool):
+        # An int n means "the first n positions", which a shorter sequence simply has fewer of; explicit
+        # positions must exist in the sequence.
+        self.is_prefix = isinstance(n_or_positions, numbers.Integral) and not isinstance(n_or_positions, bool)
+        if self.is_prefix:
             positions = torch.arange(check_int("global_tokens n", n_or_positions, 0))
         else:
             try:
                 positions = torch.as_tensor(n_or_positions)
             except (TypeError, ValueError) as e:
                 raise TypeError("global_tokens takes an int n or a sequence of int positions") from e
+            if positions.numel() == 0:
+                positions = positions.long()
             if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dim() != 1:
                 raise TypeError("global_tokens positions must be a 1-D sequence of ints")
             if len(positions) and int(positions.min()) < 0:
@@ -28,20 +33,25 @@ class GlobalTokens(Pattern):
         self.positions = torch.unique(positions.long().cpu())
 
     def _check_lengths(self, q_len, kv_len):
-        if len(self.positions) and int(self.positions[-1]) >= kv_len:
+        if not self.is_prefix and len(self.positions) and int(self.positions[-1]) >= kv_len:
             raise ValueError(
                 f"global token position {int(self.positions[-1])} is out of range for kv_len={kv_len}"
             )
 
+    def _positions(self, g):
+        return self.positions[: g.kv_len] if self.is_prefix else self.positions
+
     def _visible(self, g, h, i, j):
-        return torch.isin(i + g.offset, self.positions) | torch.isin(j, self.positions)
+        positions = self._positions(g)
+        return torch.isin(i + g.offset, positions) | torch.isin(j, positions)
 
     def _blocks(self, g):
         nqb, nkb = g.num_q_blocks, g.num_k_blocks
-        rows = self.positions - g.offset
+        positions = self._positions(g)
+        rows = positions - g.offset
         rows = rows[(rows >= 0) & (rows < g.q_len)]
         rows_in_block = torch.bincount(rows // g.block_q, minlength=nqb)
-        cols_in_block = torch.bincount(self.positions // g.block_k, minlength=nkb)
+        cols_in_block = torch.bincount(positions // g.block_k, minlength=nkb)
         all_rows = rows_in_block == g.valid_rows(torch.arange(nqb))
         all_cols = cols_in_block == g.valid_cols(torch.arange(nkb))
         # Whole key-block columns under global keys, and whole query-block rows of global queries.
@@ -59,12 +69,15 @@ class GlobalTokens(Pattern):
         return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, tile_key)
 
     def __repr__(self):
-        p = self.positions
-        if len(p) and torch.equal(p, torch.arange(len(p))):
-            return f"global_tokens({len(p)})"
-        return f"global_tokens({p.tolist()})"
+        if self.is_prefix:
+            return f"global_tokens({len(self.positions)})"
+        return f"global_tokens({self.positions.tolist()})"
 
 
 def global_tokens(n_or_positions) -> Pattern:
-    """Global positions see and are seen by every position; an int n means positions 0..n-1."""
+    """Global positions see and are seen by every position.
+
+    An int n means positions 0..n-1 (all of them when the sequence is shorter); explicit positions must
+    be < kv_len.
+    """
     return GlobalTokens(n_or_positions)
