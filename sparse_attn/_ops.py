@@ -39,13 +39,15 @@ def attention_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = BlockLayout.unflatten(layout_tensors, layout_ints)
-    return _backend(backend).forward(q, k, v, layout, scale, key_mask)
+    out, lse = _backend(backend).forward(q, k, v, layout, scale, key_mask)
+    # Outputs are contiguous whatever q's strides: the fake impl below promises exactly that to torch.compile.
+    return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _(q, k, v, layout_tensors, layout_ints, key_mask, scale, backend):
     batch, heads, q_len, _ = q.shape
-    return torch.empty_like(q), q.new_empty(batch, heads, q_len, dtype=lse_dtype(q.dtype))
+    return q.new_empty(q.shape), q.new_empty(batch, heads, q_len, dtype=lse_dtype(q.dtype))
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,12 +71,13 @@ def attention_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = BlockLayout.unflatten(layout_tensors, layout_ints)
-    return _backend(backend).backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+    grads = _backend(backend).backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+    return tuple(g.contiguous() for g in grads)
 
 
 @attention_bwd.register_fake
 def _(do, dlse, q, k, v, out, lse, layout_tensors, layout_ints, key_mask, scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
