@@ -51,6 +51,11 @@ class Pattern:
     def _check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError if the pattern cannot apply to these lengths."""
 
+    def _intersection(self, other: Pattern) -> Pattern | None:
+        """A single pattern equal to ``self & other`` when one exists (so that, say, causal & window
+        enumerates only the window's blocks instead of all causal ones), else None."""
+        return None
+
     # -- public API ----------------------------------------------------------------------------------
     def mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None, device=None):
         """Token-level truth, bool ``[q_len, kv_len]`` (``[H, q_len, kv_len]`` with heads). O(S^2): tests and plots only."""
@@ -137,6 +142,9 @@ class Intersection(_Binary):
         return self.left._visible(g, h, i, j) & self.right._visible(g, h, i, j)
 
     def _blocks(self, g):
+        simpler = self.left._intersection(self.right)
+        if simpler is not None:
+            return simpler._blocks(g)
         return combine(self.left._blocks(g), self.right._blocks(g), g, "and")
 
 

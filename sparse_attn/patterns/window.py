@@ -7,6 +7,8 @@ top-left corner: a window of any length has a handful of distinct partial tiles.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._blockset import from_candidates
@@ -29,6 +31,13 @@ class _Band(Pattern):
         if self.dilation > 1:
             visible &= d % self.dilation == 0
         return visible
+
+    def _intersection(self, other):
+        if not isinstance(other, _Band):
+            return None
+        return _BandIntersection(
+            max(self.lo, other.lo), min(self.hi, other.hi), math.lcm(self.dilation, other.dilation)
+        )
 
     def _blocks(self, g):
         qb, kb = _band_candidates(g, self.lo, self.hi)
@@ -56,6 +65,13 @@ def _band_candidates(g, lo, hi):
     starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
     kb = torch.repeat_interleave(kb_first, counts) + torch.arange(len(rows)) - starts
     return rows, kb
+
+
+class _BandIntersection(_Band):
+    """The band two bands share: tighter bounds, and the least common multiple of their dilations."""
+
+    def __init__(self, lo: int, hi: int, dilation: int):
+        self.lo, self.hi, self.dilation = lo, hi, dilation
 
 
 class SlidingWindow(_Band):
