@@ -1,8 +1,5 @@
 # The README's commands. Each works on its own on a fresh clone: it installs what it needs first.
 PYTHON ?= python3
-# Run the real Triton kernels on the CPU through Triton's interpreter (must be set before triton imports).
-export TRITON_INTERPRET ?= 1
-
 .PHONY: setup demo test lint bench
 
 # PyTorch 2.13.0 unless a torch is installed already: a bare `torch` requirement would pull a multi-GB
@@ -14,10 +11,11 @@ setup:
 demo: setup
 	$(PYTHON) -m sparse_attn demo
 
-# pytest exits 5 when it collected no test; that is a failure here, not a pass.
+# The tests run the real Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be
+# set before triton is imported). pytest exits 5 when it collected no test; that is a failure here.
 test: setup
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench
-	$(PYTHON) -m pytest -q; status=$$?; \
+	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 lint:

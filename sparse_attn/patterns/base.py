@@ -10,10 +10,14 @@ Every pattern answers two questions:
 from __future__ import annotations
 
 import numbers
+from collections import OrderedDict
 
 import torch
 
 from ._blockset import BlockSet, Geometry, combine
+
+#: Layouts each pattern keeps for reuse (per lengths, block size and device).
+LAYOUT_CACHE_SIZE = 8
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:
@@ -74,9 +78,18 @@ class Pattern:
 
         q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
         block_q, block_k = check_block_size(block_size)
-        g = Geometry(q_len, kv_len, block_q, block_k)
-        layout = BlockLayout.from_block_set(self._blocks(g), g)
-        return layout.to(device) if device is not None else layout
+        device = torch.device("cpu") if device is None else torch.device(device)
+        # Patterns are immutable, so a few recent layouts are kept: calling sparse_attention with the same
+        # pattern and shapes again does not rebuild (or re-upload) the layout.
+        cache = self.__dict__.setdefault("_layouts", OrderedDict())
+        key = (q_len, kv_len, block_q, block_k, device)
+        if key not in cache:
+            g = Geometry(q_len, kv_len, block_q, block_k)
+            cache[key] = BlockLayout.from_block_set(self._blocks(g), g).to(device)
+            if len(cache) > LAYOUT_CACHE_SIZE:
+                cache.popitem(last=False)
+        cache.move_to_end(key)
+        return cache[key]
 
     def _check_call(self, q_len, kv_len, heads):
         q_len = check_int("q_len", q_len, 1)

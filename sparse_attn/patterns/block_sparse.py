@@ -58,7 +58,8 @@ class BlockSparse(Pattern):
                 f"block_sparse layout must be [nqb, nkb] or [H, nqb, nkb], got shape {tuple(layout.shape)}"
             )
         self.cell_q, self.cell_k = check_block_size(block_size)
-        self.cells = layout.detach().cpu()
+        # A private copy: patterns are immutable (their layouts are cached).
+        self.cells = layout.detach().cpu().clone()
         self.num_heads = layout.shape[0] if layout.dim() == 3 else None
         if self.cells.dim() == 2:
             self.cells = self.cells[None]
