@@ -1,6 +1,7 @@
 # The README's commands. Each works on its own on a fresh clone: it installs what it needs first.
 PYTHON ?= python3
-.PHONY: setup demo test lint bench
+
+.PHONY: setup demo test lint
 
 # PyTorch 2.13.0 unless a torch is installed already: a bare `torch` requirement would pull a multi-GB
 # CUDA build on a machine without one. The package's own range (torch>=2.5) is then already satisfied.
