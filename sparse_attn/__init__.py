@@ -3,6 +3,7 @@
 from .api import sparse_attention
 from .layout import BlockLayout
 from .merge import merge_attention
+from .modules import SparseAttention, SparseMultiheadAttention, replace_attention
 from .patterns import (
     Pattern,
     bigbird,
@@ -22,6 +23,8 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockLayout",
     "Pattern",
+    "SparseAttention",
+    "SparseMultiheadAttention",
     "attention_reference",
     "bigbird",
     "block_sparse",
@@ -32,6 +35,7 @@ __all__ = [
     "merge_attention",
     "per_head",
     "random_blocks",
+    "replace_attention",
     "sliding_window",
     "sparse_attention",
 ]

@@ -1,0 +1,430 @@
+"""Drop-in modules around `sparse_attention`: `SparseAttention`, `SparseMultiheadAttention`, `replace_attention`.
+
+`SparseAttention` is the thin module: q/k/v in SDPA's layout, a pattern, and a small cache of layouts keyed
+by (lengths, heads, device), so a training loop builds each layout once. Under `torch.compile` the layout is
+built (or fetched) at trace time and enters the graph as constants: no graph break, forward or backward.
+
+`SparseMultiheadAttention` is a `torch.nn.MultiheadAttention` (same constructor, forward, parameters and
+state dict) whose attention goes through `sparse_attention` with a pattern. nn's masks keep nn's
+conventions (True = NOT allowed / padding; float masks of 0 and -inf); they are intersected with the
+pattern. A query that sees no key gets output 0 (nn gives NaN there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import api
+from .api import sparse_attention
+from .layout import BlockLayout
+from .patterns import Pattern, causal
+from .patterns._blockset import from_candidates
+from .patterns.window import UNBOUNDED, SlidingWindow
+
+
+def dense_pattern() -> Pattern:
+    """Every query sees every key (the pattern of ordinary attention)."""
+    return SlidingWindow(UNBOUNDED, UNBOUNDED)
+
+
+class TokenMask(Pattern):
+    """An explicit token mask as a pattern: visible iff ``mask[h, i, j]`` (row index i). O(S^2), for user masks."""
+
+    def __init__(self, mask: torch.Tensor):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() not in (2, 3):
+            raise TypeError("TokenMask takes a bool tensor [q_len, kv_len] or [H, q_len, kv_len]")
+        self.num_heads = mask.shape[0] if mask.dim() == 3 else None
+        self.cells = (mask if mask.dim() == 3 else mask[None]).detach().cpu()
+
+    def _check_lengths(self, q_len, kv_len):
+        if tuple(self.cells.shape[1:]) != (q_len, kv_len):
+            raise ValueError(
+                f"mask of shape {tuple(self.cells.shape[1:])} does not fit q_len={q_len}, kv_len={kv_len}"
+            )
+
+    def _visible(self, g, h, i, j):
+        h = h if self.num_heads is not None else torch.zeros_like(h)
+        # Clamped: rows and keys past the sequence (padding of ragged tiles) are masked by the caller.
+        return self.cells[h, i.clamp(max=g.q_len - 1), j.clamp(max=g.kv_len - 1)]
+
+    def _blocks(self, g):
+        heads = self.cells.shape[0]
+        nqb, nkb = g.num_q_blocks, g.num_k_blocks
+        padded = torch.zeros(heads, nqb * g.block_q, nkb * g.block_k, dtype=torch.int32)
+        padded[:, : g.q_len, : g.kv_len] = self.cells
+        counts = padded.view(heads, nqb, g.block_q, nkb, g.block_k).sum((2, 4))
+        h, qb, kb = torch.nonzero(counts, as_tuple=True)
+        full = counts[h, qb, kb] == g.valid_rows(qb) * g.valid_cols(kb)
+        return from_candidates(self, g, heads, h, qb, kb, full, (h * nqb + qb) * nkb + kb)
+
+    def __repr__(self):
+        return f"TokenMask({tuple(self.cells.shape)})"
+
+
+class SparseAttention(nn.Module):
+    """`sparse_attention` as a module, with a bounded cache of layouts per (q_len, kv_len, heads, device).
+
+    Args:
+        pattern: the `Pattern` every call uses.
+        scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
+        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `sparse_attention`).
+        cache_size: how many layouts to keep (least recently used ones are dropped).
+
+    ``forward(q, k, v, key_mask=None, return_lse=False)`` takes SDPA's layout ``[B, H, S, D]``.
+    """
+
+    def __init__(
+        self, pattern: Pattern, *, scale: float | None = None, backend: str = "auto", cache_size: int = 8
+    ):
+        super().__init__()
+        if not isinstance(pattern, Pattern):
+            raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
+        if backend not in api.BACKENDS:
+            raise ValueError(f"backend must be one of {api.BACKENDS}, got {backend!r}")
+        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size must be an int >= 1, got {cache_size!r}")
+        self.pattern, self.scale, self.backend, self.cache_size = pattern, scale, backend, cache_size
+        self._layouts: OrderedDict = OrderedDict()
+
+    def _key(self, q_len: int, kv_len: int, heads: int, device) -> tuple:
+        device = torch.device(device)
+        backend = self.backend if self.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        per_head = self.pattern.num_heads is not None
+        return q_len, kv_len, heads if per_head else None, str(device), backend
+
+    def prepare(self, q_len: int, kv_len: int | None = None, *, heads: int = 1, device="cpu") -> BlockLayout:
+        """The layout for these sizes, built once and cached (least recently used ones are dropped)."""
+        kv_len = q_len if kv_len is None else kv_len
+        key = self._key(q_len, kv_len, heads, device)
+        layout = self._layouts.get(key)
+        if layout is None:
+            q_len, kv_len, head_key, device_name, backend = key
+            if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
+                raise ValueError(
+                    f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
+                )
+            block = api._backend_module(backend).DEFAULT_BLOCK_SIZE
+            layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
+            self._layouts[key] = layout
+            while len(self._layouts) > self.cache_size:
+                self._layouts.popitem(last=False)
+        else:
+            self._layouts.move_to_end(key)
+        return layout
+
+    def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False):
+        """``sparse_attention(q, k, v, pattern, ...)`` with the cached layout."""
+        if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(k, torch.Tensor) or k.dim() != 4:
+            raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
+        if torch.compiler.is_compiling():
+            layout = self._compiled_lookup(q, k)
+        else:
+            layout = self.prepare(q.shape[2], k.shape[2], heads=q.shape[1], device=q.device)
+        return sparse_attention(
+            q, k, v, layout, scale=self.scale, key_mask=key_mask, return_lse=return_lse, backend=self.backend
+        )
+
+    def _compiled_lookup(self, q, k) -> BlockLayout:
+        # Layout construction is data-dependent host code: dynamo calls it at trace time and bakes the
+        # result into the graph as constants (a new shape recompiles, and fetches or builds its layout).
+        # Lengths must be static ints here: compile with dynamic=False when lengths vary between calls.
+        args = (self, q.shape[2], k.shape[2], q.shape[1], str(q.device))
+        return BlockLayout.unflatten(list(_traced_layout_tensors(*args)), list(_traced_layout_ints(*args)))
+
+    def extra_repr(self) -> str:
+        return f"pattern={self.pattern!r}, backend={self.backend!r}, cached_layouts={len(self._layouts)}"
+
+
+@torch.compiler.assume_constant_result
+def _traced_layout_tensors(module: SparseAttention, q_len: int, kv_len: int, heads: int, device: str):
+    """The cached layout's tensors, as trace-time constants for torch.compile."""
+    return tuple(module.prepare(q_len, kv_len, heads=heads, device=device).flatten()[0])
+
+
+@torch.compiler.assume_constant_result
+def _traced_layout_ints(module: SparseAttention, q_len: int, kv_len: int, heads: int, device: str):
+    """The cached layout's geometry ints, as trace-time constants for torch.compile."""
+    return tuple(module.prepare(q_len, kv_len, heads=heads, device=device).flatten()[1])
+
+
+def _keep_off_fused_path(module, args):
+    """A forward pre-hook that does nothing: its presence keeps nn.TransformerEncoderLayer off its fused path.
+
+    In eval mode without gradients, `nn.TransformerEncoderLayer` would otherwise call
+    ``torch._transformer_encoder_layer_fwd`` with `self_attn`'s weights, bypassing `self_attn.forward` (and
+    so the pattern). It skips that path whenever any submodule has forward hooks.
+    """
+    return None
+
+
+class SparseMultiheadAttention(nn.MultiheadAttention):
+    """`torch.nn.MultiheadAttention` whose attention follows a sparsity `pattern`, exactly.
+
+    Same constructor and forward as nn's, plus keyword-only `pattern` (None: dense) and `backend`.
+    Supported: `batch_first`, `kdim`/`vdim`, `bias`, unbatched inputs, `key_padding_mask` (bool, True =
+    padding, or float 0/-inf), `attn_mask` (bool, True = not allowed, or float 0/-inf; ``[L, S]`` or
+    ``[N * num_heads, L, S]``), intersected with the pattern, `is_causal` (adds `causal()`, bottom-right
+    aligned), and `need_weights` (weights recomputed densely from the kernel's logsumexp: O(L*S) memory,
+    as nn's). Not supported, with a clear error: `add_bias_kv`, `add_zero_attn`, attention dropout in
+    training mode, and float masks holding finite non-zero (additive bias) values.
+    """
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        batch_first=False,
+        device=None,
+        dtype=None,
+        *,
+        pattern: Pattern | None = None,
+        backend: str = "auto",
+    ):
+        if add_bias_kv:
+            raise ValueError(
+                "SparseMultiheadAttention does not support add_bias_kv=True (the appended bias key would sit "
+                "outside every sparsity pattern); use add_bias_kv=False"
+            )
+        if add_zero_attn:
+            raise ValueError(
+                "SparseMultiheadAttention does not support add_zero_attn=True; use add_zero_attn=False"
+            )
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout,
+            bias,
+            add_bias_kv,
+            add_zero_attn,
+            kdim,
+            vdim,
+            batch_first,
+            device,
+            dtype,
+        )
+        pattern = dense_pattern() if pattern is None else pattern
+        self.attention = SparseAttention(pattern, backend=backend)
+        # is_causal=True uses this one, so both variants keep cached layouts (and compile without a break).
+        self.causal_attention = SparseAttention(pattern & causal(), backend=backend)
+        if self.attention.pattern.num_heads not in (None, num_heads):
+            raise ValueError(
+                f"pattern defines {self.attention.pattern.num_heads} heads, but num_heads={num_heads}"
+            )
+        self.register_forward_pre_hook(_keep_off_fused_path)
+
+    @property
+    def pattern(self) -> Pattern:
+        return self.attention.pattern
+
+    @classmethod
+    def from_dense(cls, mha: nn.MultiheadAttention, pattern: Pattern | None, *, backend: str = "auto"):
+        """A `SparseMultiheadAttention` with `mha`'s configuration and a copy of its weights."""
+        if not isinstance(mha, nn.MultiheadAttention):
+            raise TypeError(f"from_dense expects an nn.MultiheadAttention, got {type(mha).__name__}")
+        weight = mha.out_proj.weight
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            add_bias_kv=mha.bias_k is not None,
+            add_zero_attn=mha.add_zero_attn,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device=weight.device,
+            dtype=weight.dtype,
+            pattern=pattern,
+            backend=backend,
+        )
+        new.load_state_dict(mha.state_dict())
+        new.train(mha.training)
+        return new
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
+        if self.training and self.dropout > 0:
+            raise ValueError(
+                f"SparseMultiheadAttention cannot apply attention dropout (dropout={self.dropout}) in training: "
+                "the fused kernel never forms the attention matrix. Set module.dropout = 0.0 "
+                "(or replace_attention(..., dropout=0.0))"
+            )
+        unbatched = query.dim() == 2
+        q_in, k_in, v_in = (self._to_batch_first(t, unbatched) for t in (query, key, value))
+        batch, q_len, _ = q_in.shape
+        kv_len = k_in.shape[1]
+        q, k, v = self._project(q_in, k_in, v_in)  # [N, H, L|S, hd]
+        key_mask = _key_mask(key_padding_mask, batch, kv_len, unbatched, q.dtype)
+        allowed = _allowed(attn_mask, batch, self.num_heads, q_len, kv_len, unbatched)
+        attention = self.causal_attention if is_causal else self.attention
+        out, lse = self._attend(q, k, v, attention, key_mask, allowed)
+        pattern = attention.pattern
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, q_len, self.embed_dim))
+        weights = None
+        if need_weights:
+            weights = self._weights(q, k, lse, pattern, key_mask, allowed, average_attn_weights)
+            weights = weights.squeeze(0) if unbatched else weights
+        if unbatched:
+            return out.squeeze(0), weights
+        return (out if self.batch_first else out.transpose(0, 1)), weights
+
+    def _to_batch_first(self, t, unbatched):
+        if unbatched:
+            return t.unsqueeze(0)
+        if t.dim() != 3:
+            raise ValueError(f"expected 2-D (unbatched) or 3-D inputs, got shape {tuple(t.shape)}")
+        return t if self.batch_first else t.transpose(0, 1)
+
+    def _project(self, q_in, k_in, v_in):
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        heads, head_dim = self.num_heads, self.head_dim
+        split = lambda t: t.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+        return (
+            split(F.linear(q_in, w_q, b_q)),
+            split(F.linear(k_in, w_k, b_k)),
+            split(F.linear(v_in, w_v, b_v)),
+        )
+
+    def _attend(self, q, k, v, attention, key_mask, allowed):
+        pattern, backend = attention.pattern, attention.backend
+        if allowed is None:
+            return attention(q, k, v, key_mask, return_lse=True)
+        if allowed.shape[0] == 1:
+            mask = allowed[0] if allowed.shape[1] > 1 else allowed[0, 0]
+            return sparse_attention(
+                q, k, v, pattern & TokenMask(mask), key_mask=key_mask, return_lse=True, backend=backend
+            )
+        # A per-batch mask is not a pattern (patterns are per head at most): attend one batch row at a time.
+        outs, lses = [], []
+        for b in range(allowed.shape[0]):
+            rows = slice(b, b + 1)
+            out, lse = sparse_attention(
+                q[rows],
+                k[rows],
+                v[rows],
+                pattern & TokenMask(allowed[b]),
+                key_mask=None if key_mask is None else key_mask[rows],
+                return_lse=True,
+                backend=backend,
+            )
+            outs.append(out)
+            lses.append(lse)
+        return torch.cat(outs), torch.cat(lses)
+
+    def _weights(self, q, k, lse, pattern, key_mask, allowed, average):
+        """Attention probabilities ``[N, H, L, S]`` (or head-averaged ``[N, L, S]``) from the kernel's lse."""
+        batch, heads, q_len, head_dim = q.shape
+        kv_len = k.shape[2]
+        per_head = pattern.num_heads is not None
+        visible = pattern.mask(q_len, kv_len, heads=heads if per_head else None, device=q.device)
+        visible = visible if per_head else visible[None]
+        visible = visible[None]  # [1, H|1, L, S]
+        if allowed is not None:
+            visible = visible & allowed
+        if key_mask is not None:
+            visible = visible & key_mask[:, None, None, :]
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
+        finite = torch.isfinite(lse)
+        shift = torch.where(finite, lse, torch.zeros_like(lse)).to(scores.dtype)
+        probs = torch.exp(scores - shift[..., None]) * visible
+        return probs.mean(1) if average else probs
+
+
+def _mask_to_bool(mask: torch.Tensor, name: str) -> torch.Tensor:
+    """nn's mask convention -> bool "blocked": bool as is; float masks must hold only 0 and -inf."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or float tensor, got {mask.dtype}")
+    blocked = torch.isneginf(mask)
+    if not bool(((mask == 0) | blocked).all()):
+        raise ValueError(
+            f"{name}: float masks may hold only 0 (allowed) and -inf (blocked); additive biases are not "
+            "supported by sparse attention"
+        )
+    return blocked
+
+
+def _key_mask(key_padding_mask, batch, kv_len, unbatched, dtype):
+    """nn's key_padding_mask (True = padding) -> sparse_attention's key_mask (True = real key)."""
+    if key_padding_mask is None:
+        return None
+    blocked = _mask_to_bool(key_padding_mask, "key_padding_mask")
+    blocked = blocked.unsqueeze(0) if unbatched else blocked
+    if tuple(blocked.shape) != (batch, kv_len):
+        raise ValueError(
+            f"key_padding_mask must be [N={batch}, S={kv_len}] (or [S] unbatched), got {tuple(blocked.shape)}"
+        )
+    return ~blocked
+
+
+def _allowed(attn_mask, batch, heads, q_len, kv_len, unbatched):
+    """nn's attn_mask (True = not allowed) -> bool "allowed" ``[N|1, H|1, L, S]``, or None."""
+    if attn_mask is None:
+        return None
+    allowed = ~_mask_to_bool(attn_mask, "attn_mask")
+    if allowed.dim() == 2 and tuple(allowed.shape) == (q_len, kv_len):
+        return allowed[None, None]
+    n = 1 if unbatched else batch
+    if allowed.dim() == 3 and tuple(allowed.shape) == (n * heads, q_len, kv_len):
+        return allowed.view(n, heads, q_len, kv_len)
+    raise ValueError(
+        f"attn_mask must be [L={q_len}, S={kv_len}] or [N*num_heads={n * heads}, L, S], got {tuple(attn_mask.shape)}"
+    )
+
+
+def replace_attention(
+    model: nn.Module, pattern: Pattern | None, *, dropout: float | None = None, backend="auto"
+) -> int:
+    """Swap every `nn.MultiheadAttention` inside `model` for a `SparseMultiheadAttention` with `pattern`.
+
+    Weights are copied; modules shared between parents stay shared. `dropout` overrides the attention
+    dropout of the new layers (nn.TransformerEncoderLayer's default is 0.1, which sparse attention cannot
+    apply in training). Returns how many modules were replaced.
+    """
+    if isinstance(model, nn.MultiheadAttention):
+        raise TypeError(
+            "replace_attention swaps children of a module; for a single layer use SparseMultiheadAttention.from_dense"
+        )
+    replaced: dict[int, SparseMultiheadAttention] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.MultiheadAttention) or isinstance(child, SparseMultiheadAttention):
+                continue
+            if id(child) not in replaced:
+                new = SparseMultiheadAttention.from_dense(child, pattern, backend=backend)
+                if dropout is not None:
+                    new.dropout = float(dropout)
+                replaced[id(child)] = new
+            setattr(parent, name, replaced[id(child)])
+    for module in model.modules():
+        # nn.TransformerEncoder packs padded batches into nested tensors on its fast path; ours takes dense ones.
+        if isinstance(module, nn.TransformerEncoder) and replaced:
+            module.use_nested_tensor = False
+    return len(replaced)
