@@ -1,0 +1,196 @@
+"""Hugging Face transformers integration: ``model.set_attn_implementation("sparse_attn")``.
+
+`register()` adds two functions to transformers (>= 5):
+- a mask function (`transformers.masking_utils.AttentionMaskInterface`): where `sdpa` would build a
+  ``[B, 1, Sq, Skv]`` mask, it returns a small `SparseMaskInfo`: the 2-D padding mask sliced to the layer's
+  key states, plus the kind of mask the model asked for (causal, causal sliding window, bidirectional);
+- an attention function (`transformers.AttentionInterface`) that turns that into a pattern and a key mask
+  and calls `sparse_attention`.
+
+So Llama-, Mistral- and Qwen2-style models keep their own semantics (causal, ``config.sliding_window``,
+left or right padding, GQA, prefill and KV-cache decoding with the default `DynamicCache`) without an
+S x S mask. A mask the integration cannot express exactly (packed sequences, custom mask overlays,
+chunked attention, static caches) raises a clear error instead of being dropped.
+
+Window convention: transformers' ``sliding_window=W`` lets query position q see key k iff
+``0 <= q - k < W``, which is ours ``causal() & sliding_window(W - 1, 0)``.
+
+`set_pattern(model, pattern)` replaces the model's own pattern (not the padding) by any `Pattern`, e.g.
+``causal() & (sliding_window(255, 0) | global_tokens(4))`` for Longformer-style global tokens. Queries are
+aligned bottom-right as everywhere in sparse-attn: with a cache, position 0 is the first cached key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..api import sparse_attention
+from ..modules import dense_pattern
+from ..patterns import Pattern, causal, sliding_window
+
+DEFAULT_NAME = "sparse_attn"
+_PATTERN_ATTR = "sparse_attn_pattern"
+
+
+@dataclass
+class SparseMaskInfo:
+    """What the mask function hands the attention function in place of an S x S mask."""
+
+    #: bool ``[B, kv_length]``, True for a real key, aligned with the layer's key states; None: no padding.
+    key_mask: torch.Tensor | None
+    q_length: int
+    kv_length: int
+    #: Whether queries see only keys at or before their position.
+    causal: bool
+    #: transformers' sliding window W (``q - k < W``), or None.
+    window: int | None
+
+    def contiguous(self) -> SparseMaskInfo:
+        """generate() calls ``.contiguous()`` on prepared masks; this one has nothing to reorder."""
+        return self
+
+    def pattern(self) -> Pattern:
+        """Our pattern for this mask (padding aside)."""
+        if self.causal:
+            return causal() if self.window is None else sliding_window(self.window - 1, 0)
+        return dense_pattern() if self.window is None else sliding_window(self.window, self.window)
+
+
+def register(name: str = DEFAULT_NAME) -> str:
+    """Register the attention and mask functions under `name` (idempotent); returns `name`.
+
+    Then ``model.set_attn_implementation(name)`` or ``from_pretrained(..., attn_implementation=name)``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, sparse_attention_forward)
+    AttentionMaskInterface.register(name, sparse_mask)
+    return name
+
+
+def set_pattern(model: torch.nn.Module, pattern: Pattern | None) -> None:
+    """Use `pattern` instead of the model's own (causal / sliding window) in every attention layer.
+
+    Padding from the attention mask still applies. `None` restores the model's own pattern.
+    """
+    if pattern is not None and not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a sparse_attn Pattern or None, got {type(pattern).__name__}")
+    for module in model.modules():
+        setattr(module, _PATTERN_ATTR, pattern)
+
+
+def sparse_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset=0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> SparseMaskInfo:
+    """transformers mask function: the padding mask and the mask's kind, never an S x S mask."""
+    is_causal, window = _mask_kind(mask_function)
+    q_offset = int(q_offset)
+    if q_offset + q_length != kv_offset + kv_length:
+        raise ValueError(
+            "sparse_attn needs the key states to end at the last query (dynamic caches, the default); got "
+            f"q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, kv_length={kv_length} "
+            "(a static cache?). Use cache_implementation='dynamic'."
+        )
+    key_mask = None
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"expected a 2-D padding mask [B, S], got shape {tuple(attention_mask.shape)}")
+        padding = attention_mask.bool()
+        missing = kv_offset + kv_length - padding.shape[-1]
+        if missing > 0:
+            # As transformers does: keys past the given mask count as padding.
+            padding = torch.nn.functional.pad(padding, (0, missing))
+        key_mask = padding[:, kv_offset : kv_offset + kv_length]
+    return SparseMaskInfo(key_mask, q_length, kv_length, is_causal, window)
+
+
+def _mask_kind(mask_function) -> tuple[bool, int | None]:
+    """(causal, window) of transformers' standard mask functions; anything else raises."""
+    from transformers import masking_utils as mu
+
+    if mask_function is None or mask_function is mu.causal_mask_function:
+        return True, None
+    if mask_function is mu.bidirectional_mask_function:
+        return False, None
+    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions")
+    if getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2:
+        overlay, base = parts
+        window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+        name = getattr(overlay, "__qualname__", "")
+        if (
+            isinstance(window, int)
+            and base is mu.causal_mask_function
+            and name.startswith("sliding_window_overlay.")
+        ):
+            return True, window
+        if (
+            isinstance(window, int)
+            and base is mu.bidirectional_mask_function
+            and name.startswith("sliding_window_bidirectional_overlay.")
+        ):
+            return False, window
+    raise ValueError(
+        f"sparse_attn cannot express this model's mask function {getattr(mask_function, '__qualname__', mask_function)} "
+        "exactly (packed sequences, custom or/and mask overlays and chunked attention are not supported); "
+        "use attn_implementation='sdpa' for this model"
+    )
+
+
+def sparse_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+):
+    """transformers attention function: ``[B, H, S, D]`` q/k/v in, ``([B, Sq, H, D], None)`` out."""
+    if dropout and module.training:
+        raise ValueError(
+            f"sparse_attn cannot apply attention dropout ({dropout}) in training; set the model config's "
+            "attention_dropout to 0.0"
+        )
+    if kwargs.get("softcap") is not None:
+        raise ValueError("sparse_attn does not support attention logit softcapping")
+    if kwargs.get("output_attentions"):
+        raise ValueError(
+            "sparse_attn never forms attention weights; use attn_implementation='eager' to output them"
+        )
+    info = _mask_info(module, query, key, attention_mask, is_causal, sliding_window)
+    if info.kv_length != key.shape[2] or info.q_length != query.shape[2]:
+        raise ValueError(
+            f"mask was built for q_length={info.q_length}, kv_length={info.kv_length}, but the layer has "
+            f"{query.shape[2]} queries and {key.shape[2]} keys"
+        )
+    pattern = getattr(module, _PATTERN_ATTR, None) or info.pattern()
+    key_mask = None if info.key_mask is None else info.key_mask.to(query.device)
+    out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask_info(module, query, key, attention_mask, is_causal, sliding_window) -> SparseMaskInfo:
+    if isinstance(attention_mask, SparseMaskInfo):
+        return attention_mask
+    if attention_mask is not None:
+        raise TypeError(
+            f"sparse_attn got a {type(attention_mask).__name__} attention mask (e.g. a prepared 4-D mask); it takes "
+            "the model's 2-D padding mask. Pass attention_mask as [batch, seq_len] and call sparse_attn's register()"
+        )
+    # No mask at all (a layer called directly): follow the module's own flags.
+    causal_flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    return SparseMaskInfo(None, query.shape[2], key.shape[2], bool(causal_flag), sliding_window)

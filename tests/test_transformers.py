@@ -1,0 +1,165 @@
+"""Hugging Face integration: tiny random Llama / Mistral / Qwen2 give what their own sdpa path gives."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
+
+from sparse_attn import causal, global_tokens, sliding_window  # noqa: E402
+from sparse_attn.integrations import transformers as sa_hf  # noqa: E402
+
+NAME = sa_hf.register()
+VOCAB, PROMPT = 97, 21
+WINDOW = 6  # smaller than the prompt, and far smaller than prompt + generated tokens
+
+CALLS = []
+
+
+def _spy(module, query, key, *args, **kwargs):
+    CALLS.append((query.shape[2], key.shape[2]))
+    return sa_hf.sparse_attention_forward(module, query, key, *args, **kwargs)
+
+
+AttentionInterface.register("sparse_attn_spy", _spy)
+AttentionMaskInterface.register("sparse_attn_spy", sa_hf.sparse_mask)
+
+
+def _model(kind):
+    torch.manual_seed(0)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        attn_implementation="sdpa",
+    )
+    if kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
+    elif kind == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=WINDOW, **common))
+    else:  # qwen2: a full-attention layer and a sliding-window layer
+        config = transformers.Qwen2Config(
+            use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common
+        )
+        assert config.layer_types == ["full_attention", "sliding_attention"]
+        model = transformers.Qwen2ForCausalLM(config)
+    return model.to(torch.float32)
+
+
+def _batch(left_pad=5):
+    ids = torch.randint(0, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, PROMPT, dtype=torch.long)
+    mask[1, :left_pad] = 0
+    return ids, mask
+
+
+def _logits(model, impl, ids, mask):
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_logits_equal_sdpa_with_left_padding(kind):
+    model = _model(kind).eval()
+    ids, mask = _batch()
+    real = mask.bool()  # padded query rows see no key: ours gives 0 there, sdpa something else
+    ref = _logits(model, "sdpa", ids, mask)
+    out = _logits(model, NAME, ids, mask)
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    if kind != "llama":
+        # The window is in force: plain causal attention gives other logits.
+        sa_hf.set_pattern(model, causal())
+        assert not torch.allclose(_logits(model, NAME, ids, mask)[real], ref[real], atol=1e-3)
+        sa_hf.set_pattern(model, None)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_training_step_gradients_equal_sdpa(kind):
+    model = _model(kind).train()
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    grads = {}
+    for impl in ("sdpa", NAME):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        grads[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    (ref_loss, ref), (loss, ours) = grads["sdpa"], grads[NAME]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in ref.items():
+        torch.testing.assert_close(ours[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind, cache", [("llama", "default"), ("mistral", "default"), ("mistral", "full")])
+def test_greedy_generate_equals_sdpa(kind, cache):
+    """Greedy decoding far past the window gives sdpa's tokens.
+
+    Mistral's default cache keeps only the last window of keys (the mask slices the padding to it); a full
+    `DynamicCache` keeps every key, so the window must come from the pattern in every decode step.
+    """
+    model = _model(kind).eval()
+    ids, mask = _batch()
+    new = 3 * WINDOW
+    outputs = {}
+    for impl in ("sdpa", "sparse_attn_spy"):
+        model.set_attn_implementation(impl)
+        CALLS.clear()
+        extra = {"past_key_values": transformers.DynamicCache()} if cache == "full" else {}
+        outputs[impl] = model.generate(
+            ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **extra
+        )
+    assert outputs["sdpa"].shape == (2, PROMPT + new)
+    assert torch.equal(outputs["sparse_attn_spy"], outputs["sdpa"])
+    # Prefill, then one-query KV-cache decode steps, all through sparse-attn.
+    assert CALLS[0] == (PROMPT, PROMPT)
+    decode_kv = [kv for q, kv in CALLS if q == 1]
+    assert len(decode_kv) == 2 * (new - 1)
+    if kind == "mistral":
+        assert max(decode_kv) == (PROMPT + new - 1 if cache == "full" else WINDOW)
+
+
+def test_custom_pattern_with_global_tokens_equals_sdpa_with_that_mask():
+    model = _model("llama").eval()
+    ids, _ = _batch()
+    pattern = causal() & (sliding_window(4, 0) | global_tokens(2))
+    sa_hf.set_pattern(model, pattern)
+    out = _logits(model, NAME, ids, None)
+    sa_hf.set_pattern(model, None)
+    dense_mask = pattern.mask(PROMPT, PROMPT)[None, None].expand(2, 1, PROMPT, PROMPT)
+    ref = _logits(model, "sdpa", ids, dense_mask)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out, _logits(model, NAME, ids, None), atol=1e-3)
+
+
+def test_unsupported_masks_and_dropout_raise_clear_errors():
+    model = _model("llama")
+    model.set_attn_implementation(NAME)
+    ids, mask = _batch()
+    # Packed sequences (position ids restart, no attention mask) need a block-diagonal mask we do not express.
+    packed = torch.cat([torch.arange(10), torch.arange(PROMPT - 10)])[None].expand(2, -1)
+    with pytest.raises(ValueError, match="cannot express"):
+        model(input_ids=ids, position_ids=packed, use_cache=False)
+    with pytest.raises(TypeError, match="2-D padding mask"):
+        model(input_ids=ids, attention_mask=torch.ones(2, 1, PROMPT, PROMPT, dtype=torch.bool))
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        model.train()(input_ids=ids, attention_mask=mask)
+
+
+def test_import_sparse_attn_does_not_import_transformers():
+    code = "import sys, sparse_attn; assert 'transformers' not in sys.modules, 'transformers was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
