@@ -1,0 +1,253 @@
+"""Launchers for the block-sparse attention kernels: allocate, pick a config, build the grid, call.
+
+`attention_fwd` returns ``(out, lse)``; `attention_bwd` returns ``(dq, dk, dv)``. No autograd here (that is
+`sparse_attn._ops`). Configs are a short list per kernel, pruned by head dim (`configs_for`) and by the
+layout block size (a tile must divide it); the autotune key is head dim, layout block, dtype and flags,
+never a sequence length.
+
+Pinning: under the interpreter (``TRITON_INTERPRET=1``), with ``SPARSE_ATTN_PIN_CONFIG=1`` or with the module
+switch ``PIN_CONFIG = True``, the first fitting config runs and nothing is benchmarked; a launcher's
+``config=`` argument forces one config (the autotune sweep test uses that).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .bsattn import (
+    LOG2E,
+    _bsattn_bwd_dkdv_kernel,
+    _bsattn_bwd_dq_kernel,
+    _bsattn_bwd_preprocess,
+    _bsattn_fwd_kernel,
+)
+
+#: Fill every output buffer with NaN before the kernels write it (tests: an unwritten element then fails).
+POISON_OUTPUTS = False
+#: Run the first fitting config instead of autotuning.
+PIN_CONFIG = False
+PREPROCESS_BLOCK_M = 64
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """One kernel config: the tile (BLOCK_M queries x BLOCK_N keys), warps and pipeline stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def kwargs(self) -> dict:
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+
+
+# Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256). Every config at head dim <= 128
+# compiles for sm_80 and sm_90a with no spills and uses tensor cores (`python -m sparse_attn kernel-report`).
+# Pruned by that report: 128-row tiles and 64x64 dK/dV tiles with 4 warps at head dim 128 spill.
+_C = TileConfig
+SHIPPED_CONFIGS = {
+    "fwd": {
+        64: [_C(64, 64, 4, 3), _C(64, 32, 4, 3), _C(32, 32, 4, 2)],
+        128: [_C(64, 64, 4, 2), _C(64, 32, 4, 3), _C(32, 32, 4, 2)],
+        256: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)],
+    },
+    "dkdv": {
+        64: [_C(32, 64, 4, 2), _C(64, 64, 4, 2), _C(32, 32, 4, 2)],
+        128: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+        256: [_C(32, 32, 8, 1)],
+    },
+    "dq": {
+        64: [_C(64, 64, 4, 2), _C(64, 32, 4, 2), _C(32, 32, 4, 2)],
+        128: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+        256: [_C(32, 32, 4, 1)],
+    },
+}
+
+
+def configs_for(kernel: str, head_dim: int) -> list[TileConfig]:
+    """The shipped configs of `kernel` ("fwd", "dkdv", "dq") for a head dim."""
+    for limit in (64, 128, 256):
+        if head_dim <= limit:
+            return SHIPPED_CONFIGS[kernel][limit]
+    raise ValueError(f"head dim {head_dim} is over 256")
+
+
+def fits(config: TileConfig, block_q: int, block_k: int) -> bool:
+    """A tile fits a layout block when it divides it in both directions."""
+    return block_q % config.block_m == 0 and block_k % config.block_n == 0
+
+
+def fitting_configs(kernel: str, head_dim: int, block_q: int, block_k: int) -> list[TileConfig]:
+    """Shipped configs whose tile divides the layout block; ValueError when none does."""
+    found = [c for c in configs_for(kernel, head_dim) if fits(c, block_q, block_k)]
+    if not found:
+        tiles = sorted({(c.block_m, c.block_n) for c in configs_for(kernel, head_dim)})
+        raise ValueError(
+            f"layout block size ({block_q}, {block_k}) must be a multiple of a kernel tile; the Triton kernels "
+            f"at head dim {head_dim} use tiles (BLOCK_M, BLOCK_N) in {tiles}"
+        )
+    return found
+
+
+def pinned() -> bool:
+    """True when launches use one config instead of autotuning (always under the interpreter)."""
+    return (
+        PIN_CONFIG
+        or os.environ.get("SPARSE_ATTN_PIN_CONFIG") == "1"
+        or os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+# -- kernel wrappers: heuristics (EVEN_*) always; autotuning built lazily, on first unpinned launch -------
+_even_m = lambda args: args["q_len"] % args["BLOCK_M"] == 0
+_even_n = lambda args: args["kv_len"] % args["BLOCK_N"] == 0
+_KERNELS = {
+    "fwd": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_fwd_kernel),
+    "dkdv": triton.heuristics({"EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
+    "dq": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
+}
+_AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION"]
+_autotuned: dict = {}
+
+
+def _autotuned_kernel(name: str):
+    """`triton.autotune` over every shipped config of `name`, pruned per launch by head dim and layout block."""
+    if name not in _autotuned:
+        every = {c: triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for d in (64, 128, 256)
+                 for c in configs_for(name, d)}  # fmt: skip
+
+        def prune(configs, named_args, **kwargs):
+            keep = fitting_configs(name, kwargs["HEAD_DIM"], kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"])
+            return [every[c] for c in keep]
+
+        _autotuned[name] = triton.autotune(
+            configs=list(every.values()), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": prune}
+        )(_KERNELS[name])
+    return _autotuned[name]
+
+
+def _launch(name: str, grid, args: list, meta: dict, config: TileConfig | None, block_q: int, block_k: int):
+    """Run kernel `name` with `config`, the first fitting config (pinned) or the autotuner's choice."""
+    fitting = fitting_configs(name, meta["HEAD_DIM"], block_q, block_k)
+    if config is None and not pinned() and len(fitting) > 1:
+        _autotuned_kernel(name)[grid](*args, **meta)
+        return
+    config = config or fitting[0]
+    if not fits(config, block_q, block_k):
+        raise ValueError(f"config {config} does not fit layout block size ({block_q}, {block_k})")
+    _KERNELS[name][grid](
+        *args, **meta, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
+    )
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+def _empty(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh contiguous buffer; NaN-filled when `POISON_OUTPUTS`."""
+    out = torch.empty(*shape, dtype=dtype or like.dtype, device=like.device)
+    if POISON_OUTPUTS:
+        out.fill_(float("nan"))
+    return out
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """Kernels take a pointer even to an unused, empty index array: give them one valid element."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _strides(t: torch.Tensor) -> list[int]:
+    return list(t.stride())
+
+
+def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
+    head_dim = q.shape[-1]
+    return {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": max(16, triton.next_power_of_2(head_dim)),
+        "LAYOUT_BQ": layout.block_q,
+        "LAYOUT_BK": layout.block_k,
+        "WORDS": -(-layout.block_k // 32),
+        "PER_HEAD_LAYOUT": layout.num_heads > 1,
+        "HAS_KEY_MASK": key_mask is not None,
+        # fp32 stays exact fp32 math (no TF32) so it matches the fp32 reference.
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+    }
+
+
+def _key_mask_arg(key_mask, q):
+    """uint8 ``[B, Skv]`` view of the key mask and its batch stride (a dummy pointer when absent)."""
+    if key_mask is None:
+        return q, 0
+    km = key_mask.to(torch.uint8)
+    return km, km.stride(0)
+
+
+def _row_lists(layout):
+    return [_nonempty(getattr(layout, n)) for n in ("row_full_ptr", "row_full_idx", "row_part_ptr", "row_part_idx",
+                                                     "row_part_tile", "tiles")]  # fmt: skip
+
+
+def _col_lists(layout):
+    return [_nonempty(getattr(layout, n)) for n in ("col_full_ptr", "col_full_idx", "col_part_ptr", "col_part_idx",
+                                                     "col_part_tile", "tiles")]  # fmt: skip
+
+
+# -- launchers ----------------------------------------------------------------------------------------------
+def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConfig | None = None):
+    """Forward: ``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq] float32)``."""
+    batch, heads, q_len, _ = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    out = _empty(q.shape, like=q)
+    lse = _empty((batch, heads, q_len), like=q, dtype=torch.float32)
+    km, stride_kmb = _key_mask_arg(key_mask, q)
+    args = [q, k, v, out, lse, km, *_row_lists(layout)]
+    args += _strides(q) + _strides(k) + _strides(v) + _strides(out) + [stride_kmb]
+    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E]
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
+    _launch("fwd", grid, args, _common_meta(q, layout, key_mask), config, layout.block_q, layout.block_k)
+    return out, lse
+
+
+def attention_bwd(
+    do, dlse, q, k, v, out, lse, layout, scale: float, key_mask=None, configs: dict | None = None
+):
+    """Backward: ``(dq, dk, dv)`` shaped like q, k, v. `configs` may force {"dkdv": ..., "dq": ...}."""
+    configs = configs or {}
+    batch, heads, q_len, head_dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    meta = _common_meta(q, layout, key_mask)
+    lse = lse.float().contiguous()
+    delta = _empty((batch, heads, q_len), like=q, dtype=torch.float32)
+    has_dlse = dlse is not None
+    dlse_arg = dlse.float().contiguous() if has_dlse else lse
+    pre_grid = (triton.cdiv(q_len, PREPROCESS_BLOCK_M), batch * heads)
+    _bsattn_bwd_preprocess[pre_grid](
+        out, do, dlse_arg, lse, delta, *_strides(out), *_strides(do), heads, q_len,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], HAS_DLSE=has_dlse, BLOCK_M=PREPROCESS_BLOCK_M,
+    )  # fmt: skip
+
+    km, stride_kmb = _key_mask_arg(key_mask, q)
+    dq = _empty(q.shape, like=q)
+    dk = _empty(k.shape, like=k)
+    dv = _empty(v.shape, like=v)
+    args = [q, k, v, do, lse, delta, dk, dv, km, *_col_lists(layout)]
+    args += (
+        _strides(q) + _strides(k) + _strides(v) + _strides(do) + _strides(dk) + _strides(dv) + [stride_kmb]
+    )
+    args += [heads, kv_heads, heads // kv_heads, q_len, kv_len, layout.num_k_blocks, scale * LOG2E, scale]
+    grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
+    _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
+
+    args = [q, k, v, do, lse, delta, dq, km, *_row_lists(layout)]
+    args += _strides(q) + _strides(k) + _strides(v) + _strides(do) + _strides(dq) + [stride_kmb]
+    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E, scale]
+    grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
+    _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
+    return dq, dk, dv
