@@ -270,6 +270,11 @@ def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
         aspect="equal" if ratio <= 4 else "auto",
     )
     grid_note = _draw_block_grid(ax, layout) if show_grid else ""
+    # A small margin, so rows and columns at the edges (global tokens) are not hidden under the spines.
+    ax.set_xlim(-0.012 * kv_len, kv_len * 1.012)
+    ax.set_ylim(q_len * 1.012, -0.012 * q_len)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
     ax.set_xlabel("key position j")
     offset = kv_len - q_len
     ax.set_ylabel("query row i" + (f" (position i + {offset})" if offset else ""))
@@ -286,16 +291,19 @@ def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
 
 
 def _draw_block_grid(ax, layout, max_lines: int = 32) -> str:
-    """Block boundaries as thin lines (every k-th one when there are many); returns a note for the title."""
+    """Block boundaries as thin lines (every k-th one when there are many) and a frame around the
+    sequence; returns a note for the title."""
+    from matplotlib.patches import Rectangle
+
     bq, bk = layout.block_size
+    q_len, kv_len = layout.q_len, layout.kv_len
     many = -(-max(layout.num_q_blocks, layout.num_k_blocks) // max_lines)
     # A power of two, so the lines fall on round token positions.
     step = 1 << max(0, many - 1).bit_length()
-    style = {"color": "0.45", "linewidth": 0.4, "alpha": 0.6}
-    for b in range(step, layout.num_q_blocks, step):
-        ax.axhline(b * bq, **style)
-    for b in range(step, layout.num_k_blocks, step):
-        ax.axvline(b * bk, **style)
+    style = {"colors": "0.45", "linewidth": 0.4, "alpha": 0.6}
+    ax.hlines([b * bq for b in range(step, layout.num_q_blocks, step)], 0, kv_len, **style)
+    ax.vlines([b * bk for b in range(step, layout.num_k_blocks, step)], 0, q_len, **style)
+    ax.add_patch(Rectangle((0, 0), kv_len, q_len, fill=False, edgecolor="0.25", linewidth=0.8))
     return "" if step == 1 else f", grid every {step} blocks"
 
 
@@ -397,7 +405,8 @@ def _heads_figure(layout, source, chosen, ncols, max_pixels, title):
     """One panel per chosen head, a shared legend below."""
     ncols = ncols or min(4, len(chosen))
     nrows = -(-len(chosen) // ncols)
-    fig, axes = _new_figure(nrows, ncols, figsize=(3.6 * ncols, 3.9 * nrows + 0.8))
+    shape = min(max(layout.q_len / layout.kv_len, 0.3), 1.5)
+    fig, axes = _new_figure(nrows, ncols, figsize=(3.6 * ncols, (3.6 * shape + 1.1) * nrows + 0.8))
     for n, ax in enumerate(axes.flat):
         if n >= len(chosen):
             ax.set_axis_off()

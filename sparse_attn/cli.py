@@ -1,0 +1,254 @@
+"""The ``sparse-attn`` command (also ``python -m sparse_attn``).
+
+Subcommands:
+- ``demo``: the README's main job (see `sparse_attn.demo`).
+- ``show SPEC --seq N -o out.png``: draw a pattern written in the spec language of `sparse_attn.spec`.
+- ``bench {cpu,layout,kernels,interp} [ARGS...]``: run a benchmark script from the repository's ``bench/``
+  folder, passing ARGS on (``--quick`` and so on).
+- ``kernel-report [ARGS...]``: the Triton kernels' compile report (`sparse_attn.kernel_report`).
+
+Exit codes: 0 success, 1 a failed check, 2 bad usage (a bad spec, a missing bench folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+from pathlib import Path
+
+BENCH_SCRIPTS = {
+    "cpu": "cpu_attention.py",
+    "layout": "layout_build.py",
+    "kernels": "gpu_kernels.py",
+    "interp": "interp_proportionality.py",
+}
+#: Set this to a folder holding the bench scripts to run them from outside a repository checkout.
+BENCH_DIR_ENV = "SPARSE_ATTN_BENCH_DIR"
+
+
+class UsageError(Exception):
+    """Bad usage that the command reports on stderr with exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparse-attn", description="Exact block-sparse attention: demo, pattern pictures, benchmarks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="Longformer pattern: sparse vs dense attention, and a picture")
+    demo.add_argument("--seq", type=int, default=4096, help="sequence length (default 4096)")
+    demo.add_argument("--window", type=int, default=256, help="keys each side (default 256)")
+    demo.add_argument("--global-tokens", type=int, default=4, help="leading global tokens (default 4)")
+    demo.add_argument("--heads", type=int, default=8)
+    demo.add_argument("--head-dim", type=int, default=64)
+    demo.add_argument("--batch", type=int, default=1)
+    demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    demo.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    demo.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
+    demo.add_argument("-o", "--output", default="out/demo_pattern.png", help="where to save the picture")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    show = sub.add_parser(
+        "show",
+        help="draw a pattern spec, e.g. 'window:128+global:4' or 'dilated:64:2&causal'",
+        description=_spec_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument("spec", help="pattern spec (quote it: & and | are shell operators)")
+    show.add_argument("--seq", type=int, required=True, help="query length")
+    show.add_argument("--kv-seq", type=int, default=None, help="key length (default: --seq)")
+    show.add_argument("--block-size", default="128", help="block size: N or BQxBK (default 128)")
+    show.add_argument("--heads", default=None, help="heads to draw for per-head patterns, e.g. 0,2")
+    show.add_argument("--max-pixels", type=int, default=512, help="image resolution per axis (default 512)")
+    show.add_argument("-o", "--output", default="out/pattern.png", help="PNG path (default out/pattern.png)")
+
+    bench = sub.add_parser("bench", help="run a benchmark script from the repository's bench/ folder")
+    bench.add_argument("name", choices=sorted(BENCH_SCRIPTS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick)")
+
+    report = sub.add_parser("kernel-report", help="compile report of the Triton kernels (no GPU needed)")
+    report.add_argument("args", nargs=argparse.REMAINDER, help="passed to sparse_attn.kernel_report")
+    return parser
+
+
+def _spec_help() -> str:
+    from . import spec
+
+    return "Pattern spec language.\n\n" + spec.__doc__.split("\n", 2)[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``sparse-attn`` and ``python -m sparse_attn``; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command in ("bench", "kernel-report"):
+        args.args = list(args.args) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return {"demo": _demo, "show": _show, "bench": _bench, "kernel-report": _kernel_report}[args.command](
+            args
+        )
+    except UsageError as e:
+        print(f"sparse-attn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _use_agg() -> None:
+    """The CLI only writes files: no display backend needed, whatever the environment has."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    _use_agg()
+    for name in ("seq", "heads", "head_dim", "batch", "repeats"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        result = run_demo(
+            args.seq,
+            args.window,
+            args.global_tokens,
+            heads=args.heads,
+            head_dim=args.head_dim,
+            batch=args.batch,
+            dtype=args.dtype,
+            device=args.device,
+            backend=args.backend,
+            repeats=args.repeats,
+            output=args.output,
+            progress=not args.no_progress,
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    return 0 if result["ok"] else 1
+
+
+def _parse_block_size(text: str):
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise UsageError(f"--block-size must be N or BQxBK with positive ints, got {text!r}")
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def _parse_heads(text):
+    if text is None:
+        return None
+    try:
+        return [int(h) for h in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--heads must be head indices like 0 or 0,2,3, got {text!r}") from None
+
+
+def _show(args) -> int:
+    from .spec import SpecError, parse_spec
+
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    from .viz import plot_pattern
+
+    try:
+        pattern = parse_spec(args.spec)
+    except SpecError as e:
+        raise UsageError(str(e)) from e
+    block_size = _parse_block_size(args.block_size)
+    try:
+        layout = pattern.layout(args.seq, args.kv_seq, block_size=block_size)
+        # The pattern, not the layout, so per-head panels can name each head's own pattern.
+        fig = plot_pattern(
+            pattern,
+            args.seq,
+            args.kv_seq,
+            block_size=block_size,
+            heads=_parse_heads(args.heads),
+            max_pixels=args.max_pixels,
+            title=args.spec,
+        )
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from e
+    path = Path(args.output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    print(repr(layout).split("\n", 1)[0])
+    print(f"saved {path}")
+    return 0
+
+
+def find_bench_dir() -> Path:
+    """The folder with the benchmark scripts: $SPARSE_ATTN_BENCH_DIR, ./bench, or the checkout's bench/."""
+    candidates = []
+    if os.environ.get(BENCH_DIR_ENV):
+        candidates.append(Path(os.environ[BENCH_DIR_ENV]))
+    candidates += [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
+    for folder in candidates:
+        if folder.is_dir():
+            return folder
+    looked = ", ".join(str(c) for c in candidates)
+    raise UsageError(
+        f"the bench/ folder was not found (looked in {looked}). The benchmarks ship with the repository, "
+        f"not the installed package: run this from a checkout of sparse-attn, or set {BENCH_DIR_ENV}."
+    )
+
+
+def _bench(args) -> int:
+    script = find_bench_dir() / BENCH_SCRIPTS[args.name]
+    if not script.is_file():
+        raise UsageError(f"benchmark script {script} is missing")
+    return run_script(script, args.args)
+
+
+def run_script(script: Path, argv: list[str]) -> int:
+    """Run ``script``'s ``main(argv)`` (or the script as __main__ when it has none); return its exit code."""
+    saved_argv, saved_path = sys.argv, list(sys.path)
+    # The script sees itself as argv[0] (argparse's prog) and can import its sibling helpers.
+    sys.argv = [str(script), *argv]
+    sys.path.insert(0, str(script.parent))
+    try:
+        namespace = runpy.run_path(str(script), run_name="sparse_attn_bench")
+        entry = namespace.get("main")
+        if callable(entry):
+            code = entry(argv)
+        else:
+            runpy.run_path(str(script), run_name="__main__")
+            code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+    return _exit_code(code)
+
+
+def _exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, bool):
+        return int(code)
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _kernel_report(args) -> int:
+    try:
+        from . import kernel_report
+    except ImportError as e:
+        raise UsageError(f"sparse_attn.kernel_report is not available: {e}") from e
+    try:
+        return _exit_code(kernel_report.main(args.args))
+    except SystemExit as e:
+        return _exit_code(e.code)
