@@ -1,37 +1,461 @@
-"""PyTorch backend. Interim: dense math over the layout's token mask (exact, O(S^2) memory)."""
+"""PyTorch backend: exact block-sparse attention on the CPU, forward and backward, without an S x S tensor.
+
+Algorithm
+    Each row of the `BlockLayout` (one query block of one layout head) keeps some full key blocks (no
+    mask) and some partial ones (a token tile). A row is attention over two *segments*, its full keys
+    and its partial keys, each computed densely by PyTorch's fused flash-attention CPU kernel
+    (``aten::_scaled_dot_product_flash_attention_for_cpu``, which also returns the logsumexp), then the
+    two are merged exactly through their logsumexps. Only the partial segment carries a mask, built
+    from ``layout.tile_masks()``; full blocks get no mask work (only `key_mask`, when it masks anything,
+    adds a per-key bias).
+
+Batching
+    Rows with the same numbers of full and partial keys go to one kernel call, where they are the
+    kernel's batch dimension. Keys are gathered block by block (``index_select``), except when a run of
+    rows keeps contiguous full blocks whose starts advance by a fixed step (a sliding window): then the
+    full segment is a strided view of K/V, with no copy. GQA costs no K/V copy either: with a layout
+    shared by all heads, the query heads of one KV group are stacked as the rows of one instance.
+
+Backward
+    Recomputes from the saved logsumexp, call by call, with the same kernel's backward (dQ, dK, dV), fed
+    the whole row's output and logsumexp so that ``delta = rowsum(dO * O)`` and the probabilities are
+    those of the full row. dK/dV of gathered blocks are scatter-added (``index_add_``). A gradient into
+    the logsumexp (``delta -= dlse``) is folded in by one extra head-dim column: ``out`` gets a 1,
+    ``dO`` gets ``-dlse`` and q/k/v a 0, which changes nothing else.
+
+Memory
+    No S x S tensor exists. Rows are processed in chunks whose scratch (gathered Q/K/V, outputs, masks,
+    gradients) stays under `get_chunk_size()` elements; set it with `set_chunk_size` or the environment
+    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**24 elements, i.e. 64 MB of fp32 scratch per chunk).
+
+Dtypes: fp32, fp16 and bf16 (the kernel accumulates in fp32; lse is fp32) and float64 (lse float64).
+Any head dim. Empty rows give output 0, lse -inf and zero gradients.
+"""
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 from .._ops import lse_dtype
-from ..reference import attention_reference, dense_mask
+from ..layout import BlockLayout
 
 DEFAULT_BLOCK_SIZE = 64
+CHUNK_ENV = "SPARSE_ATTN_TORCH_CHUNK"
+_DEFAULT_CHUNK = 1 << 24
+_chunk_size = int(os.environ.get(CHUNK_ENV, _DEFAULT_CHUNK))
+#: Shortest run of rows worth a strided (copy-free) K/V view instead of a gather.
+_MIN_RUN = 8
 
 
+def set_chunk_size(elements: int) -> None:
+    """Bound the scratch memory of one chunk to about `elements` tensor elements (at least one row)."""
+    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
+        raise ValueError(f"chunk size must be a positive int (tensor elements), got {elements!r}")
+    global _chunk_size
+    _chunk_size = elements
+
+
+def get_chunk_size() -> int:
+    """The current chunk size in tensor elements (see `set_chunk_size`)."""
+    return _chunk_size
+
+
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+# -- the plan: rows of the layout grouped into kernel calls ---------------------------------------------
+@dataclass
+class _Call:
+    """One kernel call's rows and key blocks (all int64, on the CPU)."""
+
+    rows: torch.Tensor  # [X] layout row ids (l * nqb + qb)
+    full: torch.Tensor  # [X, nf] full key blocks, ascending
+    part: torch.Tensor  # [X, np] partial key blocks
+    tiles: torch.Tensor  # [X, np] tile ids of the partial blocks
+    full_len: int  # keys in the full segment (nf * bk, less the ragged tail if the last block is in it)
+    step: int  # > 0: full blocks of row x start at full[0, 0] + x * step (strided view); 0: gather
+
+
+@dataclass
+class _Frame:
+    """How batch and heads map onto the kernel's (instance, head, rows) for one layout.
+
+    A shared layout (one layout head) stacks the `group` query heads of a KV head as the rows of an
+    instance, with ``hx = B * Hkv`` kernel heads; a per-head layout has one query head per instance and
+    ``hx = B``. ``q_seq[l, x, j]`` is the flat (batch * Hq + head) query sequence of layout head l,
+    kernel head x and stacked head j; ``kv_seq[l, x]`` the flat KV sequence (an affine function of x).
+    """
+
+    hx: int
+    qrep: int
+    q_seq: torch.Tensor  # int64 [L, hx, qrep]
+    kv_seq: torch.Tensor  # int64 [L, hx]
+
+
+def _frame(batch: int, hq: int, hkv: int, layout_heads: int) -> _Frame:
+    group = hq // hkv
+    if layout_heads == 1:
+        x = torch.arange(batch * hkv)
+        b, g = x // hkv, x % hkv
+        q_seq = b[:, None] * hq + g[:, None] * group + torch.arange(group)[None, :]
+        return _Frame(batch * hkv, group, q_seq[None], x[None])
+    h = torch.arange(hq)[:, None]
+    b = torch.arange(batch)[None, :]
+    return _Frame(batch, 1, (b * hq + h)[..., None], b * hkv + h // group)
+
+
+def _padded_lists(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: int):
+    """Entries of CSR rows `rows` as a ``[len(rows), width]`` tensor (rows must have `width` entries)."""
+    start = ptr[rows]
+    return idx[start[:, None] + torch.arange(width)[None, :]] if width else idx.new_zeros(len(rows), 0)
+
+
+def _plan(layout: BlockLayout) -> list[_Call]:
+    """Group the non-empty rows of `layout` into kernel calls (see `_Call`)."""
+    nqb, nkb, bk = layout.num_q_blocks, layout.num_k_blocks, layout.block_k
+    full_ptr, part_ptr = _row_ptr(layout.row_full_ptr), _row_ptr(layout.row_part_ptr)
+    full_idx = layout.row_full_idx.cpu().long()
+    part_idx = layout.row_part_idx.cpu().long()
+    part_tile = layout.row_part_tile.cpu().long()
+    n_full, n_part = full_ptr[1:] - full_ptr[:-1], part_ptr[1:] - part_ptr[:-1]
+    ragged = nkb * bk - layout.kv_len
+    # The full segment is trimmed when it holds the ragged last key block (always its last block).
+    last_full = torch.full_like(n_full, -1)
+    has_full = n_full > 0
+    last_full[has_full] = full_idx[full_ptr[1:][has_full] - 1]
+    trims = (last_full == nkb - 1) & (ragged > 0)
+    heads = torch.arange(len(n_full)) // nqb
+    key = ((n_full * (nkb + 1) + n_part) * 2 + trims.long()) * layout.num_heads + heads
+    live = (n_full + n_part) > 0
+    calls = []
+    for k in torch.unique(key[live]).tolist():
+        rows = torch.nonzero(key == k).flatten()
+        nf, np_ = int(n_full[rows[0]]), int(n_part[rows[0]])
+        full = _padded_lists(full_ptr, full_idx, rows, nf)
+        part = _padded_lists(part_ptr, part_idx, rows, np_)
+        tiles = _padded_lists(part_ptr, part_tile, rows, np_)
+        full_len = nf * bk - (ragged if bool(trims[rows[0]]) else 0)
+        calls.extend(_split_runs(rows, full, part, tiles, full_len))
+    return calls
+
+
+def _row_ptr(ptr: torch.Tensor) -> torch.Tensor:
+    """Per-head ``[H, n + 1]`` offsets -> one flat ``[H * n + 1]`` offset list over all rows."""
+    ptr = ptr.cpu().long()
+    return torch.cat([ptr[:, :-1].reshape(-1), ptr[-1:, -1]])
+
+
+def _split_runs(rows, full, part, tiles, full_len) -> list[_Call]:
+    """Split one group into strided runs (contiguous full blocks, starts in arithmetic progression)
+    and one gathered remainder."""
+    nf = full.shape[1]
+    whole = _Call(rows, full, part, tiles, full_len, 0)
+    if nf == 0 or len(rows) < _MIN_RUN:
+        return [whole]
+    contiguous = (full[:, -1] - full[:, 0] + 1) == nf
+    start = full[:, 0]
+    step_d = start[1:] - start[:-1]
+    linked = contiguous[1:] & contiguous[:-1] & (step_d > 0)
+    if not bool(linked.any()):
+        return [whole]
+    step = int(torch.mode(step_d[linked]).values)
+    linked &= step_d == step
+    # Runs of linked neighbours: a new run starts wherever a row is not linked to the previous one.
+    run_id = torch.cumsum(torch.cat([torch.ones(1, dtype=torch.long), (~linked).long()]), 0)
+    counts = torch.bincount(run_id)
+    in_run = counts[run_id] >= _MIN_RUN
+    calls = []
+    for r in torch.unique(run_id[in_run]).tolist():
+        sel = run_id == r
+        calls.append(_Call(rows[sel], full[sel], part[sel], tiles[sel], full_len, step))
+    rest = ~in_run
+    if bool(rest.any()):
+        calls.append(_Call(rows[rest], full[rest], part[rest], tiles[rest], full_len, 0))
+    return calls
+
+
+# -- tensors in the kernel's shapes ---------------------------------------------------------------------
+class _Problem:
+    """Inputs flattened to per-sequence blocks, and the gathers / views one call needs."""
+
+    def __init__(self, q, k, v, layout: BlockLayout, scale: float, key_mask):
+        self.batch, self.hq, self.q_len, self.dim = q.shape
+        self.hkv = k.shape[1]
+        self.bq, self.bk = layout.block_q, layout.block_k
+        self.nqb, self.nkb = layout.num_q_blocks, layout.num_k_blocks
+        self.scale = scale
+        self.dtype = q.dtype
+        self.frame = _frame(self.batch, self.hq, self.hkv, layout.num_heads)
+        self.q = self.seq_blocks(q, self.bq)  # [B * Hq * nqb, bq * D]
+        self.k = self.seq_blocks(k, self.bk)  # [B * Hkv * nkb, bk * D]
+        self.v = self.seq_blocks(v, self.bk)
+        self.kv_pad = self.nkb * self.bk
+        self.tile_bias = _tile_bias(layout, q.dtype)
+        self.key_bias = _key_bias(key_mask, self.hkv, self.kv_pad, q.dtype)
+
+    def seq_blocks(self, t: torch.Tensor, block: int) -> torch.Tensor:
+        """``[B, H, S, D]`` -> ``[B * H * nblocks, block * D]``, zero padded to whole blocks."""
+        batch, heads, length, dim = t.shape
+        pad = -length % block
+        t = F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
+        return t.view(batch * heads * ((length + pad) // block), block * dim)
+
+    # rows of the queries / outputs
+    def q_index(self, call: _Call) -> torch.Tensor:
+        """Flat query-block index ``[X * hx * qrep]`` of the call's rows, in kernel order."""
+        layout_head, qb = call.rows // self.nqb, call.rows % self.nqb
+        return (self.frame.q_seq[layout_head] * self.nqb + qb[:, None, None]).reshape(-1)
+
+    def gather_rows(self, blocks: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+        """``[X, hx, qrep * bq, D]`` query-side rows of `blocks` (q, out or dO)."""
+        return blocks.index_select(0, index).view(rows, self.frame.hx, -1, self.dim)
+
+    # key segments
+    def kv_index(self, call: _Call, blocks: torch.Tensor) -> torch.Tensor:
+        """Flat key-block index ``[X, hx, n]`` of `blocks` ``[X, n]``."""
+        seq = self.frame.kv_seq[call.rows // self.nqb]  # [X, hx]
+        return seq[:, :, None] * self.nkb + blocks[:, None, :]
+
+    def full_kv(self, call: _Call):
+        """K, V ``[X, hx, full_len, D]`` of the full segment: a strided view or a gather."""
+        if call.step:
+            return (self._strided(t, call, self.dim) for t in (self.k, self.v))
+        index = self.kv_index(call, call.full).reshape(-1)
+        shape = (len(call.rows), self.frame.hx, -1, self.dim)
+        return (t.index_select(0, index).view(shape)[:, :, : call.full_len] for t in (self.k, self.v))
+
+    def _strided(self, blocks: torch.Tensor, call: _Call, width: int) -> torch.Tensor:
+        """Overlapping windows of a ``[sequences * kv_pad, width]`` buffer, one per row of a strided run."""
+        seq = self.frame.kv_seq[call.rows[0] // self.nqb]
+        seq_step = int(seq[1] - seq[0]) if len(seq) > 1 else 1
+        offset = (int(seq[0]) * self.kv_pad + int(call.full[0, 0]) * self.bk) * width
+        strides = (call.step * self.bk * width, seq_step * self.kv_pad * width, width, 1)
+        shape = (len(call.rows), self.frame.hx, call.full_len, width)
+        return blocks.as_strided(shape, strides, blocks.storage_offset() + offset)
+
+    def part_kv(self, call: _Call):
+        index = self.kv_index(call, call.part).reshape(-1)
+        shape = (len(call.rows), self.frame.hx, -1, self.dim)
+        return (t.index_select(0, index).view(shape) for t in (self.k, self.v))
+
+    # masks
+    def full_mask(self, call: _Call):
+        """Key bias ``[X, hx, 1, full_len]`` of the full segment, or None without an active key_mask."""
+        if self.key_bias is None:
+            return None
+        if call.step:
+            return self._strided(self.key_bias.view(-1, 1), call, 1).squeeze(-1).unsqueeze(2).contiguous()
+        index = self.kv_index(call, call.full).reshape(-1)
+        bias = self.key_bias.view(-1, self.bk).index_select(0, index)
+        return bias.view(len(call.rows), self.frame.hx, 1, -1)[..., : call.full_len]
+
+    def part_mask(self, call: _Call) -> torch.Tensor:
+        """Tile (and key) bias ``[X, 1 or hx, qrep * bq, np * bk]`` of the partial segment."""
+        rows, n = call.tiles.shape
+        tiles = self.tile_bias.index_select(0, call.tiles.reshape(-1)).view(rows, n, self.bq, self.bk)
+        mask = tiles.transpose(1, 2).reshape(rows, 1, 1, self.bq, n * self.bk)
+        mask = mask.expand(rows, 1, self.frame.qrep, self.bq, n * self.bk).reshape(rows, 1, -1, n * self.bk)
+        if self.key_bias is None:
+            return mask
+        index = self.kv_index(call, call.part).reshape(-1)
+        keys = self.key_bias.view(-1, self.bk).index_select(0, index).view(rows, self.frame.hx, 1, -1)
+        return mask + keys
+
+
+def _tile_bias(layout: BlockLayout, dtype) -> torch.Tensor:
+    """Additive masks of the partial tiles: 0 where visible, -inf elsewhere, ``[n_tiles, bq, bk]``."""
+    tiles = layout.tile_masks().cpu()
+    return torch.zeros(tiles.shape, dtype=dtype).masked_fill_(~tiles, float("-inf"))
+
+
+def _key_bias(key_mask, hkv: int, kv_pad: int, dtype):
+    """Per-key additive bias ``[B * Hkv, kv_pad]`` (-inf on padding keys), or None if nothing is masked."""
+    if key_mask is None or bool(key_mask.all()):
+        return None
+    bias = torch.zeros(key_mask.shape, dtype=dtype).masked_fill_(~key_mask.cpu(), float("-inf"))
+    bias = F.pad(bias, (0, kv_pad - key_mask.shape[1]), value=float("-inf"))
+    return bias.repeat_interleave(hkv, 0)
+
+
+def _masked_rows(mask) -> torch.Tensor | None:
+    """Rows (``[X, 1 or hx, M]``) whose every key the mask hides, or None without a mask."""
+    if mask is None:
+        return None
+    return mask.amax(-1) == float("-inf")
+
+
+def _segment(qg, kseg, vseg, mask, scale):
+    """(out, lse) of one segment; rows that see no key get lse -inf (the kernel reports 0)."""
+    out, lse = _flash_fwd(qg, kseg, vseg, attn_mask=mask, scale=scale)
+    hidden = _masked_rows(mask)
+    if hidden is not None:
+        lse = lse.masked_fill(hidden, float("-inf"))
+    return out, lse
+
+
+def _merge(o1, l1, o2, l2):
+    """Exact merge of two attention segments through their logsumexps (either may be empty, -inf)."""
+    # Weight of segment 2 is exp(l2 - lse) = sigmoid(l2 - l1); NaN only when both are empty (output 0).
+    w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0)
+    acc = torch.float64 if o1.dtype == torch.float64 else torch.float32
+    out = torch.lerp(o1.to(acc), o2.to(acc), w2.unsqueeze(-1).to(acc))
+    return out.to(o1.dtype), torch.logaddexp(l1, l2)
+
+
+def _chunks(call: _Call, prob: _Problem):
+    """Sub-calls of at most `get_chunk_size()` scratch elements (at least one row each)."""
+    m = prob.frame.qrep * prob.bq
+    keys = call.full_len * (call.step == 0) + call.part.shape[1] * prob.bk
+    per_row = prob.frame.hx * (6 * m * prob.dim + 4 * keys * prob.dim + m * call.part.shape[1] * prob.bk)
+    size = max(1, get_chunk_size() // max(per_row, 1))
+    for i in range(0, len(call.rows), size):
+        sl = slice(i, i + size)
+        # A strided run stays strided: its rows stay consecutive.
+        yield _Call(call.rows[sl], call.full[sl], call.part[sl], call.tiles[sl], call.full_len, call.step)
+
+
+# -- forward --------------------------------------------------------------------------------------------
 def forward(q, k, v, layout, scale, key_mask):
-    out, lse = attention_reference(q, k, v, layout, scale=scale, key_mask=key_mask)
-    return out, lse.to(lse_dtype(q.dtype))
+    """``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq])``; rows with no visible key: out 0, lse -inf."""
+    if q.device.type != "cpu":
+        return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask)
+    prob = _Problem(q, k, v, layout, scale, key_mask)
+    rows_total = prob.batch * prob.hq * prob.nqb
+    out = torch.zeros(rows_total, prob.bq * prob.dim, dtype=q.dtype)
+    lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
+    for call in _plan(layout):
+        for chunk in _chunks(call, prob):
+            o, l = _forward_rows(chunk, prob)
+            index = prob.q_index(chunk)
+            out.index_copy_(0, index, o.reshape(-1, prob.bq * prob.dim))
+            lse.index_copy_(0, index, l.reshape(-1, prob.bq).to(lse.dtype))
+    out = out.view(prob.batch, prob.hq, -1, prob.dim)[:, :, : prob.q_len]
+    lse = lse.view(prob.batch, prob.hq, -1)[:, :, : prob.q_len]
+    return out.contiguous(), lse.contiguous()
 
 
+def _forward_rows(call: _Call, prob: _Problem):
+    """Output ``[X, hx, M, D]`` and lse ``[X, hx, M]`` of one chunk of rows."""
+    qg = prob.gather_rows(prob.q, prob.q_index(call), len(call.rows))
+    result = None
+    if call.full.shape[1]:
+        kf, vf = prob.full_kv(call)
+        result = _segment(qg, kf, vf, prob.full_mask(call), prob.scale)
+    if call.part.shape[1]:
+        kp, vp = prob.part_kv(call)
+        part = _segment(qg, kp, vp, prob.part_mask(call), prob.scale)
+        result = part if result is None else _merge(*result, *part)
+    return result
+
+
+# -- backward -------------------------------------------------------------------------------------------
 def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
-    group = q.shape[1] // k.shape[1]
-    kr, vr = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    visible = dense_mask(layout, q.shape[2], k.shape[2], q.shape[1], q.device)[None]
-    if key_mask is not None:
-        visible = visible & key_mask[:, None, None, :]
-    lse = lse.to(q.dtype)
-    probs = torch.exp(
-        torch.matmul(q, kr.transpose(-1, -2)) * scale - lse.masked_fill(lse.isinf(), 0)[..., None]
-    )
-    probs = probs * visible
-    delta = (do * out).sum(-1)
+    """``(dq, dk, dv)``, recomputed from `lse` chunk by chunk; ``delta = rowsum(dO * O) - dlse``."""
+    if q.device.type != "cpu":
+        return _on_cpu(backward, q.device, do, dlse, q, k, v, out, lse, layout, scale, key_mask)
     if dlse is not None:
-        delta = delta - dlse.to(q.dtype).masked_fill(lse.isinf(), 0)
-    dp = torch.matmul(do, vr.transpose(-1, -2))
-    ds = probs * (dp - delta[..., None]) * scale
-    dq = torch.matmul(ds, kr)
-    dk = torch.matmul(ds.transpose(-1, -2), q).unflatten(1, (-1, group)).sum(2)
-    dv = torch.matmul(probs.transpose(-1, -2), do).unflatten(1, (-1, group)).sum(2)
-    return dq, dk, dv
+        live_dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+        if bool(live_dlse.any()):
+            return _backward_with_dlse(do, live_dlse, q, k, v, out, lse, layout, scale, key_mask)
+    prob = _Problem(q, k, v, layout, scale, key_mask)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    do_blocks, out_blocks = prob.seq_blocks(do, prob.bq), prob.seq_blocks(out, prob.bq)
+    lse_blocks = _lse_blocks(lse, prob)
+    dq = torch.zeros_like(prob.q)
+    dk = torch.zeros(prob.k.shape, dtype=acc)
+    dv = torch.zeros(prob.v.shape, dtype=acc)
+    for call in _plan(layout):
+        for chunk in _chunks(call, prob):
+            index = prob.q_index(chunk)
+            rows = len(chunk.rows)
+            saved = [prob.gather_rows(t, index, rows) for t in (prob.q, do_blocks, out_blocks)]
+            lg = lse_blocks.index_select(0, index).view(rows, prob.frame.hx, -1)
+            dq_rows = _backward_rows(chunk, prob, *saved, lg, dk, dv)
+            dq.index_copy_(0, index, dq_rows.reshape(-1, prob.bq * prob.dim).to(dq.dtype))
+    return (
+        _unblock(dq, prob.batch, prob.hq, prob.q_len, prob.dim, q.dtype),
+        _unblock(dk, prob.batch, prob.hkv, k.shape[2], prob.dim, q.dtype),
+        _unblock(dv, prob.batch, prob.hkv, k.shape[2], prob.dim, q.dtype),
+    )
+
+
+def _lse_blocks(lse: torch.Tensor, prob: _Problem) -> torch.Tensor:
+    """lse as ``[B * Hq * nqb, bq]``; empty and padding rows get +inf, so exp(s - lse) recomputes to 0."""
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    pad = prob.nqb * prob.bq - prob.q_len
+    lse = F.pad(lse, (0, pad), value=float("inf")) if pad else lse.contiguous()
+    return lse.view(-1, prob.bq)
+
+
+def _backward_rows(call: _Call, prob: _Problem, qg, dog, og, lg, dk, dv):
+    """dQ ``[X, hx, M, D]`` of one chunk of rows; adds its dK and dV into the block buffers."""
+    acc = dk.dtype
+    dq = None
+    segments = []
+    if call.full.shape[1]:
+        segments.append((*prob.full_kv(call), prob.full_mask(call), call.full, call.step))
+    if call.part.shape[1]:
+        segments.append((*prob.part_kv(call), prob.part_mask(call), call.part, 0))
+    for kseg, vseg, mask, blocks, step in segments:
+        dq_s, dk_s, dv_s = _flash_bwd(
+            dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=prob.scale
+        )
+        dq = dq_s.to(acc) if dq is None else dq + dq_s.to(acc)
+        for buffer, grad in ((dk, dk_s), (dv, dv_s)):
+            if step:
+                _add_strided(buffer, grad.to(acc), call, prob)
+            else:
+                _add_gathered(buffer, grad.to(acc), call, blocks, prob)
+    return dq
+
+
+def _add_strided(buffer: torch.Tensor, grad: torch.Tensor, call: _Call, prob: _Problem) -> None:
+    """Add a strided run's full-segment gradient ``[X, hx, full_len, D]`` back, block by block."""
+    rows_view = buffer.view(-1, prob.dim)
+    for j in range(call.full.shape[1]):
+        lo, hi = j * prob.bk, min((j + 1) * prob.bk, call.full_len)
+        shifted = _Call(call.rows, call.full + j, call.part, call.tiles, hi - lo, call.step)
+        # Rows of a run advance by step >= 1 blocks, so the windows of one j never overlap.
+        prob._strided(rows_view, shifted, prob.dim).add_(grad[:, :, lo:hi])
+
+
+def _add_gathered(buffer, grad, call: _Call, blocks: torch.Tensor, prob: _Problem) -> None:
+    """Scatter-add a gathered segment's gradient ``[X, hx, keys, D]`` into its key blocks."""
+    pad = blocks.shape[1] * prob.bk - grad.shape[2]
+    if pad:
+        grad = F.pad(grad, (0, 0, 0, pad))
+    index = prob.kv_index(call, blocks).reshape(-1)
+    buffer.index_add_(0, index, grad.reshape(-1, prob.bk * prob.dim))
+
+
+def _unblock(blocks: torch.Tensor, batch: int, heads: int, length: int, dim: int, dtype) -> torch.Tensor:
+    """``[B * H * nblocks, block * D]`` -> ``[B, H, length, D]`` in `dtype`."""
+    return blocks.view(batch, heads, -1, dim)[:, :, :length].to(dtype).contiguous()
+
+
+def _backward_with_dlse(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
+    """Fold ``delta -= dlse`` into one extra head-dim column: q, k, v get 0, out gets 1, dO gets -dlse.
+
+    Scores and dO @ V^T are unchanged by a zero column, while rowsum(dO * O) picks up exactly -dlse.
+    """
+    zero_col = lambda t: F.pad(t, (0, 1))
+    out_aug = torch.cat([out, torch.ones_like(out[..., :1])], -1)
+    do_aug = torch.cat([do, -dlse.to(do.dtype)[..., None]], -1)
+    grads = backward(
+        do_aug, None, zero_col(q), zero_col(k), zero_col(v), out_aug, lse, layout, scale, key_mask
+    )
+    return tuple(g[..., :-1].contiguous() for g in grads)
+
+
+def _on_cpu(fn, device, *args):
+    """Run `fn` on CPU copies of its tensor arguments (the fused kernel is CPU-only), results back on `device`."""
+    moved = [
+        a.cpu() if isinstance(a, torch.Tensor) else a.to("cpu") if isinstance(a, BlockLayout) else a
+        for a in args
+    ]
+    return tuple(t.to(device) for t in fn(*moved))
