@@ -188,12 +188,14 @@ def _show(args) -> int:
     return 0
 
 
+def _bench_candidates() -> list[Path]:
+    candidates = [Path(os.environ[BENCH_DIR_ENV])] if os.environ.get(BENCH_DIR_ENV) else []
+    return candidates + [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
+
+
 def find_bench_dir() -> Path:
     """The folder with the benchmark scripts: $SPARSE_ATTN_BENCH_DIR, ./bench, or the checkout's bench/."""
-    candidates = []
-    if os.environ.get(BENCH_DIR_ENV):
-        candidates.append(Path(os.environ[BENCH_DIR_ENV]))
-    candidates += [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
+    candidates = _bench_candidates()
     for folder in candidates:
         if folder.is_dir():
             return folder

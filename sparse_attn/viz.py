@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layout import BlockLayout
+from .layout import BlockLayout, unpack_tiles
 from .patterns import Pattern
 
 __all__ = ["PatternImage", "plot_density", "plot_heads", "plot_pattern", "render_layout", "visible_fraction"]
@@ -174,7 +174,7 @@ def render_layout(layout: BlockLayout, head: int = 0, *, max_pixels: int = 1024)
         projected = torch.cat(
             [
                 _project_tiles(
-                    layout.tile_masks()[u_tile[s : s + step]],
+                    unpack_tiles(layout.tiles[u_tile[s : s + step]], bk),
                     u_pq[s : s + step],
                     u_pk[s : s + step],
                     per_q,
@@ -214,7 +214,16 @@ def visible_fraction(layout: BlockLayout) -> float:
     g = layout.geometry
     qb, kb, _ = _all_entries(layout, "full")
     pairs = int((g.valid_rows(qb) * g.valid_cols(kb)).sum())
-    bits = layout.tile_masks().flatten(1).sum(1)
+    tiles = layout.tiles.cpu()
+    # Unpacked a chunk at a time: all tiles at once can take hundreds of MB at 64k tokens.
+    step = max(1, _CHUNK // (layout.block_q * layout.block_k))
+    bits = torch.cat(
+        [
+            unpack_tiles(tiles[s : s + step], layout.block_k).flatten(1).sum(1)
+            for s in range(0, len(tiles), step)
+        ]
+        + [torch.zeros(0, dtype=torch.int64)]
+    )
     pairs += int(bits[layout.row_part_tile.cpu().long()].sum()) if layout.num_partial else 0
     return pairs / (layout.num_heads * layout.q_len * layout.kv_len)
 
