@@ -13,7 +13,7 @@ Algorithm
 
 Assumptions and limits
 - The kernel tile divides the layout block: ``LAYOUT_BQ % BLOCK_M == 0`` and ``LAYOUT_BK % BLOCK_N == 0``;
-  a layout block then spans ``LAYOUT_B* // BLOCK_*`` tiles, visited with a static inner loop.
+  a layout block then spans ``LAYOUT_B* // BLOCK_*`` tiles, visited in the same flat loop as the blocks.
 - ``HEAD_DIM`` is padded to the power of two ``HEAD_DIM_PAD`` (>= 16); the tail is masked.
 - Every tensor comes with its four strides; batch/head bases and tile starts are int64, in-tile offsets
   int32 (a tile spans at most BLOCK rows of one head).
@@ -27,16 +27,42 @@ Assumptions and limits
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals a jit function reads must be constexpr.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _tile_bits(tiles_ptr, tile_id, rows, cols, LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr):
-    """Visibility bits of a partial tile at in-block `rows` x `cols` (broadcastable index tensors)."""
-    base = tiles_ptr + tile_id.to(tl.int64) * (LAYOUT_BQ * WORDS)
-    words = tl.load(base + rows * WORDS + cols // 32)
-    return ((words >> (cols % 32)) & 1) != 0
+def _tile_bits(
+    tiles_ptr,
+    tile_id,
+    rows,
+    col0,
+    BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr,
+    WORDS: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+):
+    """Visibility of tile rows `rows` x columns ``col0 + arange(BLOCK_N)`` (col0 % 32 == 0): bool
+    ``[len(rows), BLOCK_N]``, or ``[BLOCK_N, len(rows)]`` when TRANSPOSED.
+
+    Only one int32 word per row and 32 columns is loaded (a gather per element would hold a 64-bit pointer
+    per element in registers); the words are broadcast across their 32 columns, then shifted.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    row_words = tiles_ptr + tile_id.to(tl.int64) * (LAYOUT_BQ * WORDS) + rows * WORDS + col0 // 32
+    if TRANSPOSED:
+        words = tl.zeros([BLOCK_N, rows.shape[0]], tl.int32)
+        for j in tl.static_range(BLOCK_N // 32):
+            word = tl.load(row_words + j)
+            words = tl.where((offs_n // 32 == j)[:, None], word[None, :], words)
+        return ((words >> (offs_n % 32)[:, None]) & 1) != 0
+    else:
+        words = tl.zeros([rows.shape[0], BLOCK_N], tl.int32)
+        for j in tl.static_range(BLOCK_N // 32):
+            word = tl.load(row_words + j)
+            words = tl.where((offs_n // 32 == j)[None, :], word[:, None], words)
+        return ((words >> (offs_n % 32)[None, :]) & 1) != 0
 
 
 @triton.jit
@@ -89,7 +115,7 @@ def _fwd_tile(
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if IS_PARTIAL:
         visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_rows[:, None], in_block_col0 + offs_n[None, :], LAYOUT_BQ, WORDS
+            tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
         )
         if HAS_KEY_MASK:
             visible = visible & (tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0)[None, :]
@@ -184,31 +210,40 @@ def _bsattn_fwd_kernel(
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
 
     layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + q_block
+    # Key tiles per layout block. Each list is walked as one flat loop over (block, sub-tile): a nested,
+    # unrolled sub-tile loop lets the scheduler overlap sub-tiles and doubles the live registers.
+    subs = LAYOUT_BK // BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
     # Full blocks: no token mask.
-    for i in range(tl.load(RowFullPtr + layout_row), tl.load(RowFullPtr + layout_row + 1)):
-        k_block = tl.load(RowFullIdx + i)
-        for sub in tl.static_range(LAYOUT_BK // BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, 0,
-                k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-            )  # fmt: skip
+    lo = tl.load(RowFullPtr + layout_row)
+    hi = tl.load(RowFullPtr + layout_row + 1)
+    for i in range(lo * subs, hi * subs):
+        entry = i // subs
+        sub = i % subs
+        k_block = tl.load(RowFullIdx + entry)
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, 0,
+            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+        )  # fmt: skip
     # Partial blocks: the exact token mask from the packed tile.
-    for i in range(tl.load(RowPartPtr + layout_row), tl.load(RowPartPtr + layout_row + 1)):
-        k_block = tl.load(RowPartIdx + i)
-        tile_id = tl.load(RowPartTile + i)
-        for sub in tl.static_range(LAYOUT_BK // BLOCK_N):
-            acc, m_i, l_i = _fwd_tile(
-                acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, tile_id,
-                k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-            )  # fmt: skip
+    lo = tl.load(RowPartPtr + layout_row)
+    hi = tl.load(RowPartPtr + layout_row + 1)
+    for i in range(lo * subs, hi * subs):
+        entry = i // subs
+        sub = i % subs
+        k_block = tl.load(RowPartIdx + entry)
+        tile_id = tl.load(RowPartTile + entry)
+        acc, m_i, l_i = _fwd_tile(
+            acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, tile_id,
+            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+        )  # fmt: skip
 
     # Empty rows (l = 0): out 0, lse -inf.
     has_key = l_i > 0.0
@@ -290,7 +325,7 @@ def _bwd_dkdv_tile(
     tile_id,
     m_start,
     in_block_row0,
-    in_block_cols,
+    in_block_col0,
     q_len,
     qk_scale,
     stride_qm,
@@ -300,6 +335,7 @@ def _bwd_dkdv_tile(
     HEAD_DIM: tl.constexpr,
     HEAD_DIM_PAD: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr,
     WORDS: tl.constexpr,
     IS_PARTIAL: tl.constexpr,
@@ -326,14 +362,15 @@ def _bwd_dkdv_tile(
     do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     # Rows past q_len or with no visible key (lse = -inf): lse2 = +inf makes their probabilities 0.
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     # [BLOCK_N, BLOCK_M]
     s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(s_t - lse2[None, :])
     if IS_PARTIAL:
+        # [BLOCK_N, BLOCK_M]
         visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_row0 + offs_m[None, :], in_block_cols[:, None], LAYOUT_BQ, WORDS
+            tiles_ptr, tile_id, in_block_row0 + offs_m, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, True
         )
         if MASK_KEYS:
             visible = visible & km_ok[:, None]
@@ -420,7 +457,6 @@ def _bsattn_bwd_dkdv_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     cols = n_start + offs_n
-    in_block_cols = n_start % LAYOUT_BK + offs_n
     kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
 
     k_ptrs = (
@@ -446,6 +482,8 @@ def _bsattn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
 
+    # Query tiles per layout block, walked in one flat loop per list (see the forward kernel).
+    subs = LAYOUT_BQ // BLOCK_M
     for g in range(group):
         head = kv_head * group + g
         q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
@@ -453,25 +491,31 @@ def _bsattn_bwd_dkdv_kernel(
         lse_base = Lse + (batch * num_q_heads + head).to(tl.int64) * q_len
         delta_base = Delta + (batch * num_q_heads + head).to(tl.int64) * q_len
         layout_col = (head if PER_HEAD_LAYOUT else 0) * (num_k_blocks + 1) + k_block
-        for i in range(tl.load(ColFullPtr + layout_col), tl.load(ColFullPtr + layout_col + 1)):
-            q_block = tl.load(ColFullIdx + i)
-            for sub in tl.static_range(LAYOUT_BQ // BLOCK_M):
-                dk, dv = _bwd_dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, 0,
-                    q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, in_block_cols, q_len, qk_scale,
-                    stride_qm, stride_qd, stride_dom, stride_dod,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LAYOUT_BQ, WORDS, False, HAS_KEY_MASK, DOT_PRECISION,
-                )  # fmt: skip
-        for i in range(tl.load(ColPartPtr + layout_col), tl.load(ColPartPtr + layout_col + 1)):
-            q_block = tl.load(ColPartIdx + i)
-            tile_id = tl.load(ColPartTile + i)
-            for sub in tl.static_range(LAYOUT_BQ // BLOCK_M):
-                dk, dv = _bwd_dkdv_tile(
-                    dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, tile_id,
-                    q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, in_block_cols, q_len, qk_scale,
-                    stride_qm, stride_qd, stride_dom, stride_dod,
-                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, LAYOUT_BQ, WORDS, True, HAS_KEY_MASK, DOT_PRECISION,
-                )  # fmt: skip
+        lo = tl.load(ColFullPtr + layout_col)
+        hi = tl.load(ColFullPtr + layout_col + 1)
+        for i in range(lo * subs, hi * subs):
+            entry = i // subs
+            sub = i % subs
+            q_block = tl.load(ColFullIdx + entry)
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, 0,
+                q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, False, HAS_KEY_MASK, DOT_PRECISION,
+            )  # fmt: skip
+        lo = tl.load(ColPartPtr + layout_col)
+        hi = tl.load(ColPartPtr + layout_col + 1)
+        for i in range(lo * subs, hi * subs):
+            entry = i // subs
+            sub = i % subs
+            q_block = tl.load(ColPartIdx + entry)
+            tile_id = tl.load(ColPartTile + entry)
+            dk, dv = _bwd_dkdv_tile(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, tile_id,
+                q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
+                stride_qm, stride_qd, stride_dom, stride_dod,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, True, HAS_KEY_MASK, DOT_PRECISION,
+            )  # fmt: skip
 
     dk_ptrs = (
         DK
@@ -549,7 +593,7 @@ def _bwd_dq_tile(
     p = tl.math.exp2(s - lse2[:, None])
     if IS_PARTIAL:
         visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_rows[:, None], in_block_col0 + offs_n[None, :], LAYOUT_BQ, WORDS
+            tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
         )
         if HAS_KEY_MASK:
             visible = visible & (tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0)[None, :]
@@ -654,7 +698,7 @@ def _bsattn_bwd_dq_kernel(
     row_base = pid_bh.to(tl.int64) * q_len
     lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("-inf"))
     # Rows with no visible key (lse = -inf): lse2 = +inf makes their probabilities 0, so dq = 0.
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
@@ -662,25 +706,34 @@ def _bsattn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
     layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + q_block
-    for i in range(tl.load(RowFullPtr + layout_row), tl.load(RowFullPtr + layout_row + 1)):
-        k_block = tl.load(RowFullIdx + i)
-        for sub in tl.static_range(LAYOUT_BK // BLOCK_N):
-            dq = _bwd_dq_tile(
-                dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, 0,
-                k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-            )  # fmt: skip
-    for i in range(tl.load(RowPartPtr + layout_row), tl.load(RowPartPtr + layout_row + 1)):
-        k_block = tl.load(RowPartIdx + i)
-        tile_id = tl.load(RowPartTile + i)
-        for sub in tl.static_range(LAYOUT_BK // BLOCK_N):
-            dq = _bwd_dq_tile(
-                dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, tile_id,
-                k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-                stride_kn, stride_kd, stride_vn, stride_vd,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-            )  # fmt: skip
+    # Key tiles per layout block. Each list is walked as one flat loop over (block, sub-tile): a nested,
+    # unrolled sub-tile loop lets the scheduler overlap sub-tiles and doubles the live registers.
+    subs = LAYOUT_BK // BLOCK_N
+    lo = tl.load(RowFullPtr + layout_row)
+    hi = tl.load(RowFullPtr + layout_row + 1)
+    for i in range(lo * subs, hi * subs):
+        entry = i // subs
+        sub = i % subs
+        k_block = tl.load(RowFullIdx + entry)
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, 0,
+            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+        )  # fmt: skip
+    lo = tl.load(RowPartPtr + layout_row)
+    hi = tl.load(RowPartPtr + layout_row + 1)
+    for i in range(lo * subs, hi * subs):
+        entry = i // subs
+        sub = i % subs
+        k_block = tl.load(RowPartIdx + entry)
+        tile_id = tl.load(RowPartTile + entry)
+        dq = _bwd_dq_tile(
+            dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, tile_id,
+            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
+            stride_kn, stride_kd, stride_vn, stride_vd,
+            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+        )  # fmt: skip
 
     dq_ptrs = (
         DQ

@@ -1,0 +1,250 @@
+"""GPU readiness without a GPU: compile every kernel in every shipped config and read its resources.
+
+``python -m sparse_attn kernel-report [--json PATH]`` compiles the block-sparse kernels for sm_80 and sm_90a
+(``triton.compile(ASTSource(...), target=GPUTarget(...))``; no GPU needed), fp16 and bf16, head dims 64 and
+128, every shipped config, with the worst-case flags (key mask, per-head layout, ragged lengths, so every
+mask path is compiled). From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared
+memory (``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions
+(HMMA on sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores (STL).
+
+Compilation runs in worker processes with ``TRITON_INTERPRET`` removed from their environment: under the
+interpreter, ``@triton.jit`` gives interpreter objects that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
+
+TARGETS = {"sm_80": 80, "sm_90a": 90}
+DTYPES = ("fp16", "bf16")
+HEAD_DIMS = (64, 128)
+#: The layout block the report compiles for (the Triton backend's default).
+LAYOUT_BLOCK = 64
+KERNELS = {
+    # kernel name -> (config family in launch.SHIPPED_CONFIGS, constexpr flags beyond the common ones)
+    "_bsattn_fwd_kernel": ("fwd", {"EVEN_M": False, "EVEN_N": False}),
+    "_bsattn_bwd_dkdv_kernel": ("dkdv", {"EVEN_N": False}),
+    "_bsattn_bwd_dq_kernel": ("dq", {"EVEN_M": False, "EVEN_N": False}),
+    "_bsattn_bwd_preprocess": (None, {"HAS_DLSE": True}),
+}
+RECORD_KEYS = (
+    "kernel",
+    "target",
+    "dtype",
+    "head_dim",
+    "config",
+    "registers",
+    "spill_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "tensor_core_instructions",
+)
+_INT_SCALARS = ("num_q_heads", "num_kv_heads", "group", "q_len", "kv_len", "num_q_blocks", "num_k_blocks")
+_DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
+_FP32_POINTERS = ("Lse", "Delta", "DLse")
+
+
+def jobs(head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS)) -> list[tuple]:
+    """Every (kernel, target, dtype, head_dim, config) the report compiles; config None = preprocess."""
+    from sparse_attn.triton_kernels.launch import configs_for
+
+    out = []
+    for kernel, (family, _) in KERNELS.items():
+        for head_dim in head_dims:
+            configs = configs_for(family, head_dim) if family else [None]
+            for config in configs:
+                out += [(kernel, t, d, head_dim, config) for t in targets for d in dtypes]
+    return out
+
+
+def _signature(fn, dtype: str, head_dim: int, config, flags: dict):
+    """ASTSource signature, constexprs and divisibility attrs: contiguous last dims, 16-aligned pointers."""
+    from sparse_attn.triton_kernels.launch import PREPROCESS_BLOCK_M
+
+    pad = max(16, 1 << (head_dim - 1).bit_length())
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "HEAD_DIM_PAD": pad,
+        "LAYOUT_BQ": LAYOUT_BLOCK,
+        "LAYOUT_BK": LAYOUT_BLOCK,
+        "WORDS": -(-LAYOUT_BLOCK // 32),
+        "PER_HEAD_LAYOUT": True,
+        "HAS_KEY_MASK": True,
+        "DOT_PRECISION": "tf32",
+        **flags,
+    }
+    if config is None:
+        constexprs["BLOCK_M"] = PREPROCESS_BLOCK_M
+    else:
+        constexprs.update(BLOCK_M=config.block_m, BLOCK_N=config.block_n)
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs or (name.startswith("stride_") and name.endswith("d")):
+            # A unit last-dim stride is specialised to a constant at launch, as Triton does for 1.
+            constexprs.setdefault(name, 1)
+            signature[name] = "constexpr"
+            continue
+        if name in _DATA_POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name in _FP32_POINTERS:
+            signature[name] = "*fp32"
+        elif name == "KeyMask":
+            signature[name] = "*u8"
+        elif name[0].isupper():
+            signature[name] = "*i32"
+        elif name in ("qk_scale", "scale"):
+            signature[name] = "fp32"
+        elif name.startswith("stride_") or name in _INT_SCALARS:
+            signature[name] = "i32"
+        else:
+            raise ValueError(f"no signature rule for parameter {name!r} of {fn.__name__}")
+        if signature[name].startswith("*") or name.startswith("stride_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}, attrs
+
+
+def _cuobjdump(*args: str) -> str:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return subprocess.run([tool, *args], capture_output=True, text=True, check=True).stdout
+
+
+def _spill_store_bytes(sass: str) -> int:
+    """Bytes written by local-memory stores (STL, STL.64, STL.128): register spills."""
+    total = 0
+    for width in re.findall(r"\bSTL(?:\.(\d+))?\b", sass):
+        total += int(width) // 8 if width else 4
+    return total
+
+
+def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config) -> dict:
+    """Compile one kernel variant for one target; return its record."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparse_attn.triton_kernels import bsattn
+
+    fn = getattr(bsattn, kernel)
+    family, flags = KERNELS[kernel]
+    signature, constexprs, attrs = _signature(fn, dtype, head_dim, config, flags)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", TARGETS[target], 32),
+        options=options,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = _cuobjdump("--dump-resource-usage", path)
+        sass = _cuobjdump("--dump-sass", path)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "kernel": kernel,
+        "target": target,
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "config": str(config) if config else "BLOCK_M64-w4",
+        "registers": int(fields["REG"]),
+        "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
+        "stack_bytes": int(fields["STACK"]),
+        # Dynamic shared memory Triton requests, plus any static shared in the cubin.
+        "shared_bytes": int(compiled.metadata.shared) + int(fields["SHARED"]),
+        # HGMMA (wgmma) on sm_90a; HMMA (mma.sync) on sm_80, and on sm_90a for tiles too small for wgmma.
+        "tensor_core_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+    }
+
+
+@contextmanager
+def _without_interpreter():
+    """Spawned workers inherit os.environ: drop TRITON_INTERPRET while they start."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def run_report(
+    head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS), workers=None, progress=True
+) -> list[dict]:
+    """Compile every job in spawned worker processes; records sorted like `jobs()`."""
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    todo = jobs(head_dims, dtypes, targets)
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    records = [None] * len(todo)
+    with _without_interpreter():
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            futures = {pool.submit(compile_one, *job): i for i, job in enumerate(todo)}
+            for future in tqdm(
+                as_completed(futures), total=len(todo), desc="kernel-report", disable=not progress
+            ):
+                records[futures[future]] = future.result()
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """One line per record, aligned."""
+    header = ("kernel", "target", "dtype", "D", "config", "regs", "spill", "stack", "shared", "tensor-core")
+    rows = [header] + [
+        (r["kernel"], r["target"], r["dtype"], str(r["head_dim"]), r["config"], str(r["registers"]),
+         str(r["spill_bytes"]), str(r["stack_bytes"]), str(r["shared_bytes"]), str(r["tensor_core_instructions"]))
+        for r in records
+    ]  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+
+
+def main(argv=None) -> int:
+    """CLI: print the table, optionally write JSON; exit 1 if any config spills or lacks tensor cores."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sparse_attn kernel-report", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    args = parser.parse_args(argv)
+    records = run_report(head_dims=tuple(args.head_dims), workers=args.workers)
+    print(format_table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+        print(f"wrote {len(records)} records to {args.json}")
+    bad = [r for r in records if problems(r)]
+    for r in bad:
+        print(
+            f"NOT CLEAN: {r['kernel']} {r['target']} {r['dtype']} D={r['head_dim']} {r['config']}: {problems(r)}"
+        )
+    return 1 if bad else 0
+
+
+def problems(record: dict) -> list[str]:
+    """What is wrong with one record: spills, stack use, or no tensor-core instructions (not preprocess)."""
+    found = []
+    if record["spill_bytes"]:
+        found.append(f"{record['spill_bytes']} spill bytes")
+    if record["stack_bytes"]:
+        found.append(f"{record['stack_bytes']} stack bytes")
+    if record["kernel"] != "_bsattn_bwd_preprocess" and not record["tensor_core_instructions"]:
+        found.append("no tensor-core instructions")
+    return found
+
+
+if __name__ == "__main__":
+    sys.exit(main())
