@@ -84,12 +84,14 @@ def _spec_help() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``sparse-attn`` and ``python -m sparse_attn``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if args.command in ("bench", "kernel-report"):
-        args.args = list(args.args) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Pass-through commands hand everything after their name to the script untouched (even --help).
+    if argv[:1] == ["kernel-report"]:
+        argv = ["kernel-report", "--", *argv[1:]]
+    elif argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_SCRIPTS:
+        argv = ["bench", argv[1], "--", *argv[2:]]
+    args = build_parser().parse_args(argv)
+    if args.command in ("bench", "kernel-report") and args.args[:1] == ["--"]:
+        args.args = args.args[1:]
     try:
         return {"demo": _demo, "show": _show, "bench": _bench, "kernel-report": _kernel_report}[args.command](
             args

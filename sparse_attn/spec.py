@@ -85,8 +85,9 @@ def _tokenize(spec: str):
             break
         m = _TOKEN.match(spec, pos)
         if m is None:
-            rest = spec[pos:].strip()
-            raise SpecError(f"bad pattern spec {spec!r}: cannot read {rest[:20]!r} at position {pos}")
+            rest = spec[pos:].lstrip()
+            at = len(spec) - len(rest)
+            raise SpecError(f"bad pattern spec {spec!r}: cannot read {rest.rstrip()[:20]!r} at position {at}")
         kind = m.lastgroup
         tokens.append((kind, m.group(kind).strip(), m.start(kind)))
         pos = m.end()
