@@ -34,6 +34,7 @@ Any head dim. Empty rows give output 0, lse -inf and zero gradients.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -155,9 +156,13 @@ def _split_runs(rows, full, part, tiles, full_len) -> list[_Call]:
     and one gathered remainder."""
     nf = full.shape[1]
     whole = _Call(rows, full, part, tiles, full_len, 0)
-    if nf == 0 or len(rows) < _MIN_RUN:
+    if nf == 0:
         return [whole]
     contiguous = (full[:, -1] - full[:, 0] + 1) == nf
+    if len(rows) == 1 and bool(contiguous[0]):
+        return [_Call(rows, full, part, tiles, full_len, 1)]  # one row: any step makes a view
+    if len(rows) < _MIN_RUN:
+        return [whole]
     start = full[:, 0]
     step_d = start[1:] - start[:-1]
     linked = contiguous[1:] & contiguous[:-1] & (step_d > 0)
@@ -196,7 +201,22 @@ class _Problem:
         self.v = self.seq_blocks(v, self.bk)
         self.kv_pad = self.nkb * self.bk
         self.tile_bias = _tile_bias(layout, q.dtype)
+        self.tile_rows = layout.tile_masks().cpu().any(-1)  # [n_tiles, bq]: tile rows that see some key
         self.key_bias = _key_bias(key_mask, self.hkv, self.kv_pad, q.dtype)
+        self._scratch: dict = {}
+
+    def scratch(self, slot: str, shape, dtype) -> torch.Tensor:
+        """An uninitialised tensor reused by every chunk (fresh large allocations page-fault each time)."""
+        size = math.prod(shape)
+        buf = self._scratch.get((slot, dtype))
+        if buf is None or buf.numel() < size:
+            buf = self._scratch[(slot, dtype)] = torch.empty(size, dtype=dtype)
+        return buf[:size].view(shape)
+
+    def gather(self, slot: str, src: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
+        """``src.index_select(0, index)`` into scratch, viewed as `shape`."""
+        out = self.scratch(slot, (len(index), src.shape[1]), src.dtype)
+        return torch.index_select(src, 0, index, out=out).view(shape)
 
     def seq_blocks(self, t: torch.Tensor, block: int) -> torch.Tensor:
         """``[B, H, S, D]`` -> ``[B * H * nblocks, block * D]``, zero padded to whole blocks."""
@@ -205,15 +225,10 @@ class _Problem:
         t = F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
         return t.view(batch * heads * ((length + pad) // block), block * dim)
 
-    # rows of the queries / outputs
     def q_index(self, call: _Call) -> torch.Tensor:
         """Flat query-block index ``[X * hx * qrep]`` of the call's rows, in kernel order."""
         layout_head, qb = call.rows // self.nqb, call.rows % self.nqb
         return (self.frame.q_seq[layout_head] * self.nqb + qb[:, None, None]).reshape(-1)
-
-    def gather_rows(self, blocks: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-        """``[X, hx, qrep * bq, D]`` query-side rows of `blocks` (q, out or dO)."""
-        return blocks.index_select(0, index).view(rows, self.frame.hx, -1, self.dim)
 
     # key segments
     def kv_index(self, call: _Call, blocks: torch.Tensor) -> torch.Tensor:
@@ -227,7 +242,10 @@ class _Problem:
             return (self._strided(t, call, self.dim) for t in (self.k, self.v))
         index = self.kv_index(call, call.full).reshape(-1)
         shape = (len(call.rows), self.frame.hx, -1, self.dim)
-        return (t.index_select(0, index).view(shape)[:, :, : call.full_len] for t in (self.k, self.v))
+        return (
+            self.gather(n, t, index, shape)[:, :, : call.full_len]
+            for n, t in (("kf", self.k), ("vf", self.v))
+        )
 
     def _strided(self, blocks: torch.Tensor, call: _Call, width: int) -> torch.Tensor:
         """Overlapping windows of a ``[sequences * kv_pad, width]`` buffer, one per row of a strided run."""
@@ -241,7 +259,7 @@ class _Problem:
     def part_kv(self, call: _Call):
         index = self.kv_index(call, call.part).reshape(-1)
         shape = (len(call.rows), self.frame.hx, -1, self.dim)
-        return (t.index_select(0, index).view(shape) for t in (self.k, self.v))
+        return (self.gather(n, t, index, shape) for n, t in (("kp", self.k), ("vp", self.v)))
 
     # masks
     def full_mask(self, call: _Call):
@@ -254,17 +272,72 @@ class _Problem:
         bias = self.key_bias.view(-1, self.bk).index_select(0, index)
         return bias.view(len(call.rows), self.frame.hx, 1, -1)[..., : call.full_len]
 
-    def part_mask(self, call: _Call) -> torch.Tensor:
-        """Tile (and key) bias ``[X, 1 or hx, qrep * bq, np * bk]`` of the partial segment."""
-        rows, n = call.tiles.shape
-        tiles = self.tile_bias.index_select(0, call.tiles.reshape(-1)).view(rows, n, self.bq, self.bk)
-        mask = tiles.transpose(1, 2).reshape(rows, 1, 1, self.bq, n * self.bk)
-        mask = mask.expand(rows, 1, self.frame.qrep, self.bq, n * self.bk).reshape(rows, 1, -1, n * self.bk)
+    def part_mask(self, call: _Call):
+        """Tile (and key) bias ``[X or 1, 1 or hx, qrep * bq, np * bk]`` of the partial segment, and the
+        rows it hides entirely (``[X or 1, 1 or hx, qrep * bq]``)."""
+        tiles = call.tiles
+        # The usual case (a window): every row has the same tiles, so one mask broadcasts over the rows.
+        if bool((tiles == tiles[:1]).all()):
+            tiles = tiles[:1]
+        rows, n = tiles.shape
+        bias = self.tile_bias.index_select(0, tiles.reshape(-1)).view(rows, n, self.bq, self.bk)
+        bias = bias.transpose(1, 2).reshape(rows, 1, 1, self.bq, n * self.bk)
+        bias = bias.expand(rows, 1, self.frame.qrep, self.bq, n * self.bk).reshape(rows, 1, -1, n * self.bk)
         if self.key_bias is None:
-            return mask
+            seen = self.tile_rows[tiles].any(1)  # [rows, bq]
+            return bias, ~seen.repeat(1, self.frame.qrep)[:, None, :]
         index = self.kv_index(call, call.part).reshape(-1)
-        keys = self.key_bias.view(-1, self.bk).index_select(0, index).view(rows, self.frame.hx, 1, -1)
-        return mask + keys
+        keys = (
+            self.key_bias.view(-1, self.bk).index_select(0, index).view(len(call.rows), self.frame.hx, 1, -1)
+        )
+        bias = bias + keys
+        return bias, _masked_rows(bias)
+
+
+class _Rows:
+    """Where one chunk's query-side rows live in a ``[B * Hq * nqb, bq * width]`` buffer (q, dO, out, lse,
+    dq): a strided view when they are consecutive query blocks of one layout head with one query head per
+    instance (no copy), an index otherwise."""
+
+    def __init__(self, call: _Call, prob: _Problem):
+        self.count, self.hx, self.bq, self.nqb = len(call.rows), prob.frame.hx, prob.bq, prob.nqb
+        self.prob = prob
+        head = int(call.rows[0]) // prob.nqb
+        consecutive = (
+            int(call.rows[-1] - call.rows[0]) == self.count - 1 and int(call.rows[-1]) // prob.nqb == head
+        )
+        self.index = None
+        if prob.frame.qrep == 1 and consecutive:
+            seq = prob.frame.q_seq[head, :, 0]
+            self.seq_step = int(seq[1] - seq[0]) if len(seq) > 1 else 1
+            self.first = int(seq[0]) * prob.nqb + int(call.rows[0]) % prob.nqb
+        else:
+            self.index = prob.q_index(call)
+
+    def read(self, buffer: torch.Tensor, width: int, slot: str) -> torch.Tensor:
+        """``[X, hx, M, width]`` rows of `buffer`."""
+        if self.index is None:
+            return self._view(buffer, width)
+        return self.prob.gather(slot, buffer, self.index, (self.count, self.hx, -1, width))
+
+    def target(self, buffer: torch.Tensor, width: int, slot: str) -> torch.Tensor:
+        """A ``[X, hx, M, width]`` tensor whose `commit` lands in `buffer` (a view when possible).
+
+        Views of `buffer` hold its initial values; a scratch tensor is uninitialised."""
+        if self.index is None:
+            return self._view(buffer, width)
+        rows = len(self.index) // (self.count * self.hx) * self.bq
+        return self.prob.scratch(slot, (self.count, self.hx, rows, width), buffer.dtype)
+
+    def commit(self, buffer: torch.Tensor, target: torch.Tensor) -> None:
+        if self.index is not None:
+            buffer.index_copy_(0, self.index, target.reshape(-1, buffer.shape[1]))
+
+    def _view(self, buffer: torch.Tensor, width: int) -> torch.Tensor:
+        row = self.bq * width
+        strides = (row, self.seq_step * self.nqb * row, width, 1)
+        offset = buffer.storage_offset() + self.first * row
+        return buffer.as_strided((self.count, self.hx, self.bq, width), strides, offset)
 
 
 def _tile_bias(layout: BlockLayout, dtype) -> torch.Tensor:
@@ -289,22 +362,23 @@ def _masked_rows(mask) -> torch.Tensor | None:
     return mask.amax(-1) == float("-inf")
 
 
-def _segment(qg, kseg, vseg, mask, scale):
+def _segment(qg, kseg, vseg, mask, hidden, scale):
     """(out, lse) of one segment; rows that see no key get lse -inf (the kernel reports 0)."""
     out, lse = _flash_fwd(qg, kseg, vseg, attn_mask=mask, scale=scale)
-    hidden = _masked_rows(mask)
     if hidden is not None:
         lse = lse.masked_fill(hidden, float("-inf"))
     return out, lse
 
 
-def _merge(o1, l1, o2, l2):
+def _merge_into(o1, l1, o2, l2, out, lse) -> None:
     """Exact merge of two attention segments through their logsumexps (either may be empty, -inf)."""
     # Weight of segment 2 is exp(l2 - lse) = sigmoid(l2 - l1); NaN only when both are empty (output 0).
-    w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0)
-    acc = torch.float64 if o1.dtype == torch.float64 else torch.float32
-    out = torch.lerp(o1.to(acc), o2.to(acc), w2.unsqueeze(-1).to(acc))
-    return out.to(o1.dtype), torch.logaddexp(l1, l2)
+    w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0).unsqueeze(-1)
+    torch.logaddexp(l1, l2, out=lse)
+    if o1.dtype in (torch.float32, torch.float64):
+        torch.lerp(o1, o2, w2.to(o1.dtype), out=out)
+    else:
+        out.copy_(torch.lerp(o1.float(), o2.float(), w2.float()))
 
 
 def _chunks(call: _Call, prob: _Problem):
@@ -330,27 +404,30 @@ def forward(q, k, v, layout, scale, key_mask):
     lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
     for call in _plan(layout):
         for chunk in _chunks(call, prob):
-            o, l = _forward_rows(chunk, prob)
-            index = prob.q_index(chunk)
-            out.index_copy_(0, index, o.reshape(-1, prob.bq * prob.dim))
-            lse.index_copy_(0, index, l.reshape(-1, prob.bq).to(lse.dtype))
+            _forward_rows(chunk, prob, out, lse)
     out = out.view(prob.batch, prob.hq, -1, prob.dim)[:, :, : prob.q_len]
     lse = lse.view(prob.batch, prob.hq, -1)[:, :, : prob.q_len]
     return out.contiguous(), lse.contiguous()
 
 
-def _forward_rows(call: _Call, prob: _Problem):
-    """Output ``[X, hx, M, D]`` and lse ``[X, hx, M]`` of one chunk of rows."""
-    qg = prob.gather_rows(prob.q, prob.q_index(call), len(call.rows))
-    result = None
+def _forward_rows(call: _Call, prob: _Problem, out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Attention of one chunk of rows, written into the `out` and `lse` block buffers."""
+    rows = _Rows(call, prob)
+    qg = rows.read(prob.q, prob.dim, "q")
+    segments = []
     if call.full.shape[1]:
-        kf, vf = prob.full_kv(call)
-        result = _segment(qg, kf, vf, prob.full_mask(call), prob.scale)
+        mask = prob.full_mask(call)
+        segments.append(_segment(qg, *prob.full_kv(call), mask, _masked_rows(mask), prob.scale))
     if call.part.shape[1]:
-        kp, vp = prob.part_kv(call)
-        part = _segment(qg, kp, vp, prob.part_mask(call), prob.scale)
-        result = part if result is None else _merge(*result, *part)
-    return result
+        segments.append(_segment(qg, *prob.part_kv(call), *prob.part_mask(call), prob.scale))
+    o_dest, l_dest = rows.target(out, prob.dim, "o"), rows.target(lse, 1, "lse").squeeze(-1)
+    if len(segments) == 2:
+        _merge_into(*segments[0], *segments[1], o_dest, l_dest)
+    else:
+        o_dest.copy_(segments[0][0])
+        l_dest.copy_(segments[0][1])
+    rows.commit(out, o_dest)
+    rows.commit(lse, l_dest)
 
 
 # -- backward -------------------------------------------------------------------------------------------
@@ -364,19 +441,13 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
             return _backward_with_dlse(do, live_dlse, q, k, v, out, lse, layout, scale, key_mask)
     prob = _Problem(q, k, v, layout, scale, key_mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    do_blocks, out_blocks = prob.seq_blocks(do, prob.bq), prob.seq_blocks(out, prob.bq)
-    lse_blocks = _lse_blocks(lse, prob)
-    dq = torch.zeros_like(prob.q)
+    saved = (prob.q, prob.seq_blocks(do, prob.bq), prob.seq_blocks(out, prob.bq), _lse_blocks(lse, prob))
+    dq = torch.zeros(prob.q.shape, dtype=acc)
     dk = torch.zeros(prob.k.shape, dtype=acc)
     dv = torch.zeros(prob.v.shape, dtype=acc)
     for call in _plan(layout):
         for chunk in _chunks(call, prob):
-            index = prob.q_index(chunk)
-            rows = len(chunk.rows)
-            saved = [prob.gather_rows(t, index, rows) for t in (prob.q, do_blocks, out_blocks)]
-            lg = lse_blocks.index_select(0, index).view(rows, prob.frame.hx, -1)
-            dq_rows = _backward_rows(chunk, prob, *saved, lg, dk, dv)
-            dq.index_copy_(0, index, dq_rows.reshape(-1, prob.bq * prob.dim).to(dq.dtype))
+            _backward_rows(chunk, prob, saved, dq, dk, dv)
     return (
         _unblock(dq, prob.batch, prob.hq, prob.q_len, prob.dim, q.dtype),
         _unblock(dk, prob.batch, prob.hkv, k.shape[2], prob.dim, q.dtype),
@@ -392,26 +463,33 @@ def _lse_blocks(lse: torch.Tensor, prob: _Problem) -> torch.Tensor:
     return lse.view(-1, prob.bq)
 
 
-def _backward_rows(call: _Call, prob: _Problem, qg, dog, og, lg, dk, dv):
-    """dQ ``[X, hx, M, D]`` of one chunk of rows; adds its dK and dV into the block buffers."""
-    acc = dk.dtype
-    dq = None
+def _backward_rows(call: _Call, prob: _Problem, saved, dq, dk, dv) -> None:
+    """Gradients of one chunk of rows: dQ into its rows of `dq`, dK and dV added into their key blocks."""
+    rows = _Rows(call, prob)
+    q_blocks, do_blocks, out_blocks, lse_blocks = saved
+    qg, dog, og = (
+        rows.read(t, prob.dim, n) for t, n in ((q_blocks, "q"), (do_blocks, "do"), (out_blocks, "o"))
+    )
+    lg = rows.read(lse_blocks, 1, "lse").squeeze(-1)
+    dq_dest = rows.target(dq, prob.dim, "dq")
+    if rows.index is not None:
+        dq_dest.zero_()
     segments = []
     if call.full.shape[1]:
         segments.append((*prob.full_kv(call), prob.full_mask(call), call.full, call.step))
     if call.part.shape[1]:
-        segments.append((*prob.part_kv(call), prob.part_mask(call), call.part, 0))
+        segments.append((*prob.part_kv(call), prob.part_mask(call)[0], call.part, 0))
     for kseg, vseg, mask, blocks, step in segments:
         dq_s, dk_s, dv_s = _flash_bwd(
             dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=prob.scale
         )
-        dq = dq_s.to(acc) if dq is None else dq + dq_s.to(acc)
+        dq_dest.add_(dq_s)
         for buffer, grad in ((dk, dk_s), (dv, dv_s)):
             if step:
-                _add_strided(buffer, grad.to(acc), call, prob)
+                _add_strided(buffer, grad.to(buffer.dtype), call, prob)
             else:
-                _add_gathered(buffer, grad.to(acc), call, blocks, prob)
-    return dq
+                _add_gathered(buffer, grad.to(buffer.dtype), call, blocks, prob)
+    rows.commit(dq, dq_dest)
 
 
 def _add_strided(buffer: torch.Tensor, grad: torch.Tensor, call: _Call, prob: _Problem) -> None:
