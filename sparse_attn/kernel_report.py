@@ -218,9 +218,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
     args = parser.parse_args(argv)
-    records = run_report(head_dims=tuple(args.head_dims), workers=args.workers)
+    records = run_report(head_dims=tuple(args.head_dims), dtypes=tuple(args.dtypes), workers=args.workers)
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:

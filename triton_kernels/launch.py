@@ -12,6 +12,7 @@ switch ``PIN_CONFIG = True``, the first fitting config runs and nothing is bench
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -19,7 +20,6 @@ import torch
 import triton
 
 from .bsattn import (
-    LOG2E,
     _bsattn_bwd_dkdv_kernel,
     _bsattn_bwd_dq_kernel,
     _bsattn_bwd_preprocess,
@@ -31,6 +31,7 @@ POISON_OUTPUTS = False
 #: Run the first fitting config instead of autotuning.
 PIN_CONFIG = False
 PREPROCESS_BLOCK_M = 64
+LOG2E = math.log2(math.e)
 
 
 @dataclass(frozen=True)
@@ -49,25 +50,28 @@ class TileConfig:
         return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}"
 
 
-# Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256). Every config at head dim <= 128
-# compiles for sm_80 and sm_90a with no spills and uses tensor cores (`python -m sparse_attn kernel-report`).
-# Pruned by that report: 128-row tiles and 64x64 dK/dV tiles with 4 warps at head dim 128 spill.
+# Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256), best guess first (the first fitting
+# one is the pinned config). Every config at head dim <= 128 compiles for sm_80 and sm_90a with no spills and
+# uses tensor cores (`python -m sparse_attn kernel-report`); head dim 256 configs were checked
+# spill-free on sm_80 with `--head-dims 256`. Pruned by that report: at head dim 128, 64x64
+# forward/dQ tiles with 4 warps and 64-key dK/dV tiles with 4 warps spill. 32x32 tiles are the fallback
+# that fits 32-row layout blocks.
 _C = TileConfig
 SHIPPED_CONFIGS = {
     "fwd": {
         64: [_C(64, 64, 4, 3), _C(64, 32, 4, 3), _C(32, 32, 4, 2)],
-        128: [_C(64, 64, 4, 2), _C(64, 32, 4, 3), _C(32, 32, 4, 2)],
-        256: [_C(64, 32, 8, 2), _C(32, 32, 4, 2)],
+        128: [_C(64, 64, 8, 2), _C(64, 32, 4, 3), _C(32, 32, 4, 2)],
+        256: [_C(64, 32, 8, 2), _C(32, 32, 8, 2)],
     },
     "dkdv": {
-        64: [_C(32, 64, 4, 2), _C(64, 64, 4, 2), _C(32, 32, 4, 2)],
+        64: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
         128: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
-        256: [_C(32, 32, 8, 1)],
+        256: [_C(32, 32, 8, 2)],
     },
     "dq": {
-        64: [_C(64, 64, 4, 2), _C(64, 32, 4, 2), _C(32, 32, 4, 2)],
+        64: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
         128: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
-        256: [_C(32, 32, 4, 1)],
+        256: [_C(32, 32, 8, 2), _C(64, 32, 8, 2)],
     },
 }
 
