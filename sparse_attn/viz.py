@@ -21,7 +21,15 @@ import torch
 from .layout import BlockLayout, unpack_tiles
 from .patterns import Pattern
 
-__all__ = ["PatternImage", "plot_density", "plot_heads", "plot_pattern", "render_layout", "visible_fraction"]
+__all__ = [
+    "PatternImage",
+    "legend_handles",
+    "plot_density",
+    "plot_heads",
+    "plot_pattern",
+    "render_layout",
+    "visible_fraction",
+]
 
 #: RGB colours of the four kinds of pixel content.
 COLOURS = {
@@ -325,7 +333,7 @@ def _head_title(pattern_or_layout, head: int) -> str:
     return f"head {head}: " + (text if len(text) <= 44 else text[:41] + "...")
 
 
-def _legend_handles():
+def legend_handles():
     from matplotlib.patches import Patch
 
     return [Patch(facecolor=COLOURS[k], edgecolor="0.3", label=LABELS[k]) for k in COLOURS]
@@ -376,7 +384,8 @@ def plot_pattern(
     if len(chosen) > 1:
         if ax is not None:
             raise ValueError(f"ax draws one head; {len(chosen)} heads were asked for (pass heads=<index>)")
-        return _heads_figure(layout, pattern_or_layout, chosen, None, max_pixels, title)
+        # Panels are small: render at most 256 px so thin features get the visibility floor.
+        return _heads_figure(layout, pattern_or_layout, chosen, None, min(max_pixels, 256), title)
     own_figure = ax is None
     if own_figure:
         _, axes = _new_figure(figsize=(6.4, 7.6))
@@ -385,10 +394,10 @@ def plot_pattern(
     _draw_head(ax, layout, chosen[0], max_pixels=max_pixels, title=label)
     if legend and own_figure:
         ax.figure.legend(
-            handles=_legend_handles(), loc="outside lower center", ncol=2, fontsize=8, frameon=False
+            handles=legend_handles(), loc="outside lower center", ncol=2, fontsize=8, frameon=False
         )
     elif legend:
-        ax.legend(handles=_legend_handles(), loc="upper right", fontsize=7, framealpha=0.9)
+        ax.legend(handles=legend_handles(), loc="upper right", fontsize=7, framealpha=0.9)
     return ax.figure
 
 
@@ -400,7 +409,7 @@ def plot_heads(
     block_size=128,
     heads=None,
     ncols: int | None = None,
-    max_pixels: int = 512,
+    max_pixels: int = 256,
     title: str | None = None,
 ):
     """A grid with one panel per head (default: every head of the layout); returns the Figure."""
@@ -415,7 +424,7 @@ def _heads_figure(layout, source, chosen, ncols, max_pixels, title):
     ncols = ncols or min(4, len(chosen))
     nrows = -(-len(chosen) // ncols)
     shape = min(max(layout.q_len / layout.kv_len, 0.3), 1.5)
-    fig, axes = _new_figure(nrows, ncols, figsize=(3.6 * ncols, (3.6 * shape + 1.1) * nrows + 0.8))
+    fig, axes = _new_figure(nrows, ncols, figsize=(3.6 * ncols, (2.9 * shape + 1.3) * nrows + 0.7))
     for n, ax in enumerate(axes.flat):
         if n >= len(chosen):
             ax.set_axis_off()
@@ -423,7 +432,7 @@ def _heads_figure(layout, source, chosen, ncols, max_pixels, title):
         _draw_head(ax, layout, chosen[n], max_pixels=max_pixels, title=_head_title(source, chosen[n]))
         ax.title.set_fontsize(8)
     fig.suptitle(f"{title}: {len(chosen)} of {layout.num_heads} heads", fontsize=11)
-    fig.legend(handles=_legend_handles(), loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(handles=legend_handles(), loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     return fig
 
 
