@@ -1,0 +1,164 @@
+"""PyTorch-backend specifics: chunking, the strided and gathered paths, memory, dtypes, the benchmark smoke run.
+
+Correctness of every case against the reference lives in `test_attention_matrix.py`; this file checks what
+only the PyTorch backend has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparse_attn as sa
+from sparse_attn.backends import torch_backend as tb
+from sparse_attn.reference import attention_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fwd_bwd(q, k, v, pattern, **kw):
+    """(out, lse, dq, dk, dv) through the public function and the torch backend."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    out, lse = sa.sparse_attention(*leaves, pattern, backend="torch", return_lse=True, **kw)
+    g = torch.Generator().manual_seed(5)
+    (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum().backward()
+    return [out.detach(), lse, *(t.grad for t in leaves)]
+
+
+def inputs(b=1, hq=2, hkv=2, sq=300, skv=None, d=32, dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    skv = sq if skv is None else skv
+    return [torch.randn(b, h, s, d, generator=g, dtype=dtype) for h, s in ((hq, sq), (hkv, skv), (hkv, skv))]
+
+
+PATTERNS = {
+    "window": sa.sliding_window(70),
+    "bigbird": sa.bigbird(window=40, global_tokens=10, num_random_blocks=2, block_size=32),
+    "per-head-gqa": sa.per_head(
+        [sa.sliding_window(30), sa.causal(), sa.global_tokens(3), sa.sliding_window(5)]
+    ),
+}
+
+
+@pytest.fixture
+def restore_chunk_size():
+    before = tb.get_chunk_size()
+    yield
+    tb.set_chunk_size(before)
+
+
+@pytest.mark.parametrize("name", list(PATTERNS))
+def test_chunk_size_changes_nothing(name, restore_chunk_size):
+    hq = 4 if name == "per-head-gqa" else 2
+    q, k, v = inputs(hq=hq, hkv=2)
+    key_mask = torch.ones(1, 300, dtype=torch.bool)
+    key_mask[0, 250:] = False
+    default = fwd_bwd(q, k, v, PATTERNS[name], key_mask=key_mask)
+    tb.set_chunk_size(1)  # one row of the layout per kernel call
+    tiny = fwd_bwd(q, k, v, PATTERNS[name], key_mask=key_mask)
+    for a, b in zip(default, tiny, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), (a - b).abs().max()
+
+
+def test_gathered_path_matches_strided_path(monkeypatch):
+    """The copy-free strided K/V views give the same result as gathering every block."""
+    q, k, v = inputs()
+    pattern = sa.sliding_window(100)
+    calls = tb._plan(pattern.layout(300, block_size=tb.DEFAULT_BLOCK_SIZE))
+    assert any(c.step for c in calls), "the window should use strided views"
+    strided = fwd_bwd(q, k, v, pattern)
+    monkeypatch.setattr(tb, "_MIN_RUN", 10**9)
+    monkeypatch.setattr(
+        tb, "_split_runs", lambda rows, full, part, tiles, n: [tb._Call(rows, full, part, tiles, n, 0)]
+    )
+    gathered = fwd_bwd(q, k, v, pattern)
+    for a, b in zip(strided, gathered, strict=True):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_set_chunk_size_rejects_bad_values(restore_chunk_size):
+    for bad in (0, -5, 2.5, True, "64"):
+        with pytest.raises(ValueError, match="chunk size"):
+            tb.set_chunk_size(bad)
+    tb.set_chunk_size(12345)
+    assert tb.get_chunk_size() == 12345
+
+
+def test_chunk_size_from_environment():
+    code = "from sparse_attn.backends import torch_backend as tb; print(tb.get_chunk_size())"
+    env = {**os.environ, tb.CHUNK_ENV: "4321"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "4321"
+
+
+def test_all_true_key_mask_equals_no_key_mask():
+    q, k, v = inputs(dtype=torch.float32)
+    pattern = sa.sliding_window(50)
+    with_mask = fwd_bwd(q, k, v, pattern, key_mask=torch.ones(1, 300, dtype=torch.bool))
+    without = fwd_bwd(q, k, v, pattern)
+    for a, b in zip(with_mask, without, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_dtypes_of_outputs_and_grads(dtype):
+    q, k, v = inputs(dtype=dtype, sq=97)
+    out, lse, dq, dk, dv = fwd_bwd(q, k, v, sa.sliding_window(20))
+    assert out.dtype == dq.dtype == dk.dtype == dv.dtype == dtype
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    truth, _ = attention_reference(q.double(), k.double(), v.double(), sa.sliding_window(20))
+    tolerance = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-5, torch.float64: 1e-12}[dtype]
+    assert (out.double() - truth).abs().max().item() < tolerance
+
+
+def test_inference_mode_and_no_grad():
+    q, k, v = inputs(dtype=torch.float32, sq=97)
+    with torch.inference_mode():
+        out = sa.sparse_attention(q, k, v, sa.sliding_window(20), backend="torch")
+    truth, _ = attention_reference(q, k, v, sa.sliding_window(20))
+    assert (out - truth).abs().max().item() < 1e-5
+
+
+# Runs in a fresh process: a 16k-token window, forward + backward; prints the peak resident-set rise (MiB).
+MEMORY_CHILD = r"""
+import torch, sparse_attn as sa
+torch.set_num_threads(2)
+seq, heads, dim = 16384, 2, 32
+q, k, v = (torch.randn(1, heads, seq, dim, requires_grad=True) for _ in range(3))
+sa.sparse_attention(q[:, :, :256], k[:, :, :256], v[:, :, :256], sa.sliding_window(128), backend="torch")
+def rss(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+before = rss("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+out = sa.sparse_attention(q, k, v, sa.sliding_window(256), backend="torch")
+out.backward(torch.ones_like(out))
+print((rss("VmHWM:") - before) / 1024)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
+def test_16k_window_forward_backward_never_builds_s_by_s():
+    """One fp32 S x S score matrix per head would be 1 GiB here; the whole fwd + bwd stays far below."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, check=True)
+    rise_mib = float(done.stdout.strip().splitlines()[-1])
+    assert rise_mib < 400, f"peak memory rose by {rise_mib:.0f} MiB"
+
+
+def test_benchmark_quick_run(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cpu_attention
+    finally:
+        sys.path.pop(0)
+    assert cpu_attention.main(["--quick", "--no-memory", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cpu_attention-quick-cpu.json").read_text())
+    assert set(results["speedups"]) == {"fwd_vs_sdpa", "fwdbwd_vs_sdpa", "bigbird_vs_sdpa"}
+    assert all(v > 0 for v in results["forward"].values())
+    assert (tmp_path / "cpu_attention-quick-cpu.png").stat().st_size > 0
