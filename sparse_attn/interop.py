@@ -1,0 +1,217 @@
+"""Interop: `BlockLayout` to and from FlexAttention's `BlockMask`; patterns from xformers attention biases.
+
+FlexAttention (``torch.nn.attention.flex_attention``) describes sparsity as we do: per query-block row, the
+key blocks that need a token mask (``kv_num_blocks``/``kv_indices``, evaluated through ``mask_mod``) and
+the ones that are entirely visible (``full_kv_num_blocks``/``full_kv_indices``). `to_flex` writes our row
+lists into those tensors and gives a ``mask_mod`` that reads our bit-packed partial tiles, so flex computes
+exactly our mask; `from_flex` reads a `BlockMask` back (evaluating its ``mask_mod`` on its partial blocks
+only), so the result is exact without an S x S mask. Flex indexes query rows from 0 (no bottom-right
+shift): a layout already holds row indices, so nothing moves.
+
+xformers biases (``xformers.ops.fmha.attn_bias``) map to patterns where the pattern language expresses
+them: local windows and causal masks from the bottom right, top-left causal, and block-diagonal masks with
+equal-length blocks. Others raise ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .layout import BlockLayout
+from .patterns import Pattern, block_sparse, causal, sliding_window
+from .patterns._blockset import from_candidates
+from .patterns.window import UNBOUNDED, _Band
+
+# -- FlexAttention -----------------------------------------------------------------------------------------
+
+
+def to_flex(layout: BlockLayout):
+    """A FlexAttention `BlockMask` with exactly `layout`'s mask (batch 1, `layout.num_heads` heads)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(layout, BlockLayout):
+        raise TypeError(f"to_flex expects a BlockLayout, got {type(layout).__name__}")
+    kv_num_blocks, kv_indices = _flex_rows(layout, "part")
+    full_num_blocks, full_indices = _flex_rows(layout, "full")
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks,
+        kv_indices,
+        full_num_blocks,
+        full_indices,
+        BLOCK_SIZE=(layout.block_q, layout.block_k),
+        mask_mod=_mask_mod(layout),
+        seq_lengths=(layout.q_len, layout.kv_len),
+    )
+
+
+def _flex_rows(layout: BlockLayout, kind: str):
+    """Our CSR rows -> flex's ``num_blocks [1, H, nqb]`` and ``indices [1, H, nqb, nkb]`` (padded with 0)."""
+    heads, nqb, nkb = layout.num_heads, layout.num_q_blocks, layout.num_k_blocks
+    ptr = getattr(layout, f"row_{kind}_ptr").long()
+    idx = getattr(layout, f"row_{kind}_idx").long()
+    counts = ptr[:, 1:] - ptr[:, :-1]  # [H, nqb]
+    indices = torch.zeros(heads * nqb, nkb, dtype=torch.int32, device=layout.device)
+    row = torch.repeat_interleave(torch.arange(heads * nqb, device=layout.device), counts.reshape(-1))
+    slot = torch.arange(len(idx), device=layout.device) - (ptr[:, :-1].reshape(-1))[row]
+    indices[row, slot] = idx.to(torch.int32)
+    return counts.to(torch.int32)[None], indices.view(1, heads, nqb, nkb)
+
+
+def _mask_mod(layout: BlockLayout):
+    """Flex ``mask_mod`` evaluating the layout exactly: full blocks True, partial ones from the packed tiles."""
+    heads, nqb, nkb = layout.num_heads, layout.num_q_blocks, layout.num_k_blocks
+    bq, bk = layout.block_q, layout.block_k
+    # Per block: -2 empty, -1 full, else the tile id. Block-level, not token-level.
+    block_tile = torch.full((heads, nqb, nkb), -2, dtype=torch.int64, device=layout.device)
+    for kind in ("full", "part"):
+        h, qb, kb = (t.to(layout.device) for t in layout._row_entries(kind))
+        block_tile[h, qb, kb] = -1 if kind == "full" else layout.row_part_tile.long()
+    tiles = layout.tiles.long()
+    if tiles.shape[0] == 0:
+        tiles = torch.zeros(1, bq, -(-bk // 32), dtype=torch.int64, device=layout.device)
+    q_len, kv_len = layout.q_len, layout.kv_len
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        head = h if heads > 1 else torch.zeros_like(h)
+        tile = block_tile[head, q_idx // bq, kv_idx // bk]
+        col = kv_idx % bk
+        word = tiles[tile.clamp(min=0), q_idx % bq, col // 32]
+        bit = ((word >> (col % 32)) & 1) == 1
+        in_range = (q_idx < q_len) & (kv_idx < kv_len)
+        return in_range & ((tile == -1) | ((tile >= 0) & bit))
+
+    return mask_mod
+
+
+def from_flex(block_mask) -> BlockLayout:
+    """Read a FlexAttention `BlockMask` (batch 1) into an exact `BlockLayout` with its block size."""
+    return _FlexPattern(block_mask).layout(
+        block_mask.seq_lengths[0],
+        block_mask.seq_lengths[1],
+        block_size=tuple(block_mask.BLOCK_SIZE),
+        heads=None if block_mask.kv_num_blocks.shape[1] == 1 else block_mask.kv_num_blocks.shape[1],
+        device=block_mask.kv_num_blocks.device,
+    )
+
+
+class _FlexPattern(Pattern):
+    """A BlockMask seen as a pattern: its block lists, and its mask_mod inside partial blocks."""
+
+    def __init__(self, block_mask):
+        if block_mask.kv_num_blocks.shape[0] != 1:
+            raise ValueError(
+                f"from_flex reads batch-1 block masks, got batch {block_mask.kv_num_blocks.shape[0]}"
+            )
+        self.block_mask = block_mask
+        heads = block_mask.kv_num_blocks.shape[1]
+        self.num_heads = None if heads == 1 else heads
+
+    def _visible(self, g, h, i, j):
+        from torch.nn.attention.flex_attention import noop_mask
+
+        mask_mod = self.block_mask.mask_mod or noop_mask
+        h, i, j = torch.broadcast_tensors(h, i, j)
+        # Clamped: tokens past the sequence are masked by the caller; a mask_mod may index by position.
+        flat = [t.reshape(-1) for t in (h, i.clamp(max=g.q_len - 1), j.clamp(max=g.kv_len - 1))]
+        zero = torch.zeros((), dtype=torch.int64)
+        visible = torch.vmap(lambda hh, ii, jj: mask_mod(zero, hh, ii, jj))(*flat)
+        return visible.reshape(h.shape).bool()
+
+    def _blocks(self, g):
+        bm = self.block_mask
+        if tuple(bm.BLOCK_SIZE) != (g.block_q, g.block_k):
+            raise ValueError(
+                f"block size {(g.block_q, g.block_k)} differs from the BlockMask's {tuple(bm.BLOCK_SIZE)}"
+            )
+        heads = bm.kv_num_blocks.shape[1]
+        parts = []
+        for num, idx, full in (
+            (bm.kv_num_blocks, bm.kv_indices, False),
+            (bm.full_kv_num_blocks, bm.full_kv_indices, True),
+        ):
+            if num is None:
+                continue
+            num, idx = num[0].cpu().long(), idx[0].cpu().long()  # [H, nqb], [H, nqb, nkb_stored]
+            nqb = min(num.shape[1], g.num_q_blocks)
+            used = torch.arange(idx.shape[-1])[None, None, :] < num[:, :nqb, None]
+            h, qb, slot = torch.nonzero(used, as_tuple=True)
+            kb = idx[h, qb, slot]
+            keep = kb < g.num_k_blocks
+            parts.append((h[keep], qb[keep], kb[keep], torch.full((int(keep.sum()),), full)))
+        h, qb, kb, is_full = (torch.cat(t) for t in zip(*parts, strict=True))
+        key = (h * g.num_q_blocks + qb) * g.num_k_blocks + kb
+        return from_candidates(self, g, heads, h, qb, kb, is_full, key)
+
+
+# -- xformers --------------------------------------------------------------------------------------------
+
+
+class _TopLeftCausal(Pattern):
+    """Visible iff ``j <= i`` (row index): xformers' LowerTriangularMask, causal aligned top-left."""
+
+    def _band(self, g):
+        band = _Band()
+        band.lo, band.hi = g.offset, UNBOUNDED  # j <= i  <=>  qpos - j >= offset
+        return band
+
+    def _visible(self, g, h, i, j):
+        return self._band(g)._visible(g, h, i, j)
+
+    def _blocks(self, g):
+        return self._band(g)._blocks(g)
+
+    def __repr__(self):
+        return "top_left_causal()"
+
+
+def pattern_from_xformers(bias) -> Pattern:
+    """The pattern equal to an xformers attention bias (``xformers.ops.fmha.attn_bias``).
+
+    Maps `LowerTriangularMask` (top-left causal), `LowerTriangularFromBottomRightMask` (`causal()`),
+    `LocalAttentionFromBottomRightMask(l, r)` (`sliding_window(l, r)`),
+    `LowerTriangularFromBottomRightLocalAttentionMask(w)` (`sliding_window(w - 1, 0)`), and
+    `BlockDiagonalMask` / `BlockDiagonalCausalMask` / `BlockDiagonalCausalFromBottomRightMask` whose blocks
+    all have one query length and one key length (the causal ones: equal lengths). Else ValueError.
+    """
+    from xformers.ops.fmha import attn_bias as ab
+
+    kind = type(bias).__name__
+    if type(bias) is ab.LowerTriangularMask:
+        return _TopLeftCausal()
+    if type(bias) is ab.LowerTriangularFromBottomRightMask:
+        return causal()
+    if type(bias) is ab.LocalAttentionFromBottomRightMask:
+        return sliding_window(bias.window_left, bias.window_right)
+    if type(bias) is ab.LowerTriangularFromBottomRightLocalAttentionMask:
+        return sliding_window(bias._window_size - 1, 0)
+    block_diagonal = (
+        ab.BlockDiagonalMask,
+        ab.BlockDiagonalCausalMask,
+        ab.BlockDiagonalCausalFromBottomRightMask,
+    )
+    if type(bias) in block_diagonal:
+        return _block_diagonal(bias, causal_blocks=type(bias) is not ab.BlockDiagonalMask)
+    raise ValueError(
+        f"xformers bias {kind} has no exact sparse-attn pattern (see pattern_from_xformers's docstring)"
+    )
+
+
+def _block_diagonal(bias, causal_blocks: bool) -> Pattern:
+    q_lens = _lengths(bias.q_seqinfo.seqstart_py)
+    k_lens = _lengths(bias.k_seqinfo.seqstart_py)
+    if len(set(q_lens)) != 1 or len(set(k_lens)) != 1:
+        raise ValueError(
+            f"only block-diagonal masks with equal-length blocks map to a pattern, got {q_lens}, {k_lens}"
+        )
+    n, q_len, k_len = len(q_lens), q_lens[0], k_lens[0]
+    if causal_blocks and q_len != k_len:
+        raise ValueError(
+            f"causal block-diagonal masks map only with equal query/key block lengths ({q_len} != {k_len})"
+        )
+    diagonal = block_sparse(torch.eye(n, dtype=torch.bool), (q_len, k_len))
+    # Square blocks on the diagonal: the global causal mask restricted to them is causal inside each block.
+    return diagonal & causal() if causal_blocks else diagonal
+
+
+def _lengths(starts):
+    return [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
