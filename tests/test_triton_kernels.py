@@ -177,6 +177,12 @@ def test_odd_lengths_and_head_dims(length, head_dim):
     check_against_reference(*make_qkv(sq=length, d=head_dim), sa.causal() | sa.global_tokens(3))
 
 
+@pytest.mark.parametrize("sq,skv", [(256, 256), (128, 192)])
+def test_lengths_that_divide_the_tile(sq, skv):
+    """The EVEN_M / EVEN_N paths (no bounds masks on loads and stores)."""
+    check_against_reference(*make_qkv(sq=sq, skv=skv), sa.causal() | sa.global_tokens(3))
+
+
 def test_scale_argument():
     check_against_reference(*make_qkv(sq=97), sa.sliding_window(25), scale=0.3)
 
@@ -260,3 +266,15 @@ def test_every_shipped_config(head_dim, fwd, dkdv, dq):
     ref_out.backward(do.double())
     for got, ref in zip((out, lse, *grads), (ref_out, ref_lse, *(t.grad for t in leaves)), strict=True):
         torch.testing.assert_close(got.double(), ref.detach(), rtol=0, atol=1e-5)
+
+
+def test_autotuner_prunes_to_the_configs_that_fit():
+    """The GPU path's autotuner (not run on CPU) only ever benchmarks shipped configs that fit the layout."""
+    tuner = launch._autotuned_kernel("fwd")
+    kept = tuner.early_config_prune(tuner.configs, {}, HEAD_DIM=128, LAYOUT_BQ=64, LAYOUT_BK=64)
+    expected = launch.configs_for("fwd", 128)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept] == [
+        (c.block_m, c.block_n, c.num_warps) for c in expected
+    ]
+    kept = tuner.early_config_prune(tuner.configs, {}, HEAD_DIM=64, LAYOUT_BQ=32, LAYOUT_BK=32)
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
