@@ -130,7 +130,8 @@ def _demo(args) -> int:
             output=args.output,
             progress=not args.no_progress,
         )
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
+        # Bad options, or a backend that cannot run here (e.g. triton without CUDA): a message, not a trace.
         raise UsageError(str(e)) from e
     return 0 if result["ok"] else 1
 

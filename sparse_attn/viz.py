@@ -294,7 +294,8 @@ def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
         spine.set_visible(False)
     ax.set_xlabel("key position j")
     offset = kv_len - q_len
-    ax.set_ylabel("query row i" + (f" (position i + {offset})" if offset else ""))
+    sign = "+" if offset > 0 else "-"
+    ax.set_ylabel("query row i" + (f" (position i {sign} {abs(offset)})" if offset else ""))
     bq, bk = layout.block_size
     total = q_len * kv_len
     scale = img.tokens_per_pixel
