@@ -125,9 +125,14 @@ def _resolve_layout(pattern_or_layout, q, k, block_size) -> BlockLayout:
         per_head = pattern_or_layout.num_heads is not None
         if per_head and pattern_or_layout.num_heads != heads:
             raise ValueError(f"pattern defines {pattern_or_layout.num_heads} heads, but q has {heads} heads")
-        return pattern_or_layout.layout(
-            q_len, kv_len, block_size=block_size, heads=heads if per_head else None, device=q.device
-        )
+        args = (pattern_or_layout, q_len, kv_len, block_size, heads if per_head else None, str(q.device))
+        if torch.compiler.is_compiling():
+            # Layout building is data-dependent host code: torch.compile runs it at trace time and the
+            # layout enters the graph as constants (no graph break; a new length recompiles).
+            return BlockLayout.unflatten(
+                list(_traced_layout_tensors(*args)), list(_traced_layout_ints(*args))
+            )
+        return _build_layout(*args)
     if not isinstance(pattern_or_layout, BlockLayout):
         raise TypeError(f"expected a Pattern or a BlockLayout, got {type(pattern_or_layout).__name__}")
     layout = pattern_or_layout
@@ -139,3 +144,26 @@ def _resolve_layout(pattern_or_layout, q, k, block_size) -> BlockLayout:
     if layout.num_heads not in (1, heads):
         raise ValueError(f"layout has {layout.num_heads} heads; expected 1 (shared) or {heads} (query heads)")
     return layout.to(q.device)
+
+
+def _build_layout(pattern, q_len, kv_len, block_size, heads, device) -> BlockLayout:
+    return pattern.layout(q_len, kv_len, block_size=block_size, heads=heads, device=device)
+
+
+def _constant_at_trace_time(fn):
+    """``torch.compiler.assume_constant_result(fn)``, which only sets this flag, but without importing
+    torch._dynamo (and with it triton) when sparse_attn is imported."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_at_trace_time
+def _traced_layout_tensors(*args):
+    """The layout's tensors as trace-time constants for torch.compile."""
+    return tuple(_build_layout(*args).flatten()[0])
+
+
+@_constant_at_trace_time
+def _traced_layout_ints(*args):
+    """The layout's geometry ints as trace-time constants for torch.compile."""
+    return tuple(_build_layout(*args).flatten()[1])

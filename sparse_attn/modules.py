@@ -1,8 +1,9 @@
 """Drop-in modules around `sparse_attention`: `SparseAttention`, `SparseMultiheadAttention`, `replace_attention`.
 
 `SparseAttention` is the thin module: q/k/v in SDPA's layout, a pattern, and a small cache of layouts keyed
-by (lengths, heads, device), so a training loop builds each layout once. Under `torch.compile` the layout is
-built (or fetched) at trace time and enters the graph as constants: no graph break, forward or backward.
+by (lengths, heads, device), so a training loop builds each layout once. Under `torch.compile`
+(``dynamic=False``) the layout is built at trace time and enters the graph as constants: no graph break,
+forward or backward.
 
 `SparseMultiheadAttention` is a `torch.nn.MultiheadAttention` (same constructor, forward, parameters and
 state dict) whose attention goes through `sparse_attention` with a pattern. nn's masks keep nn's
@@ -122,34 +123,16 @@ class SparseAttention(nn.Module):
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
         if torch.compiler.is_compiling():
-            layout = self._compiled_lookup(q, k)
+            # sparse_attention builds (or fetches) the pattern's layout at trace time, as graph constants.
+            layout = self.pattern
         else:
             layout = self.prepare(q.shape[2], k.shape[2], heads=q.shape[1], device=q.device)
         return sparse_attention(
             q, k, v, layout, scale=self.scale, key_mask=key_mask, return_lse=return_lse, backend=self.backend
         )
 
-    def _compiled_lookup(self, q, k) -> BlockLayout:
-        # Layout construction is data-dependent host code: dynamo calls it at trace time and bakes the
-        # result into the graph as constants (a new shape recompiles, and fetches or builds its layout).
-        # Lengths must be static ints here: compile with dynamic=False when lengths vary between calls.
-        args = (self, q.shape[2], k.shape[2], q.shape[1], str(q.device))
-        return BlockLayout.unflatten(list(_traced_layout_tensors(*args)), list(_traced_layout_ints(*args)))
-
     def extra_repr(self) -> str:
         return f"pattern={self.pattern!r}, backend={self.backend!r}, cached_layouts={len(self._layouts)}"
-
-
-@torch.compiler.assume_constant_result
-def _traced_layout_tensors(module: SparseAttention, q_len: int, kv_len: int, heads: int, device: str):
-    """The cached layout's tensors, as trace-time constants for torch.compile."""
-    return tuple(module.prepare(q_len, kv_len, heads=heads, device=device).flatten()[0])
-
-
-@torch.compiler.assume_constant_result
-def _traced_layout_ints(module: SparseAttention, q_len: int, kv_len: int, heads: int, device: str):
-    """The cached layout's geometry ints, as trace-time constants for torch.compile."""
-    return tuple(module.prepare(q_len, kv_len, heads=heads, device=device).flatten()[1])
 
 
 def _keep_off_fused_path(module, args):

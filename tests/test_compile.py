@@ -3,7 +3,14 @@
 import torch
 from torch import nn
 
-from sparse_attn import SparseAttention, SparseMultiheadAttention, causal, global_tokens, sliding_window
+from sparse_attn import (
+    SparseAttention,
+    SparseMultiheadAttention,
+    causal,
+    global_tokens,
+    sliding_window,
+    sparse_attention,
+)
 
 
 class TinyBlock(nn.Module):
@@ -64,3 +71,23 @@ def test_compile_fullgraph_sparse_multihead_attention():
     _assert_matches_eager(
         mha, step, torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager"), x, kpm
     )
+
+
+def test_compile_fullgraph_sparse_attention_function_with_a_pattern():
+    pattern = causal() & sliding_window(8)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 50, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 50, 16, generator=g, requires_grad=True) for _ in range(2))
+    key_mask = torch.ones(2, 50, dtype=torch.bool)
+    key_mask[0, :3] = False
+
+    def attend(q, k, v, key_mask):
+        out, lse = sparse_attention(q, k, v, pattern, key_mask=key_mask, return_lse=True)
+        return out.square().sum() + torch.where(torch.isfinite(lse), lse, 0).sum()
+
+    compiled = torch.compile(attend, fullgraph=True, dynamic=False, backend="aot_eager")
+    loss, ref = compiled(q, k, v, key_mask), attend(q, k, v, key_mask)
+    torch.testing.assert_close(loss, ref)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    for g_c, g_e in zip(grads, torch.autograd.grad(ref, (q, k, v)), strict=True):
+        torch.testing.assert_close(g_c, g_e)
