@@ -26,7 +26,7 @@ Backward
 Memory
     No S x S tensor exists. Rows are processed in chunks whose scratch (gathered Q/K/V, outputs, masks,
     gradients) stays under `get_chunk_size()` elements; set it with `set_chunk_size` or the environment
-    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**24 elements, i.e. 64 MB of fp32 scratch per chunk).
+    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**26 elements, i.e. about 256 MB of fp32 scratch per chunk).
 
 Dtypes: fp32, fp16 and bf16 (the kernel accumulates in fp32; lse is fp32) and float64 (lse float64).
 Any head dim. Empty rows give output 0, lse -inf and zero gradients.
@@ -46,7 +46,7 @@ from ..layout import BlockLayout
 
 DEFAULT_BLOCK_SIZE = 64
 CHUNK_ENV = "SPARSE_ATTN_TORCH_CHUNK"
-_DEFAULT_CHUNK = 1 << 24
+_DEFAULT_CHUNK = 1 << 26
 _chunk_size = int(os.environ.get(CHUNK_ENV, _DEFAULT_CHUNK))
 #: Shortest run of rows worth a strided (copy-free) K/V view instead of a gather.
 _MIN_RUN = 8
@@ -384,8 +384,17 @@ def _merge_into(o1, l1, o2, l2, out, lse) -> None:
 def _chunks(call: _Call, prob: _Problem):
     """Sub-calls of at most `get_chunk_size()` scratch elements (at least one row each)."""
     m = prob.frame.qrep * prob.bq
-    keys = call.full_len * (call.step == 0) + call.part.shape[1] * prob.bk
-    per_row = prob.frame.hx * (6 * m * prob.dim + 4 * keys * prob.dim + m * call.part.shape[1] * prob.bk)
+    part_keys = call.part.shape[1] * prob.bk
+    # Per row and kernel head: rows of q/dO/out/dq and kernel outputs, gathered K/V and the kernels'
+    # dK/dV (strided K/V are views, but their gradients are not), and the partial mask.
+    per_row = prob.frame.hx * (
+        6 * m * prob.dim
+        + 2 * (call.full_len + part_keys) * prob.dim
+        + 2 * part_keys * prob.dim
+        + m * part_keys
+    )
+    if call.step == 0:
+        per_row += prob.frame.hx * 2 * call.full_len * prob.dim
     size = max(1, get_chunk_size() // max(per_row, 1))
     for i in range(0, len(call.rows), size):
         sl = slice(i, i + size)
