@@ -196,24 +196,23 @@ def _bench_candidates() -> list[Path]:
     return candidates + [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
 
 
-def find_bench_dir() -> Path:
-    """The folder with the benchmark scripts: $SPARSE_ATTN_BENCH_DIR, ./bench, or the checkout's bench/."""
+def find_bench_script(filename: str) -> Path:
+    """The benchmark script `filename` in $SPARSE_ATTN_BENCH_DIR, ./bench or the checkout's bench/ (first found)."""
     candidates = _bench_candidates()
     for folder in candidates:
-        if folder.is_dir():
-            return folder
+        if (folder / filename).is_file():
+            return folder / filename
     looked = ", ".join(str(c) for c in candidates)
-    raise UsageError(
-        f"the bench/ folder was not found (looked in {looked}). The benchmarks ship with the repository, "
-        f"not the installed package: run this from a checkout of sparse-attn, or set {BENCH_DIR_ENV}."
-    )
+    if not any(folder.is_dir() for folder in candidates):
+        raise UsageError(
+            f"the bench/ folder was not found (looked in {looked}). The benchmarks ship with the repository, "
+            f"not the installed package: run this from a checkout of sparse-attn, or set {BENCH_DIR_ENV}."
+        )
+    raise UsageError(f"benchmark script {filename} is missing (looked in {looked})")
 
 
 def _bench(args) -> int:
-    script = find_bench_dir() / BENCH_SCRIPTS[args.name]
-    if not script.is_file():
-        raise UsageError(f"benchmark script {script} is missing")
-    return run_script(script, args.args)
+    return run_script(find_bench_script(BENCH_SCRIPTS[args.name]), args.args)
 
 
 def run_script(script: Path, argv: list[str]) -> int:
