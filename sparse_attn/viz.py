@@ -13,6 +13,7 @@ pair is visible, light where it is masked), empty blocks (skipped) are white.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -266,13 +267,13 @@ def to_rgb(img: PatternImage, gamma: float = 0.5, floor: float = 0.6) -> np.ndar
 def _heads_to_draw(layout: BlockLayout, heads) -> list[int]:
     if heads is None:
         return list(range(layout.num_heads))
-    chosen = [heads] if isinstance(heads, int) else list(heads)
+    chosen = [heads] if isinstance(heads, numbers.Integral) else list(heads)
     for h in chosen:
-        if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < layout.num_heads:
+        if isinstance(h, bool) or not isinstance(h, numbers.Integral) or not 0 <= h < layout.num_heads:
             raise ValueError(f"heads must be head indices in [0, {layout.num_heads}), got {heads!r}")
     if not chosen:
         raise ValueError("heads must name at least one head")
-    return chosen
+    return [int(h) for h in chosen]
 
 
 def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
@@ -341,8 +342,10 @@ def legend_handles():
 
 
 def _new_figure(nrows=1, ncols=1, figsize=None):
-    import matplotlib.pyplot as plt
-
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("sparse_attn.viz needs matplotlib: pip install 'sparse-attn[plots]'") from e
     return plt.subplots(nrows, ncols, figsize=figsize, squeeze=False, constrained_layout=True)
 
 
