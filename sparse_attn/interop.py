@@ -58,7 +58,7 @@ def _flex_rows(layout: BlockLayout, kind: str):
 
 
 def _mask_mod(layout: BlockLayout):
-    """Flex ``mask_mod`` evaluating the layout exactly: full blocks True, partial ones from the packed tiles."""
+    """Flex ``mask_mod`` giving the layout exactly: full blocks True, partial ones from the packed tiles."""
     heads, nqb, nkb = layout.num_heads, layout.num_q_blocks, layout.num_k_blocks
     bq, bk = layout.block_q, layout.block_k
     # Per block: -2 empty, -1 full, else the tile id. Block-level, not token-level.

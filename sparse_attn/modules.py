@@ -1,4 +1,4 @@
-"""Drop-in modules around `sparse_attention`: `SparseAttention`, `SparseMultiheadAttention`, `replace_attention`.
+"""Drop-in modules: `SparseAttention`, `SparseMultiheadAttention` and `replace_attention`.
 
 `SparseAttention` is the thin module: q/k/v in SDPA's layout, a pattern, and a small cache of layouts keyed
 by (lengths, heads, device), so a training loop builds each layout once. Under `torch.compile`
@@ -34,7 +34,7 @@ def dense_pattern() -> Pattern:
 
 
 class TokenMask(Pattern):
-    """An explicit token mask as a pattern: visible iff ``mask[h, i, j]`` (row index i). O(S^2), for user masks."""
+    """An explicit token mask as a pattern: visible iff ``mask[h, i, j]`` (row index i), O(S^2)."""
 
     def __init__(self, mask: torch.Tensor):
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() not in (2, 3):
@@ -248,7 +248,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     ):
         if self.training and self.dropout > 0:
             raise ValueError(
-                f"SparseMultiheadAttention cannot apply attention dropout (dropout={self.dropout}) in training: "
+                f"SparseMultiheadAttention cannot apply attention dropout ({self.dropout}) in training: "
                 "the fused kernel never forms the attention matrix. Set module.dropout = 0.0 "
                 "(or replace_attention(..., dropout=0.0))"
             )
@@ -378,7 +378,8 @@ def _allowed(attn_mask, batch, heads, q_len, kv_len, unbatched):
     if allowed.dim() == 3 and tuple(allowed.shape) == (n * heads, q_len, kv_len):
         return allowed.view(n, heads, q_len, kv_len)
     raise ValueError(
-        f"attn_mask must be [L={q_len}, S={kv_len}] or [N*num_heads={n * heads}, L, S], got {tuple(attn_mask.shape)}"
+        f"attn_mask must be [L={q_len}, S={kv_len}] or [N*num_heads={n * heads}, L, S], "
+        f"got {tuple(attn_mask.shape)}"
     )
 
 
@@ -393,7 +394,8 @@ def replace_attention(
     """
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError(
-            "replace_attention swaps children of a module; for a single layer use SparseMultiheadAttention.from_dense"
+            "replace_attention swaps children of a module; "
+            "for a single layer use SparseMultiheadAttention.from_dense"
         )
     replaced: dict[int, SparseMultiheadAttention] = {}
     for parent in list(model.modules()):
@@ -407,7 +409,7 @@ def replace_attention(
                 replaced[id(child)] = new
             setattr(parent, name, replaced[id(child)])
     for module in model.modules():
-        # nn.TransformerEncoder packs padded batches into nested tensors on its fast path; ours takes dense ones.
+        # nn.TransformerEncoder packs padded batches into nested tensors on its fast path; we take dense ones.
         if isinstance(module, nn.TransformerEncoder) and replaced:
             module.use_nested_tensor = False
     return len(replaced)

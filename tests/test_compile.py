@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) of small models using the modules: no graph break, forward and backward equal eager."""
+"""torch.compile(fullgraph=True) with sparse-attn: no graph break; forward and backward equal eager."""
 
 import torch
 from torch import nn

@@ -1,4 +1,4 @@
-"""Interop: FlexAttention BlockMask round trips (flex_attention runs our mask), xformers biases -> patterns."""
+"""Interop: FlexAttention BlockMask round trips (flex_attention runs our mask); xformers biases."""
 
 import warnings
 

@@ -141,7 +141,8 @@ def _mask_kind(mask_function) -> tuple[bool, int | None]:
         ):
             return False, window
     raise ValueError(
-        f"sparse_attn cannot express this model's mask function {getattr(mask_function, '__qualname__', mask_function)} "
+        f"sparse_attn cannot express this model's mask function "
+        f"{getattr(mask_function, '__qualname__', mask_function)} "
         "exactly (packed sequences, custom or/and mask overlays and chunked attention are not supported); "
         "use attn_implementation='sdpa' for this model"
     )
@@ -188,8 +189,8 @@ def _mask_info(module, query, key, attention_mask, is_causal, sliding_window) ->
         return attention_mask
     if attention_mask is not None:
         raise TypeError(
-            f"sparse_attn got a {type(attention_mask).__name__} attention mask (e.g. a prepared 4-D mask); it takes "
-            "the model's 2-D padding mask. Pass attention_mask as [batch, seq_len] and call sparse_attn's register()"
+            f"sparse_attn got a {type(attention_mask).__name__} attention mask (e.g. a prepared 4-D mask); "
+            "it takes the model's 2-D padding mask: pass attention_mask as [batch, seq_len]"
         )
     # No mask at all (a layer called directly): follow the module's own flags.
     causal_flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
