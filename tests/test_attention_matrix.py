@@ -61,7 +61,7 @@ CASES = {
     "composition": Case((sa.sliding_window(30) | sa.global_tokens(4)) & sa.causal()),
     "per-head": Case(sa.per_head([sa.sliding_window(16), sa.causal() & sa.global_tokens(20)])),
     "gqa": Case(sa.sliding_window(40), hq=4, hkv=2, b=2),
-    "mqa-per-head": Case(sa.per_head([sa.causal(), sa.sliding_window(9)]), hq=2, hkv=1),
+    "mqa-per-head": Case(sa.per_head([sa.causal(), sa.sliding_window(9)]), hq=2, hkv=1, b=2),
     "sq<skv": Case(sa.causal(), sq=97, skv=161),
     "sq>skv-empty-rows": Case(sa.causal() | sa.sliding_window(3), sq=161, skv=97),
     "decode": Case(sa.sliding_window(50), sq=1, skv=161),
@@ -214,6 +214,20 @@ def test_key_mask_hiding_every_key_gives_empty_rows(backend):
     assert bool((lse[1] == float("-inf")).all()) and bool(lse[0].isfinite().all())
     for t in (out, dq, dk, dv):
         assert not t.isnan().any() and torch.equal(t[1], torch.zeros_like(t[1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pattern_without_any_block(backend):
+    qkv, _ = make_inputs(Case(sa.causal(), sq=97))
+    nothing = sa.block_sparse(torch.zeros(2, 2, dtype=torch.bool), 64)
+    out, lse, dq, dk, dv = run(
+        lambda q, k, v: sa.sparse_attention(q, k, v, nothing, backend=backend, return_lse=True),
+        qkv,
+        torch.float32,
+    )
+    assert bool((lse == float("-inf")).all())
+    for t in (out, dq, dk, dv):
+        assert torch.equal(t, torch.zeros_like(t))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
