@@ -47,6 +47,20 @@ METHODS = ("sparse_attn", "dense_flash", "flash_causal", "flex", "xformers")
 #: Backward runs five matmuls per pair (recomputed scores, dV, dP, dQ, dK) to the forward's two.
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 QUANTILES = [0.5, 0.2, 0.8]
+FULL_DEFAULTS = {
+    "lengths": LENGTHS,
+    "densities": (0.03, 0.1, 0.3),
+    "families": ("window", "longformer", "blocks", "causal"),
+    "head_dims": (64, 128),
+    "dtypes": ("fp16", "bf16"),
+}
+QUICK_DEFAULTS = {
+    "lengths": QUICK_LENGTHS,
+    "densities": (0.1,),
+    "families": ("window", "blocks", "causal"),
+    "head_dims": (128,),
+    "dtypes": ("fp16",),
+}
 FLEX_BLOCK = 128
 GLOBAL_TOKENS = 64
 CELL = 128  # random block-sparse cells: whole 128 x 128 tiles, full for every method's block size
@@ -198,11 +212,11 @@ def make_cases(families, densities) -> list[Case]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1k/4k/16k tokens, fp16, head dim 128, 3 cases")
-    p.add_argument("--lengths", type=_ints, default=None, help="comma list (default 1k..64k)")
-    p.add_argument("--densities", type=_floats, default=(0.03, 0.1, 0.3))
-    p.add_argument("--families", type=_words, default=("window", "longformer", "blocks", "causal"))
-    p.add_argument("--head-dims", type=_ints, default=(64, 128))
-    p.add_argument("--dtypes", type=_words, default=("fp16", "bf16"))
+    p.add_argument("--lengths", type=_ints, help="comma list (default 1k..64k)")
+    p.add_argument("--densities", type=_floats, help="target densities (default 0.03,0.1,0.3)")
+    p.add_argument("--families", type=_words, help="window,longformer,blocks,causal (default all)")
+    p.add_argument("--head-dims", type=_ints, help="default 64,128")
+    p.add_argument("--dtypes", type=_words, help="fp16,bf16 (default both)")
     p.add_argument("--passes", type=_words, default=PASSES)
     p.add_argument("--methods", type=_words, default=METHODS)
     p.add_argument("--tokens-per-batch", type=int, default=32768, help="batch = max(1, this // seq)")
@@ -212,11 +226,11 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench measuring time (ms)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
-    if args.quick:
-        args.lengths = args.lengths or QUICK_LENGTHS
-        args.dtypes, args.head_dims, args.densities = ("fp16",), (128,), (0.1,)
-        args.families = tuple(f for f in args.families if f in ("window", "blocks", "causal"))
-    args.lengths = tuple(args.lengths or LENGTHS)
+    # --quick only narrows what was not given explicitly.
+    defaults = QUICK_DEFAULTS if args.quick else FULL_DEFAULTS
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name, values, allowed in (
         ("dtypes", args.dtypes, DTYPES),
         ("passes", args.passes, PASSES),

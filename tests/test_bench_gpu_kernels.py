@@ -117,6 +117,8 @@ def test_arguments(gk):
     full = gk.parse_args([])
     assert full.lengths[0] == 1024 and full.lengths[-1] == 65536 and set(full.dtypes) == {"fp16", "bf16"}
     assert set(full.head_dims) == {64, 128}
+    narrowed = gk.parse_args(["--quick", "--dtypes", "bf16", "--lengths", "2048"])
+    assert narrowed.dtypes == ("bf16",) and narrowed.lengths == (2048,) and narrowed.head_dims == (128,)
     with pytest.raises(SystemExit):
         gk.parse_args(["--dtypes", "fp8"])
 
