@@ -31,7 +31,7 @@ LAYOUT_BLOCK = 64
 KERNELS = {
     # kernel name -> (config family in launch.SHIPPED_CONFIGS, constexpr flags beyond the common ones)
     "_bsattn_fwd_kernel": ("fwd", {"EVEN_M": False, "EVEN_N": False}),
-    "_bsattn_bwd_dkdv_kernel": ("dkdv", {"EVEN_N": False}),
+    "_bsattn_bwd_dkdv_kernel": ("dkdv", {"EVEN_M": False, "EVEN_N": False}),
     "_bsattn_bwd_dq_kernel": ("dq", {"EVEN_M": False, "EVEN_N": False}),
     "_bsattn_bwd_preprocess": (None, {"HAS_DLSE": True}),
 }

@@ -206,11 +206,18 @@ def test_non_contiguous_inputs():
     check_against_reference(q, k, v, sa.causal() & sa.sliding_window(60))
 
 
-@pytest.mark.parametrize("block_size", [128, (64, 128), (128, 64)])
-def test_layout_block_larger_than_tile(block_size):
-    q, k, v = make_qkv(sq=200)
-    pattern = sa.sliding_window(50) | sa.global_tokens(3)
-    layout = pattern.layout(200, 200, block_size=block_size)
+@pytest.mark.parametrize(
+    "length,block_size",
+    [(200, 128), (200, (64, 128)), (200, (128, 64)), (192, 128)],
+    ids=["200-128", "200-64x128", "200-128x64", "192-128"],
+)
+def test_layout_block_larger_than_tile(length, block_size):
+    """Layout blocks spanning several tiles; at length 192 the last block's second 64-tile is all padding."""
+    q, k, v = make_qkv(sq=length)
+    # Wide enough that the ragged last blocks are full (no token mask to hide the padding).
+    pattern = sa.sliding_window(150) | sa.global_tokens(3)
+    layout = pattern.layout(length, length, block_size=block_size)
+    assert layout.to_block_mask()[0, -1, -1] == 2
     check_against_reference(q, k, v, layout)
 
 

@@ -18,7 +18,8 @@ Assumptions and limits
 - Every tensor comes with its four strides; batch/head bases and tile starts are int64, in-tile offsets
   int32 (a tile spans at most BLOCK rows of one head).
 - Partial tiles carry their own bounds (bits outside the sequence are 0); full tiles get the sequence
-  bounds mask unless ``EVEN_M``/``EVEN_N`` say the lengths divide the tile. ``key_mask`` (per batch) is
+  bounds mask, and loads/stores their bounds masks, unless ``EVEN_M``/``EVEN_N`` say the lengths divide
+  the *layout* block (then no tile, not even a sub-tile of a layout block, crosses the end). ``key_mask`` (per batch) is
   applied to every tile when ``HAS_KEY_MASK``.
 - A query row with no visible key gets out 0 and lse -inf; the running max is guarded so nothing is NaN.
 - ``lse``/``delta`` are contiguous fp32 ``[B, Hq, Sq]``; ``key_mask`` is uint8 ``[B, Skv]`` (batch stride given).
@@ -105,12 +106,14 @@ def _fwd_tile(
     v_ptrs = (
         v_base + n_start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     )
-    load_mask_t = (offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len)
-    load_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-    # [HEAD_DIM_PAD, BLOCK_N]
-    k_t = tl.load(k_ptrs, mask=load_mask_t, other=0.0)
-    # [BLOCK_N, HEAD_DIM_PAD]
-    v = tl.load(v_ptrs, mask=load_mask, other=0.0)
+    if EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
+        # [HEAD_DIM_PAD, BLOCK_N]
+        k_t = tl.load(k_ptrs)
+        # [BLOCK_N, HEAD_DIM_PAD]
+        v = tl.load(v_ptrs)
+    else:
+        k_t = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len), other=0.0)
+        v = tl.load(v_ptrs, mask=(cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
     # [BLOCK_M, BLOCK_N], log2 units
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     if IS_PARTIAL:
@@ -340,6 +343,7 @@ def _bwd_dkdv_tile(
     WORDS: tl.constexpr,
     IS_PARTIAL: tl.constexpr,
     MASK_KEYS: tl.constexpr,
+    EVEN_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over queries ``[m_start, m_start + BLOCK_M)`` (transposed math)."""
@@ -356,10 +360,14 @@ def _bwd_dkdv_tile(
         + offs_m[:, None] * stride_dom
         + offs_d[None, :] * stride_dod
     )
-    # [HEAD_DIM_PAD, BLOCK_M]
-    q_t = tl.load(q_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & row_ok[None, :], other=0.0)
-    # [BLOCK_M, HEAD_DIM_PAD]
-    do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
+        # [HEAD_DIM_PAD, BLOCK_M]
+        q_t = tl.load(q_ptrs)
+        # [BLOCK_M, HEAD_DIM_PAD]
+        do = tl.load(do_ptrs)
+    else:
+        q_t = tl.load(q_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & row_ok[None, :], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     # Rows past q_len or with no visible key (lse = -inf): lse2 = +inf makes their probabilities 0.
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -445,6 +453,7 @@ def _bsattn_bwd_dkdv_kernel(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EVEN_M: tl.constexpr,
     EVEN_N: tl.constexpr,
 ):
     """dK, dV of one key tile of one (batch, kv head): walks the layout columns of its query heads."""
@@ -501,7 +510,7 @@ def _bsattn_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, 0,
                 q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, False, HAS_KEY_MASK, DOT_PRECISION,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, False, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
             )  # fmt: skip
         lo = tl.load(ColPartPtr + layout_col)
         hi = tl.load(ColPartPtr + layout_col + 1)
@@ -514,7 +523,7 @@ def _bsattn_bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, tile_id,
                 q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
                 stride_qm, stride_qd, stride_dom, stride_dod,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, True, HAS_KEY_MASK, DOT_PRECISION,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, True, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
             )  # fmt: skip
 
     dk_ptrs = (
@@ -574,20 +583,20 @@ def _bwd_dq_tile(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     cols = n_start + offs_n
-    load_mask_t = (offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len)
-    k_off = n_start.to(tl.int64) * stride_kn
-    v_off = n_start.to(tl.int64) * stride_vn
-    # [HEAD_DIM_PAD, BLOCK_N]
-    k_t = tl.load(
-        k_base + k_off + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn,
-        mask=load_mask_t,
-        other=0.0,
+    k_ptrs = (
+        k_base + n_start.to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
     )
-    v_t = tl.load(
-        v_base + v_off + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn,
-        mask=load_mask_t,
-        other=0.0,
+    v_ptrs = (
+        v_base + n_start.to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
     )
+    if EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
+        # [HEAD_DIM_PAD, BLOCK_N]
+        k_t = tl.load(k_ptrs)
+        v_t = tl.load(v_ptrs)
+    else:
+        load_mask_t = (offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len)
+        k_t = tl.load(k_ptrs, mask=load_mask_t, other=0.0)
+        v_t = tl.load(v_ptrs, mask=load_mask_t, other=0.0)
     # [BLOCK_M, BLOCK_N]
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])

@@ -111,11 +111,12 @@ def pinned() -> bool:
 
 
 # -- kernel wrappers: heuristics (EVEN_*) always; autotuning built lazily, on first unpinned launch -------
-_even_m = lambda args: args["q_len"] % args["BLOCK_M"] == 0
-_even_n = lambda args: args["kv_len"] % args["BLOCK_N"] == 0
+# Even at layout-block granularity: a tile divides its layout block, so no tile or sub-tile then crosses the end.
+_even_m = lambda args: args["q_len"] % args["LAYOUT_BQ"] == 0
+_even_n = lambda args: args["kv_len"] % args["LAYOUT_BK"] == 0
 _KERNELS = {
     "fwd": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_fwd_kernel),
-    "dkdv": triton.heuristics({"EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
+    "dkdv": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
     "dq": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
 }
 _AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION"]
