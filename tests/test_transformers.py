@@ -163,3 +163,27 @@ def test_unsupported_masks_and_dropout_raise_clear_errors():
 def test_import_sparse_attn_does_not_import_transformers():
     code = "import sys, sparse_attn; assert 'transformers' not in sys.modules, 'transformers was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "make_mask_function",
+    [
+        lambda mu: mu.causal_mask_function,
+        lambda mu: mu.sliding_window_causal_mask_function(WINDOW),
+        lambda mu: mu.bidirectional_mask_function,
+        lambda mu: mu.sliding_window_bidirectional_mask_function(3),
+    ],
+)
+@pytest.mark.parametrize("q_length, kv_length, kv_offset", [(13, 13, 0), (1, 13, 0), (4, 9, 6)])
+def test_mask_info_equals_transformers_sdpa_mask(make_mask_function, q_length, kv_length, kv_offset):
+    """Our pattern plus key mask equals the mask transformers' sdpa would materialise, token for token."""
+    mu = transformers.masking_utils
+    mask_function = make_mask_function(mu)
+    q_offset = kv_offset + kv_length - q_length
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[1, :3] = False
+    kwargs = dict(q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function, attention_mask=padding)
+    expected = mu.sdpa_mask(2, q_length, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]
+    info = sa_hf.sparse_mask(2, q_length, kv_length, **kwargs)
+    ours = info.pattern().mask(q_length, kv_length)[None] & info.key_mask[:, None, :]
+    assert torch.equal(ours, expected)

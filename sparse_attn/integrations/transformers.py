@@ -123,10 +123,10 @@ def _mask_kind(mask_function) -> tuple[bool, int | None]:
         return True, None
     if mask_function is mu.bidirectional_mask_function:
         return False, None
-    parts = inspect.getclosurevars(mask_function).nonlocals.get("mask_functions")
+    parts = _closure(mask_function).get("mask_functions")
     if getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2:
         overlay, base = parts
-        window = inspect.getclosurevars(overlay).nonlocals.get("sliding_window")
+        window = _closure(overlay).get("sliding_window")
         name = getattr(overlay, "__qualname__", "")
         if (
             isinstance(window, int)
@@ -146,6 +146,14 @@ def _mask_kind(mask_function) -> tuple[bool, int | None]:
         "exactly (packed sequences, custom or/and mask overlays and chunked attention are not supported); "
         "use attn_implementation='sdpa' for this model"
     )
+
+
+def _closure(fn) -> dict:
+    """The free variables a Python function closes over ({} for anything else, e.g. a partial)."""
+    try:
+        return inspect.getclosurevars(fn).nonlocals
+    except TypeError:
+        return {}
 
 
 def sparse_attention_forward(
