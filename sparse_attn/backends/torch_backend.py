@@ -26,7 +26,7 @@ Backward
 Memory
     No S x S tensor exists. Rows are processed in chunks whose scratch (gathered Q/K/V, outputs, masks,
     gradients) stays under `get_chunk_size()` elements; set it with `set_chunk_size` or the environment
-    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**26 elements, i.e. about 256 MB of fp32 scratch per chunk).
+    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**25 elements, i.e. about 128 MB of fp32 scratch per chunk).
 
 Dtypes: fp32, fp16 and bf16 (the kernel accumulates in fp32; lse is fp32) and float64 (lse float64).
 Any head dim. Empty rows give output 0, lse -inf and zero gradients.
@@ -46,7 +46,7 @@ from ..layout import BlockLayout
 
 DEFAULT_BLOCK_SIZE = 64
 CHUNK_ENV = "SPARSE_ATTN_TORCH_CHUNK"
-_DEFAULT_CHUNK = 1 << 26
+_DEFAULT_CHUNK = 1 << 25
 _chunk_size = int(os.environ.get(CHUNK_ENV, _DEFAULT_CHUNK))
 #: Shortest run of rows worth a strided (copy-free) K/V view instead of a gather.
 _MIN_RUN = 8
@@ -249,11 +249,16 @@ class _Problem:
 
     def _strided(self, blocks: torch.Tensor, call: _Call, width: int) -> torch.Tensor:
         """Overlapping windows of a ``[sequences * kv_pad, width]`` buffer, one per row of a strided run."""
+        return self.window(blocks, call, int(call.full[0, 0]), call.step, call.full_len, width)
+
+    def window(self, blocks, call: _Call, first: int, step: int, length: int, width: int) -> torch.Tensor:
+        """View ``[X, hx, length, width]`` of a ``[sequences * kv_pad, width]`` buffer whose row x starts at
+        key block ``first + x * step`` (rows of one call share a layout head, hence their KV sequences)."""
         seq = self.frame.kv_seq[call.rows[0] // self.nqb]
         seq_step = int(seq[1] - seq[0]) if len(seq) > 1 else 1
-        offset = (int(seq[0]) * self.kv_pad + int(call.full[0, 0]) * self.bk) * width
-        strides = (call.step * self.bk * width, seq_step * self.kv_pad * width, width, 1)
-        shape = (len(call.rows), self.frame.hx, call.full_len, width)
+        offset = (int(seq[0]) * self.kv_pad + first * self.bk) * width
+        strides = (step * self.bk * width, seq_step * self.kv_pad * width, width, 1)
+        shape = (len(call.rows), self.frame.hx, length, width)
         return blocks.as_strided(shape, strides, blocks.storage_offset() + offset)
 
     def part_kv(self, call: _Call):
@@ -381,21 +386,21 @@ def _merge_into(o1, l1, o2, l2, out, lse) -> None:
         out.copy_(torch.lerp(o1.float(), o2.float(), w2.float()))
 
 
-def _chunks(call: _Call, prob: _Problem):
-    """Sub-calls of at most `get_chunk_size()` scratch elements (at least one row each)."""
-    m = prob.frame.qrep * prob.bq
+def _chunks(call: _Call, prob: _Problem, backward: bool):
+    """Sub-calls of at most `get_chunk_size()` scratch elements (at least one row each).
+
+    Counted per row and kernel head: the query-side rows (q, out, and for the backward dO and dq), the
+    gathered keys and values, the partial mask, and the buffers the kernel allocates itself (its
+    output; for the backward dK and dV of every key, strided or not). Keeping those under glibc's 32 MB
+    mmap threshold (the default budget does) lets them be reused instead of page-faulted every call.
+    """
+    m, dim = prob.frame.qrep * prob.bq, prob.dim
     part_keys = call.part.shape[1] * prob.bk
-    # Per row and kernel head: rows of q/dO/out/dq and kernel outputs, gathered K/V and the kernels'
-    # dK/dV (strided K/V are views, but their gradients are not), and the partial mask.
-    per_row = prob.frame.hx * (
-        6 * m * prob.dim
-        + 2 * (call.full_len + part_keys) * prob.dim
-        + 2 * part_keys * prob.dim
-        + m * part_keys
-    )
-    if call.step == 0:
-        per_row += prob.frame.hx * 2 * call.full_len * prob.dim
-    size = max(1, get_chunk_size() // max(per_row, 1))
+    gathered = part_keys + (call.full_len if call.step == 0 else 0)
+    per_row = (6 if backward else 3) * m * dim + 2 * gathered * dim + m * part_keys
+    if backward:
+        per_row += 2 * (call.full_len + part_keys) * dim
+    size = max(1, get_chunk_size() // (prob.frame.hx * per_row))
     for i in range(0, len(call.rows), size):
         sl = slice(i, i + size)
         # A strided run stays strided: its rows stay consecutive.
@@ -412,7 +417,7 @@ def forward(q, k, v, layout, scale, key_mask):
     out = torch.zeros(rows_total, prob.bq * prob.dim, dtype=q.dtype)
     lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
     for call in _plan(layout):
-        for chunk in _chunks(call, prob):
+        for chunk in _chunks(call, prob, backward=False):
             _forward_rows(chunk, prob, out, lse)
     out = out.view(prob.batch, prob.hq, -1, prob.dim)[:, :, : prob.q_len]
     lse = lse.view(prob.batch, prob.hq, -1)[:, :, : prob.q_len]
@@ -455,7 +460,7 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     dk = torch.zeros(prob.k.shape, dtype=acc)
     dv = torch.zeros(prob.v.shape, dtype=acc)
     for call in _plan(layout):
-        for chunk in _chunks(call, prob):
+        for chunk in _chunks(call, prob, backward=True):
             _backward_rows(chunk, prob, saved, dq, dk, dv)
     return (
         _unblock(dq, prob.batch, prob.hq, prob.q_len, prob.dim, q.dtype),
@@ -485,39 +490,47 @@ def _backward_rows(call: _Call, prob: _Problem, saved, dq, dk, dv) -> None:
         dq_dest.zero_()
     segments = []
     if call.full.shape[1]:
-        segments.append((*prob.full_kv(call), prob.full_mask(call), call.full, call.step))
+        segments.append((*prob.full_kv(call), prob.full_mask(call), call.full))
     if call.part.shape[1]:
-        segments.append((*prob.part_kv(call), prob.part_mask(call)[0], call.part, 0))
-    for kseg, vseg, mask, blocks, step in segments:
+        segments.append((*prob.part_kv(call), prob.part_mask(call)[0], call.part))
+    for kseg, vseg, mask, blocks in segments:
         dq_s, dk_s, dv_s = _flash_bwd(
             dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=prob.scale
         )
         dq_dest.add_(dq_s)
         for buffer, grad in ((dk, dk_s), (dv, dv_s)):
-            if step:
-                _add_strided(buffer, grad.to(buffer.dtype), call, prob)
-            else:
-                _add_gathered(buffer, grad.to(buffer.dtype), call, blocks, prob)
+            _add_blocks(buffer, grad.to(buffer.dtype), call, blocks, prob)
     rows.commit(dq, dq_dest)
 
 
-def _add_strided(buffer: torch.Tensor, grad: torch.Tensor, call: _Call, prob: _Problem) -> None:
-    """Add a strided run's full-segment gradient ``[X, hx, full_len, D]`` back, block by block."""
-    rows_view = buffer.view(-1, prob.dim)
-    for j in range(call.full.shape[1]):
-        lo, hi = j * prob.bk, min((j + 1) * prob.bk, call.full_len)
-        shifted = _Call(call.rows, call.full + j, call.part, call.tiles, hi - lo, call.step)
-        # Rows of a run advance by step >= 1 blocks, so the windows of one j never overlap.
-        prob._strided(rows_view, shifted, prob.dim).add_(grad[:, :, lo:hi])
+def _add_blocks(buffer: torch.Tensor, grad: torch.Tensor, call: _Call, blocks: torch.Tensor, prob) -> None:
+    """Add a segment's gradient ``[X, hx, keys, D]`` into its key blocks `blocks` ``[X, n]``.
 
-
-def _add_gathered(buffer, grad, call: _Call, blocks: torch.Tensor, prob: _Problem) -> None:
-    """Scatter-add a gathered segment's gradient ``[X, hx, keys, D]`` into its key blocks."""
-    pad = blocks.shape[1] * prob.bk - grad.shape[2]
-    if pad:
-        grad = F.pad(grad, (0, 0, 0, pad))
-    index = prob.kv_index(call, blocks).reshape(-1)
-    buffer.index_add_(0, index, grad.reshape(-1, prob.bk * prob.dim))
+    A block column that advances by a fixed step >= 1 from row to row (every column of a window) is one
+    strided ``add_`` with no copy; the other columns go through one ``index_add_``.
+    """
+    rows, n = blocks.shape
+    keys = grad.shape[2]
+    flat = buffer.view(-1, prob.dim)
+    steps = torch.arange(rows)
+    scattered = []
+    for j in range(n):
+        column = blocks[:, j]
+        step = int(column[1] - column[0]) if rows > 1 else 1
+        if step >= 1 and bool((column == column[0] + step * steps).all()):
+            lo, hi = j * prob.bk, min((j + 1) * prob.bk, keys)
+            # Distinct rows hit distinct blocks (step >= 1), so this in-place add never overlaps itself.
+            prob.window(flat, call, int(column[0]), step, hi - lo, prob.dim).add_(grad[:, :, lo:hi])
+        else:
+            scattered.append(j)
+    if not scattered:
+        return
+    if keys < n * prob.bk:
+        grad = F.pad(grad, (0, 0, 0, n * prob.bk - keys))
+    cols = torch.tensor(scattered)
+    values = grad.reshape(rows, prob.frame.hx, n, prob.bk * prob.dim)[:, :, cols]
+    index = prob.kv_index(call, blocks[:, cols]).reshape(-1)
+    buffer.index_add_(0, index, values.reshape(-1, prob.bk * prob.dim))
 
 
 def _unblock(blocks: torch.Tensor, batch: int, heads: int, length: int, dim: int, dtype) -> torch.Tensor:
