@@ -19,14 +19,19 @@ Batching
 Backward
     Recomputes from the saved logsumexp, call by call, with the same kernel's backward (dQ, dK, dV), fed
     the whole row's output and logsumexp so that ``delta = rowsum(dO * O)`` and the probabilities are
-    those of the full row. dK/dV of gathered blocks are scatter-added (``index_add_``). A gradient into
-    the logsumexp (``delta -= dlse``) is folded in by one extra head-dim column: ``out`` gets a 1,
+    those of the full row. dK/dV go back block column by block column: a column whose key block advances
+    by a fixed step from row to row (every column of a window) is one strided ``add_``, the rest one
+    ``index_add_``. A gradient into the logsumexp (``delta -= dlse``) is folded in by one extra head-dim column: ``out`` gets a 1,
     ``dO`` gets ``-dlse`` and q/k/v a 0, which changes nothing else.
 
 Memory
     No S x S tensor exists. Rows are processed in chunks whose scratch (gathered Q/K/V, outputs, masks,
     gradients) stays under `get_chunk_size()` elements; set it with `set_chunk_size` or the environment
-    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**25 elements, i.e. about 128 MB of fp32 scratch per chunk).
+    variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**25 elements, about 128 MB of fp32 scratch per
+    chunk). Scratch is allocated once per call and reused by every chunk: on this kind of machine a
+    fresh large allocation page-faults on first touch, which cost more than the attention itself.
+
+Devices: the fused kernel is CPU-only; tensors on another device are computed on CPU copies.
 
 Dtypes: fp32, fp16 and bf16 (the kernel accumulates in fp32; lse is fp32) and float64 (lse float64).
 Any head dim. Empty rows give output 0, lse -inf and zero gradients.
@@ -47,7 +52,16 @@ from ..layout import BlockLayout
 DEFAULT_BLOCK_SIZE = 64
 CHUNK_ENV = "SPARSE_ATTN_TORCH_CHUNK"
 _DEFAULT_CHUNK = 1 << 25
-_chunk_size = int(os.environ.get(CHUNK_ENV, _DEFAULT_CHUNK))
+
+
+def _chunk_from_env() -> int:
+    value = os.environ.get(CHUNK_ENV, str(_DEFAULT_CHUNK))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{CHUNK_ENV} must be a positive integer (tensor elements), got {value!r}")
+    return int(value)
+
+
+_chunk_size = _chunk_from_env()
 #: Shortest run of rows worth a strided (copy-free) K/V view instead of a gather.
 _MIN_RUN = 8
 
