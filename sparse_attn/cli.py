@@ -168,8 +168,14 @@ def _show(args) -> int:
     except SpecError as e:
         raise UsageError(str(e)) from e
     block_size = _parse_block_size(args.block_size)
+    from tqdm.auto import tqdm
+
+    # Large BigBird-style patterns take seconds to build; the bar shows only on a terminal.
+    steps = tqdm(total=3, desc="show: building the layout", disable=None, leave=False)
     try:
         layout = pattern.layout(args.seq, args.kv_seq, block_size=block_size)
+        steps.update()
+        steps.set_description("show: drawing")
         # The pattern, not the layout, so per-head panels can name each head's own pattern.
         fig = plot_pattern(
             pattern,
@@ -180,12 +186,17 @@ def _show(args) -> int:
             max_pixels=args.max_pixels,
             title=args.spec,
         )
+        steps.update()
     except (TypeError, ValueError) as e:
+        steps.close()
         raise UsageError(str(e)) from e
+    steps.set_description("show: saving")
     path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
+    steps.update()
+    steps.close()
     print(repr(layout).split("\n", 1)[0])
     print(f"saved {path}")
     return 0

@@ -67,7 +67,8 @@ def run_demo(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     torch_dtype = DTYPES[dtype]
-    steps = tqdm(total=6, desc="demo", disable=not progress, leave=False)
+    # disable=None: a bar on a terminal, nothing in logs.
+    steps = tqdm(total=6, desc="demo", disable=None if progress else True, leave=False)
 
     def step(name):
         steps.set_description(f"demo: {name}")
