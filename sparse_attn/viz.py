@@ -149,6 +149,47 @@ def _project_tiles(tiles, phase_q, phase_k, per_q, per_k, mq, mk):
     return out
 
 
+def _add_visible_tile_pairs(image, layout, qb, kb, tile, per_pixel, axis_q, axis_k):
+    """Add the visible pairs of partial blocks (qb, kb) with tiles `tile` to the pixels they fall in.
+
+    A tile's contribution depends only on the tile and where the block starts within a pixel (its phase),
+    so each distinct (tile, row phase, column phase) is projected to pixels once, then scattered.
+    """
+    if len(qb) == 0:
+        return
+    bq, bk = layout.block_size
+    (first_q, ov_q), (first_k, ov_k) = axis_q, axis_k
+    per_q, per_k = per_pixel
+    phase_q, phase_k = (qb * bq) % per_q, (kb * bk) % per_k
+    uniq, inverse = torch.unique((tile * per_q + phase_q) * per_k + phase_k, return_inverse=True)
+    u_tile, u_pq, u_pk = uniq // (per_q * per_k), (uniq // per_k) % per_q, uniq % per_k
+    mq, mk = ov_q.shape[1], ov_k.shape[1]
+    step = max(1, _CHUNK // (bq * bk))
+    projected = torch.cat(
+        [
+            _project_tiles(
+                unpack_tiles(layout.tiles[u_tile[s : s + step]], bk),
+                u_pq[s : s + step],
+                u_pk[s : s + step],
+                per_q,
+                per_k,
+                mq,
+                mk,
+            )
+            for s in range(0, len(uniq), step)
+        ]
+    )
+    step = max(1, _CHUNK // (mq * mk))
+    for s in range(0, len(qb), step):
+        sl = slice(s, s + step)
+        _scatter_blocks(image, qb[sl], kb[sl], first_q, first_k, projected[inverse[sl]])
+
+
+def _per_pixel(length: int, pixels: int) -> int:
+    """Tokens per pixel along an axis of `length` tokens drawn in at most `pixels` pixels."""
+    return -(-length // pixels)
+
+
 def render_layout(layout: BlockLayout, head: int = 0, *, max_pixels: int = 1024) -> PatternImage:
     """Render one head of `layout` into at most ``max_pixels`` per axis, without an S x S mask."""
     if not isinstance(layout, BlockLayout):
@@ -159,7 +200,7 @@ def render_layout(layout: BlockLayout, head: int = 0, *, max_pixels: int = 1024)
         raise ValueError(f"head must be in [0, {layout.num_heads}), got {head}")
     layout = layout.to("cpu")
     bq, bk = layout.block_size
-    per_q, per_k = -(-layout.q_len // max_pixels), -(-layout.kv_len // max_pixels)
+    per_q, per_k = _per_pixel(layout.q_len, max_pixels), _per_pixel(layout.kv_len, max_pixels)
     rows, cols = -(-layout.q_len // per_q), -(-layout.kv_len // per_k)
     axis_q = _axis_overlap(layout.num_q_blocks, bq, layout.q_len, per_q)
     axis_k = _axis_overlap(layout.num_k_blocks, bk, layout.kv_len, per_k)
@@ -172,32 +213,7 @@ def render_layout(layout: BlockLayout, head: int = 0, *, max_pixels: int = 1024)
     partial_visible = torch.zeros(rows, cols, dtype=torch.float64)
     qb, kb, tile = _head_entries(layout, "part", head)
     _block_areas(partial, qb, kb, axis_q, axis_k)
-    if len(qb):
-        # Each distinct (tile, row phase, column phase) is projected to pixels once, then scattered.
-        phase_q, phase_k = (qb * bq) % per_q, (kb * bk) % per_k
-        combo = (tile * per_q + phase_q) * per_k + phase_k
-        uniq, inverse = torch.unique(combo, return_inverse=True)
-        u_tile, u_pq, u_pk = uniq // (per_q * per_k), (uniq // per_k) % per_q, uniq % per_k
-        mq, mk = axis_q[1].shape[1], axis_k[1].shape[1]
-        step = max(1, _CHUNK // (bq * bk))
-        projected = torch.cat(
-            [
-                _project_tiles(
-                    unpack_tiles(layout.tiles[u_tile[s : s + step]], bk),
-                    u_pq[s : s + step],
-                    u_pk[s : s + step],
-                    per_q,
-                    per_k,
-                    mq,
-                    mk,
-                )
-                for s in range(0, len(uniq), step)
-            ]
-        )
-        step = max(1, _CHUNK // (mq * mk))
-        for s in range(0, len(qb), step):
-            sl = slice(s, s + step)
-            _scatter_blocks(partial_visible, qb[sl], kb[sl], axis_q[0], axis_k[0], projected[inverse[sl]])
+    _add_visible_tile_pairs(partial_visible, layout, qb, kb, tile, (per_q, per_k), axis_q, axis_k)
 
     area = (
         _pixel_sizes(layout.q_len, per_q, rows)[:, None] * _pixel_sizes(layout.kv_len, per_k, cols)[None, :]
