@@ -3,8 +3,8 @@
 Algorithm
 - Forward (`_bsattn_fwd_kernel`): one program per (query tile, batch x query head). It walks the layout
   row of its query block twice: the full key blocks with no mask work, then the partial ones with their
-  exact token mask, unpacked from the bit-packed ``tiles`` (int32 words gathered at ``col // 32``, bit
-  ``col % 32``). Online softmax in base 2 with ``scale * log2(e)`` folded into the scores, an fp32
+  exact token mask, unpacked from the bit-packed ``tiles`` (per row, the int32 word ``col // 32`` is
+  loaded once per 32 columns and bit ``col % 32`` tested). Online softmax in base 2 with ``scale * log2(e)`` folded into the scores, an fp32
   accumulator, and the natural-log logsumexp stored for the backward pass.
 - Backward: `_bsattn_bwd_preprocess` computes ``delta = rowsum(dO * O) - dlse``; `_bsattn_bwd_dkdv_kernel`
   runs one program per (key tile, batch x kv head), walks the layout *columns* (CSC) of every query head
@@ -19,8 +19,9 @@ Assumptions and limits
   int32 (a tile spans at most BLOCK rows of one head).
 - Partial tiles carry their own bounds (bits outside the sequence are 0); full tiles get the sequence
   bounds mask, and loads/stores their bounds masks, unless ``EVEN_M``/``EVEN_N`` say the lengths divide
-  the *layout* block (then no tile, not even a sub-tile of a layout block, crosses the end). ``key_mask`` (per batch) is
-  applied to every tile when ``HAS_KEY_MASK``.
+  the *layout* block (then no tile, not even a sub-tile of a layout block, crosses the end).
+  ``key_mask`` (per batch) is applied to every tile when ``HAS_KEY_MASK``.
+- Tiles are at least 32 keys wide and start at multiples of 32 (one packed word per 32 columns).
 - A query row with no visible key gets out 0 and lse -inf; the running max is guarded so nothing is NaN.
 - ``lse``/``delta`` are contiguous fp32 ``[B, Hq, Sq]``; ``key_mask`` is uint8 ``[B, Skv]`` (batch stride given).
 """
