@@ -162,3 +162,23 @@ def test_benchmark_quick_run(tmp_path):
     assert set(results["speedups"]) == {"fwd_vs_sdpa", "fwdbwd_vs_sdpa", "bigbird_vs_sdpa"}
     assert all(v > 0 for v in results["forward"].values())
     assert (tmp_path / "cpu_attention-quick-cpu.png").stat().st_size > 0
+
+
+def test_concurrent_calls_do_not_share_scratch():
+    """Scratch is cached per thread between calls; two threads at once must not see each other's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    q, k, v = inputs(dtype=torch.float32)
+    patterns = [
+        sa.sliding_window(70),
+        sa.bigbird(window=40, global_tokens=10, num_random_blocks=2, block_size=32),
+    ]
+    expected = [sa.sparse_attention(q, k, v, p, backend="torch") for p in patterns]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(
+            pool.map(lambda i: sa.sparse_attention(q, k, v, patterns[i % 2], backend="torch"), range(8))
+        )
+    for i, out in enumerate(results):
+        assert torch.equal(out, expected[i % 2])
+    tb.release_scratch()
+    assert torch.equal(sa.sparse_attention(q, k, v, patterns[0], backend="torch"), expected[0])

@@ -28,8 +28,9 @@ Memory
     No S x S tensor exists. Rows are processed in chunks whose scratch (gathered Q/K/V, outputs, masks,
     gradients) stays under `get_chunk_size()` elements; set it with `set_chunk_size` or the environment
     variable ``SPARSE_ATTN_TORCH_CHUNK`` (default 2**25 elements, about 128 MB of fp32 scratch per
-    chunk). Scratch is allocated once per call and reused by every chunk: on this kind of machine a
-    fresh large allocation page-faults on first touch, which cost more than the attention itself.
+    chunk). Scratch is kept per thread between calls and reused by every chunk: on small VMs a fresh
+    large allocation page-faults on first touch, which costs more than the attention itself.
+    `release_scratch()` frees it.
 
 Devices: the fused kernel is CPU-only; tensors on another device are computed on CPU copies.
 
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -66,12 +68,33 @@ _chunk_size = _chunk_from_env()
 _MIN_RUN = 8
 
 
+_scratch_local = threading.local()
+
+
+def _thread_scratch() -> dict:
+    """This thread's scratch tensors, kept between calls.
+
+    Fresh large allocations are returned to the OS when freed and page-fault again on the next call,
+    which on small VMs costs more than the attention itself; keeping a chunk's worth of scratch (per
+    thread, so concurrent calls never share it) avoids that. `release_scratch` frees it.
+    """
+    if not hasattr(_scratch_local, "buffers"):
+        _scratch_local.buffers = {}
+    return _scratch_local.buffers
+
+
+def release_scratch() -> None:
+    """Free this thread's cached scratch tensors (they are re-created on the next call)."""
+    _thread_scratch().clear()
+
+
 def set_chunk_size(elements: int) -> None:
     """Bound the scratch memory of one chunk to about `elements` tensor elements (at least one row)."""
     if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
         raise ValueError(f"chunk size must be a positive int (tensor elements), got {elements!r}")
     global _chunk_size
     _chunk_size = elements
+    release_scratch()
 
 
 def get_chunk_size() -> int:
@@ -217,14 +240,14 @@ class _Problem:
         self.tile_bias = _tile_bias(layout, q.dtype)
         self.tile_rows = layout.tile_masks().cpu().any(-1)  # [n_tiles, bq]: tile rows that see some key
         self.key_bias = _key_bias(key_mask, self.hkv, self.kv_pad, q.dtype)
-        self._scratch: dict = {}
 
     def scratch(self, slot: str, shape, dtype) -> torch.Tensor:
-        """An uninitialised tensor reused by every chunk (fresh large allocations page-fault each time)."""
+        """An uninitialised tensor reused by every chunk and call of this thread (see `_thread_scratch`)."""
         size = math.prod(shape)
-        buf = self._scratch.get((slot, dtype))
+        cache = _thread_scratch()
+        buf = cache.get((slot, dtype))
         if buf is None or buf.numel() < size:
-            buf = self._scratch[(slot, dtype)] = torch.empty(size, dtype=dtype)
+            buf = cache[(slot, dtype)] = torch.empty(size, dtype=dtype)
         return buf[:size].view(shape)
 
     def gather(self, slot: str, src: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
