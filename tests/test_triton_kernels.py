@@ -285,3 +285,29 @@ def test_autotuner_prunes_to_the_configs_that_fit():
     ]
     kept = tuner.early_config_prune(tuner.configs, {}, HEAD_DIM=64, LAYOUT_BQ=32, LAYOUT_BK=32)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
+
+
+def test_kernels_visit_only_the_kept_blocks(monkeypatch):
+    """Work is proportional to the kept blocks: count the per-tile steps the kernels actually execute
+    (the interpreter runs the jit helpers as Python calls) and compare with the layout's block lists."""
+    from sparse_attn.triton_kernels import bsattn
+
+    counts = dict.fromkeys(("_fwd_tile", "_bwd_dkdv_tile", "_bwd_dq_tile"), 0)
+    originals = {name: getattr(bsattn, name) for name in counts}
+    for name in counts:
+
+        def counted(*args, _name=name, **kwargs):
+            counts[_name] += 1
+            return originals[_name](*args, **kwargs)
+
+        monkeypatch.setattr(bsattn, name, counted)
+    q, k, v = make_qkv(hq=2, hkv=1, sq=256)
+    pattern = sa.per_head([sa.sliding_window(40), sa.causal() | sa.global_tokens(2)])
+    run(triton_fn(pattern), q, k, v, torch.float32)
+    layout = pattern.layout(256, 256, block_size=64, heads=2)
+    kept = layout.num_full + layout.num_partial
+    fwd, dkdv, dq = (launch.fitting_configs(n, 64, 64, 64)[0] for n in ("fwd", "dkdv", "dq"))
+    assert kept < 0.75 * 2 * 4 * 4  # sparse: well under the 2 heads x 4 x 4 dense blocks
+    assert counts["_fwd_tile"] == kept * (64 // fwd.block_n)
+    assert counts["_bwd_dkdv_tile"] == kept * (64 // dkdv.block_m)
+    assert counts["_bwd_dq_tile"] == kept * (64 // dq.block_n)

@@ -208,7 +208,10 @@ def _bsattn_fwd_kernel(
     q_ptrs = q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
     q_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     # [BLOCK_M, HEAD_DIM_PAD]
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
+        q = tl.load(q_ptrs)
+    else:
+        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
     k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
     v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
@@ -261,11 +264,12 @@ def _bsattn_fwd_kernel(
     )
     o_ptrs = o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows
-    if EVEN_M:
+    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
         tl.store(lse_ptrs, lse)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
         tl.store(lse_ptrs, lse, mask=rows < q_len)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
 
 
 @triton.jit
