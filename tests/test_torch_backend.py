@@ -182,3 +182,28 @@ def test_concurrent_calls_do_not_share_scratch():
         assert torch.equal(out, expected[i % 2])
     tb.release_scratch()
     assert torch.equal(sa.sparse_attention(q, k, v, patterns[0], backend="torch"), expected[0])
+
+
+def test_worker_threads_match_single_thread_and_are_deterministic(monkeypatch, restore_chunk_size):
+    """Chunks on the worker pool give the same forward as the caller's thread, and a repeatable backward."""
+    tb.set_chunk_size(1 << 16)  # many chunks, so the workers really share them
+    q, k, v = inputs(b=2, hq=4, hkv=2, sq=1100, d=32, dtype=torch.float32)
+    pattern = sa.bigbird(window=100, global_tokens=16, num_random_blocks=2, block_size=64)
+    monkeypatch.setenv(tb.WORKERS_ENV, "2")
+    assert (
+        len(
+            tb._tasks(
+                pattern.layout(1100, block_size=64),
+                tb._Problem(q, k, v, pattern.layout(1100, block_size=64), 0.1, None),
+                True,
+            )
+        )
+        > 4
+    )
+    pooled = fwd_bwd(q, k, v, pattern)
+    again = fwd_bwd(q, k, v, pattern)
+    monkeypatch.setenv(tb.WORKERS_ENV, "0")
+    inline = fwd_bwd(q, k, v, pattern)
+    for a, b, c in zip(pooled, again, inline, strict=True):
+        assert torch.equal(a, b)
+        assert torch.allclose(a, c, atol=1e-6, rtol=0)

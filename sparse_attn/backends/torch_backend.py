@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -438,10 +439,90 @@ def _chunks(call: _Call, prob: _Problem, backward: bool):
     if backward:
         per_row += 2 * (call.full_len + part_keys) * dim
     size = max(1, get_chunk_size() // (prob.frame.hx * per_row))
+    # Enough tasks for the workers to share, but not so small that per-call overhead dominates.
+    size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * max(1, _workers())))))
     for i in range(0, len(call.rows), size):
         sl = slice(i, i + size)
         # A strided run stays strided: its rows stay consecutive.
         yield _Call(call.rows[sl], call.full[sl], call.part[sl], call.tiles[sl], call.full_len, call.step)
+
+
+def _tasks(layout: BlockLayout, prob: _Problem, backward: bool) -> list[_Call]:
+    """Every chunk of every call, largest first (so that the workers finish together)."""
+    chunks = [chunk for call in _plan(layout) for chunk in _chunks(call, prob, backward)]
+    cost = lambda c: len(c.rows) * (c.full_len + c.part.shape[1] * prob.bk)
+    return sorted(chunks, key=cost, reverse=True)
+
+
+# -- workers --------------------------------------------------------------------------------------------
+# Chunks run on a small persistent pool of threads, each running single-threaded kernels (the kernels
+# release the GIL). With OpenMP inside every op instead, each of the many mid-sized ops ends in a
+# barrier: a thread descheduled by any other process then stalls both, and the gaps between ops leave a
+# core idle. Workers take the next chunk as soon as they are free. SPARSE_ATTN_TORCH_WORKERS=0 (or 1)
+# turns this off and runs the chunks in the caller's thread with torch's intra-op threads.
+WORKERS_ENV = "SPARSE_ATTN_TORCH_WORKERS"
+_MIN_TASK_ROWS = 8
+_pool = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _workers() -> int:
+    """Worker threads to use: SPARSE_ATTN_TORCH_WORKERS, else torch's intra-op thread count."""
+    value = os.environ.get(WORKERS_ENV)
+    if value is not None and value.strip():
+        if not value.strip().isdigit():
+            raise ValueError(f"{WORKERS_ENV} must be a non-negative integer, got {value!r}")
+        return int(value)
+    return torch.get_num_threads()
+
+
+def _single_threaded(barrier: threading.Barrier) -> None:
+    # torch initialises a thread's OpenMP/MKL thread counts lazily on first use, from the process
+    # default: trigger that first, then make this worker (and only this worker) single-threaded.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    barrier.wait()
+
+
+def _get_pool(size: int) -> ThreadPoolExecutor:
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != size:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            caller_threads = torch.get_num_threads()
+            barrier = threading.Barrier(size + 1)
+            _pool = ThreadPoolExecutor(size, thread_name_prefix="sparse_attn_torch")
+            for _ in range(size):
+                _pool.submit(_single_threaded, barrier)
+            barrier.wait()  # every worker exists and is single-threaded
+            # torch.set_num_threads also sets the default new threads start with: give it back.
+            torch.set_num_threads(caller_threads)
+            _pool_size = size
+        return _pool
+
+
+def _without_grad(fn, task):
+    # Grad mode is thread-local: the caller runs below autograd, a worker thread would not.
+    with torch.no_grad():
+        return fn(task)
+
+
+def _ordered_map(fn, tasks: list):
+    """Results of `fn` over `tasks`, in order, computed by the workers with a bounded number in flight."""
+    workers = _workers()
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(fn, tasks)
+        return
+    pool = _get_pool(workers)
+    pending = []
+    for task in tasks:
+        pending.append(pool.submit(_without_grad, fn, task))
+        if len(pending) > workers:
+            yield pending.pop(0).result()
+    for future in pending:
+        yield future.result()
 
 
 # -- forward --------------------------------------------------------------------------------------------
@@ -453,9 +534,9 @@ def forward(q, k, v, layout, scale, key_mask):
     rows_total = prob.batch * prob.hq * prob.nqb
     out = torch.zeros(rows_total, prob.bq * prob.dim, dtype=q.dtype)
     lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
-    for call in _plan(layout):
-        for chunk in _chunks(call, prob, backward=False):
-            _forward_rows(chunk, prob, out, lse)
+    tasks = _tasks(layout, prob, backward=False)
+    for _ in _ordered_map(lambda chunk: _forward_rows(chunk, prob, out, lse), tasks):
+        pass
     out = out.view(prob.batch, prob.hq, -1, prob.dim)[:, :, : prob.q_len]
     lse = lse.view(prob.batch, prob.hq, -1)[:, :, : prob.q_len]
     return out.contiguous(), lse.contiguous()
@@ -496,9 +577,12 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     dq = torch.zeros(prob.q.shape, dtype=acc)
     dk = torch.zeros(prob.k.shape, dtype=acc)
     dv = torch.zeros(prob.v.shape, dtype=acc)
-    for call in _plan(layout):
-        for chunk in _chunks(call, prob, backward=True):
-            _backward_rows(chunk, prob, saved, dq, dk, dv)
+    tasks = _tasks(layout, prob, backward=True)
+    # Workers compute; dK and dV are added here, in task order, so the result is deterministic.
+    for adds in _ordered_map(lambda chunk: _backward_rows(chunk, prob, saved, dq), tasks):
+        for grad_k, grad_v, chunk, blocks in adds:
+            _add_blocks(dk, grad_k.to(dk.dtype), chunk, blocks, prob)
+            _add_blocks(dv, grad_v.to(dv.dtype), chunk, blocks, prob)
     return (
         _unblock(dq, prob.batch, prob.hq, prob.q_len, prob.dim, q.dtype),
         _unblock(dk, prob.batch, prob.hkv, k.shape[2], prob.dim, q.dtype),
@@ -514,8 +598,9 @@ def _lse_blocks(lse: torch.Tensor, prob: _Problem) -> torch.Tensor:
     return lse.view(-1, prob.bq)
 
 
-def _backward_rows(call: _Call, prob: _Problem, saved, dq, dk, dv) -> None:
-    """Gradients of one chunk of rows: dQ into its rows of `dq`, dK and dV added into their key blocks."""
+def _backward_rows(call: _Call, prob: _Problem, saved, dq) -> list:
+    """Gradients of one chunk of rows: dQ into its rows of `dq`; returns the per-segment
+    ``(dK, dV, call, key blocks)`` for the caller to add into the key blocks."""
     rows = _Rows(call, prob)
     q_blocks, do_blocks, out_blocks, lse_blocks = saved
     qg, dog, og = (
@@ -530,14 +615,15 @@ def _backward_rows(call: _Call, prob: _Problem, saved, dq, dk, dv) -> None:
         segments.append((*prob.full_kv(call), prob.full_mask(call), call.full))
     if call.part.shape[1]:
         segments.append((*prob.part_kv(call), prob.part_mask(call)[0], call.part))
+    adds = []
     for kseg, vseg, mask, blocks in segments:
         dq_s, dk_s, dv_s = _flash_bwd(
             dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=prob.scale
         )
         dq_dest.add_(dq_s)
-        for buffer, grad in ((dk, dk_s), (dv, dv_s)):
-            _add_blocks(buffer, grad.to(buffer.dtype), call, blocks, prob)
+        adds.append((dk_s, dv_s, call, blocks))
     rows.commit(dq, dq_dest)
+    return adds
 
 
 def _add_blocks(buffer: torch.Tensor, grad: torch.Tensor, call: _Call, blocks: torch.Tensor, prob) -> None:
