@@ -32,6 +32,11 @@ Memory
     large allocation page-faults on first touch, which costs more than the attention itself.
     `release_scratch()` frees it.
 
+Threads
+    Chunks (largest first) run on a small persistent pool of ``torch.get_num_threads()`` worker threads,
+    each running single-threaded kernels, with dK/dV added back in task order (deterministic). Set
+    ``SPARSE_ATTN_TORCH_WORKERS=0`` to run them in the caller's thread with torch's intra-op threads.
+
 Devices: the fused kernel is CPU-only; tensors on another device are computed on CPU copies.
 
 Dtypes: fp32, fp16 and bf16 (the kernel accumulates in fp32; lse is fp32) and float64 (lse float64).
