@@ -207,3 +207,35 @@ def test_worker_threads_match_single_thread_and_are_deterministic(monkeypatch, r
     for a, b, c in zip(pooled, again, inline, strict=True):
         assert torch.equal(a, b)
         assert torch.allclose(a, c, atol=1e-6, rtol=0)
+
+
+def _attention_in_child(queue):
+    # As DataLoader workers do: OpenMP itself is not fork-safe once the parent has used its threads.
+    torch.set_num_threads(1)
+    q, k, v = inputs(sq=1100, d=32, dtype=torch.float32)
+    out = sa.sparse_attention(q, k, v, sa.sliding_window(100), backend="torch")
+    queue.put(out.sum().item())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_worker_pool_after_fork(monkeypatch, restore_chunk_size):
+    """A forked child inherits the pool object but not its threads; it must start its own, not hang.
+
+    The child uses 1 torch thread (OpenMP is not fork-safe), but SPARSE_ATTN_TORCH_WORKERS=2 still asks
+    for the pool."""
+    import multiprocessing
+
+    monkeypatch.setenv(tb.WORKERS_ENV, "2")
+    tb.set_chunk_size(1 << 16)
+    q, k, v = inputs(sq=1100, d=32, dtype=torch.float32)
+    expected = sa.sparse_attention(q, k, v, sa.sliding_window(100), backend="torch").sum().item()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_attention_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("attention in a forked child hung")
+    assert child.exitcode == 0
+    assert abs(queue.get(timeout=5) - expected) < 1e-3

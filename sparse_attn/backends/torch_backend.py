@@ -469,6 +469,7 @@ WORKERS_ENV = "SPARSE_ATTN_TORCH_WORKERS"
 _MIN_TASK_ROWS = 8
 _pool = None
 _pool_size = 0
+_pool_pid = 0
 _pool_lock = threading.Lock()
 
 
@@ -491,9 +492,10 @@ def _single_threaded(barrier: threading.Barrier) -> None:
 
 
 def _get_pool(size: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
+    global _pool, _pool_size, _pool_pid
     with _pool_lock:
-        if _pool is None or _pool_size != size:
+        # A forked child inherits the executor but not its threads: start a new pool there.
+        if _pool is None or _pool_size != size or _pool_pid != os.getpid():
             if _pool is not None:
                 _pool.shutdown(wait=False)
             caller_threads = torch.get_num_threads()
@@ -504,7 +506,7 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
             barrier.wait()  # every worker exists and is single-threaded
             # torch.set_num_threads also sets the default new threads start with: give it back.
             torch.set_num_threads(caller_threads)
-            _pool_size = size
+            _pool_size, _pool_pid = size, os.getpid()
         return _pool
 
 
