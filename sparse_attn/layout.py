@@ -53,10 +53,15 @@ def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
     return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
-def unpack_tiles(packed: torch.Tensor, block_k: int) -> torch.Tensor:
-    """Inverse of `pack_tiles`."""
-    bits = (packed.to(torch.int64)[..., None] >> torch.arange(32, device=packed.device)) & 1
-    return bits.flatten(-2)[..., :block_k].bool()
+def unpack_tiles(packed: torch.Tensor, block_k: int, chunk: int = 4096) -> torch.Tensor:
+    """Inverse of `pack_tiles`. Works `chunk` tiles at a time so the int32 bit planes stay small."""
+    shifts = torch.arange(32, dtype=torch.int32, device=packed.device)
+    out = torch.empty(*packed.shape[:-1], block_k, dtype=torch.bool, device=packed.device)
+    for s in range(0, len(packed), chunk):
+        # Arithmetic shift of an int32 then & 1 reads bit c exactly, also for negative words.
+        bits = (packed[s : s + chunk, ..., None] >> shifts) & 1
+        out[s : s + chunk] = bits.flatten(-2)[..., :block_k]
+    return out
 
 
 def _csr(group: torch.Tensor, n_groups: int, order_key: torch.Tensor):

@@ -168,6 +168,7 @@ def test_pack_unpack_round_trip():
     packed = pack_tiles(tiles)
     assert packed.dtype == torch.int32 and packed.shape == (5, 7, 3)
     assert torch.equal(unpack_tiles(packed, 70), tiles)
+    assert torch.equal(unpack_tiles(packed, 70, chunk=2), tiles)  # chunk boundaries inside the tile list
     assert torch.equal(
         unpack_tiles(pack_tiles(torch.ones(1, 1, 32, dtype=torch.bool)), 32), torch.ones(1, 1, 32).bool()
     )
