@@ -7,9 +7,9 @@ the whole S x S grid; it is measured on the same mask where it fits.
 Each measurement runs in a fresh subprocess: peak memory is the rise of the process's peak resident set
 (VmHWM, reset through /proc/self/clear_refs just before the build) over its resident set before it.
 
-    python bench/layout_build.py            # the full table (FlexAttention up to 16k tokens)
+    python bench/layout_build.py            # the full table (FlexAttention up to 32k tokens, ~10 GB)
     python bench/layout_build.py --quick    # small sizes only, a few seconds
-    python bench/layout_build.py --flex-max 32768
+    python bench/layout_build.py --flex-max 16384   # less memory
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def rss_kib(field):
 
 if which == "sparse_attn":
     import sparse_attn as sa
-    pattern = sa.sliding_window(window) | sa.global_tokens(n_global) if n_global else sa.sliding_window(window)
-    build = lambda: pattern.layout(seq, block_size=block)
+    # A new pattern per build: patterns keep their recent layouts, and a cache hit is not a build.
+    make = lambda: sa.sliding_window(window) | sa.global_tokens(n_global) if n_global else sa.sliding_window(window)
+    build = lambda: make().layout(seq, block_size=block)
     sa.sliding_window(4).layout(64, block_size=16)  # warm up the code paths on a tiny case
 else:
     from torch.nn.attention.flex_attention import create_block_mask
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument(
-        "--flex-max", type=int, default=16384, help="largest length for FlexAttention (memory!)"
+        "--flex-max", type=int, default=32768, help="largest length for FlexAttention (memory!)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -140,9 +141,31 @@ def print_table(rows):
             print(f"at {r['tokens']} tokens sparse-attn builds {speedup:,.0f}x faster than create_block_mask")
 
 
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def save(rows, out: Path, name: str):
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.machine(), "processor": platform.processor(), "threads": 2, "block": BLOCK}
+    import datetime
+
+    import torch
+
+    meta = {
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+        "threads": 2,
+        "block": BLOCK,
+        "date": datetime.date.today().isoformat(),
+        "command": "python bench/layout_build.py " + " ".join(sys.argv[1:]),
+    }
     (out / f"{name}-cpu.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     try:
         import matplotlib
