@@ -123,6 +123,19 @@ class _Call:
     tiles: torch.Tensor  # [X, np] tile ids of the partial blocks
     full_len: int  # keys in the full segment (nf * bk, less the ragged tail if the last block is in it)
     step: int  # > 0: full blocks of row x start at full[0, 0] + x * step (strided view); 0: gather
+    merge: bool = False  # an earlier pass wrote these rows: merge into (forward) or add to (dQ) it
+
+    def subset(self, sel) -> _Call:
+        """The same call restricted to rows `sel` (a slice or a bool mask)."""
+        return _Call(
+            self.rows[sel],
+            self.full[sel],
+            self.part[sel],
+            self.tiles[sel],
+            self.full_len,
+            self.step,
+            self.merge,
+        )
 
 
 @dataclass
@@ -159,22 +172,31 @@ def _padded_lists(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, widt
     return idx[start[:, None] + torch.arange(width)[None, :]] if width else idx.new_zeros(len(rows), 0)
 
 
-def _plan(layout: BlockLayout) -> list[_Call]:
-    """Group the non-empty rows of `layout` into kernel calls (see `_Call`)."""
+def _plan(layout: BlockLayout) -> list[list[_Call]]:
+    """The non-empty rows of `layout` grouped into kernel calls (see `_Call`), in two passes.
+
+    Pass 1 (`_band_runs`) takes the band out of rows whose full blocks are a band plus scattered blocks (a
+    window with global or random blocks): a strided, copy-free segment. Pass 2 groups what is left of every
+    row, its other full blocks and its partial blocks, by their counts; its rows that had a pass-1 segment
+    merge into it. A pass reads what the one before wrote, so passes run one after the other.
+    """
     nqb, nkb, bk = layout.num_q_blocks, layout.num_k_blocks, layout.block_k
     full_ptr, part_ptr = _row_ptr(layout.row_full_ptr), _row_ptr(layout.row_part_ptr)
     full_idx = layout.row_full_idx.cpu().long()
     part_idx = layout.row_part_idx.cpu().long()
     part_tile = layout.row_part_tile.cpu().long()
-    n_full, n_part = full_ptr[1:] - full_ptr[:-1], part_ptr[1:] - part_ptr[:-1]
     ragged = nkb * bk - layout.kv_len
+    heads = torch.arange(len(full_ptr) - 1) // nqb
+    band_calls, full_ptr, full_idx, had_band = _band_runs(layout, full_ptr, full_idx, heads)
+    n_full, n_part = full_ptr[1:] - full_ptr[:-1], part_ptr[1:] - part_ptr[:-1]
     # The full segment is trimmed when it holds the ragged last key block (always its last block).
     last_full = torch.full_like(n_full, -1)
     has_full = n_full > 0
     last_full[has_full] = full_idx[full_ptr[1:][has_full] - 1]
     trims = (last_full == nkb - 1) & (ragged > 0)
-    heads = torch.arange(len(n_full)) // nqb
-    key = ((n_full * (nkb + 1) + n_part) * 2 + trims.long()) * layout.num_heads + heads
+    key = (
+        ((n_full * (nkb + 1) + n_part) * 2 + trims.long()) * 2 + had_band.long()
+    ) * layout.num_heads + heads
     live = (n_full + n_part) > 0
     calls = []
     for k in torch.unique(key[live]).tolist():
@@ -184,8 +206,74 @@ def _plan(layout: BlockLayout) -> list[_Call]:
         part = _padded_lists(part_ptr, part_idx, rows, np_)
         tiles = _padded_lists(part_ptr, part_tile, rows, np_)
         full_len = nf * bk - (ragged if bool(trims[rows[0]]) else 0)
-        calls.extend(_split_runs(rows, full, part, tiles, full_len))
-    return calls
+        calls.extend(_split_runs(rows, full, part, tiles, full_len, bool(had_band[rows[0]])))
+    return [band_calls, calls]
+
+
+def _band_runs(layout: BlockLayout, full_ptr, full_idx, heads):
+    """Pass 1 of `_plan`: strided calls over the bands of consecutive rows, and what they leave.
+
+    A row's band is the run of consecutive full blocks around its diagonal key block (where its queries'
+    own positions fall), trimmed to the reach most rows of its layout head have on either side, so that
+    the band of consecutive rows advances by a fixed step: a strided, copy-free view of K/V. Rows whose
+    full blocks are exactly that band go whole to pass 2 (no merge needed there); at least `_MIN_RUN`
+    consecutive rows with a band and other full blocks form a call. Returns the calls, the full lists
+    (CSR) without their bands, and which rows gave one.
+    """
+    n_rows, bq, bk, nkb = len(full_ptr) - 1, layout.block_q, layout.block_k, layout.num_k_blocks
+    nothing = [], full_ptr, full_idx, torch.zeros(n_rows, dtype=torch.bool)
+    if len(full_idx) == 0 or bq % bk:
+        return nothing  # with bq % bk != 0 the diagonal block does not advance by a fixed step
+    counts = full_ptr[1:] - full_ptr[:-1]
+    entry_row = torch.repeat_interleave(torch.arange(n_rows), counts)
+    starts_run = torch.ones(len(full_idx), dtype=torch.bool)
+    starts_run[1:] = (full_idx[1:] != full_idx[:-1] + 1) | (entry_row[1:] != entry_row[:-1])
+    run_of_entry = torch.cumsum(starts_run, 0) - 1
+    run_first = full_idx[starts_run]
+    run_last = run_first + torch.bincount(run_of_entry) - 1
+    # The diagonal key block of each row (bottom-right aligned), and the run holding it, if any.
+    offset = layout.kv_len - layout.q_len
+    diag = torch.div((torch.arange(n_rows) % layout.num_q_blocks) * bq + offset, bk, rounding_mode="floor")
+    on_diag = full_idx == diag[entry_row]
+    has = torch.zeros(n_rows, dtype=torch.bool)
+    has[entry_row[on_diag]] = True
+    run = torch.zeros(n_rows, dtype=torch.long)
+    run[entry_row[on_diag]] = run_of_entry[on_diag]
+    before = torch.where(has, diag - run_first[run], -1)  # full blocks left of the diagonal in its run
+    after = torch.where(has, run_last[run] - diag, -1)
+    reach = torch.zeros(n_rows, 2, dtype=torch.long)
+    for h in torch.unique(heads[has]).tolist():
+        rows_h = has & (heads == h)
+        reach[heads == h] = torch.stack([torch.mode(before[rows_h]).values, torch.mode(after[rows_h]).values])
+    length = reach.sum(1) + 1
+    first = diag - reach[:, 0]
+    holds_ragged = (first + length == nkb) & (layout.kv_len < nkb * bk)
+    eligible = (
+        has
+        & (before >= reach[:, 0])
+        & (after >= reach[:, 1])
+        & (length >= 2)
+        & (counts > length)
+        & ~holds_ragged
+    )
+    linked = eligible[1:] & eligible[:-1] & (heads[1:] == heads[:-1])
+    chain = torch.cumsum(torch.cat([torch.ones(1, dtype=torch.long), (~linked).long()]), 0)
+    in_chain = eligible & (torch.bincount(chain)[chain] >= _MIN_RUN)
+    if not bool(in_chain.any()):
+        return nothing
+    calls = []
+    for c in torch.unique(chain[in_chain]).tolist():
+        rows = torch.nonzero(chain == c).flatten()
+        n = int(length[rows[0]])
+        band = first[rows, None] + torch.arange(n)
+        empty = rows.new_zeros(len(rows), 0)
+        calls.append(_Call(rows, band, empty, empty, n * bk, bq // bk))
+    # What is left of the rows that gave their band.
+    into_band = full_idx - first[entry_row]
+    keep = ~(in_chain[entry_row] & (into_band >= 0) & (into_band < length[entry_row]))
+    left = torch.zeros(n_rows + 1, dtype=torch.long)
+    left[1:] = torch.cumsum(torch.bincount(entry_row[keep], minlength=n_rows), 0)
+    return calls, left, full_idx[keep], in_chain
 
 
 def _row_ptr(ptr: torch.Tensor) -> torch.Tensor:
@@ -194,16 +282,16 @@ def _row_ptr(ptr: torch.Tensor) -> torch.Tensor:
     return torch.cat([ptr[:, :-1].reshape(-1), ptr[-1:, -1]])
 
 
-def _split_runs(rows, full, part, tiles, full_len) -> list[_Call]:
+def _split_runs(rows, full, part, tiles, full_len, merge) -> list[_Call]:
     """Split one group into strided runs (contiguous full blocks, starts in arithmetic progression)
     and one gathered remainder."""
     nf = full.shape[1]
-    whole = _Call(rows, full, part, tiles, full_len, 0)
+    whole = _Call(rows, full, part, tiles, full_len, 0, merge)
     if nf == 0:
         return [whole]
     contiguous = (full[:, -1] - full[:, 0] + 1) == nf
     if len(rows) == 1 and bool(contiguous[0]):
-        return [_Call(rows, full, part, tiles, full_len, 1)]  # one row: any step makes a view
+        return [_Call(rows, full, part, tiles, full_len, 1, merge)]  # one row: any step makes a view
     if len(rows) < _MIN_RUN:
         return [whole]
     start = full[:, 0]
@@ -220,10 +308,10 @@ def _split_runs(rows, full, part, tiles, full_len) -> list[_Call]:
     calls = []
     for r in torch.unique(run_id[in_run]).tolist():
         sel = run_id == r
-        calls.append(_Call(rows[sel], full[sel], part[sel], tiles[sel], full_len, step))
+        calls.append(_Call(rows[sel], full[sel], part[sel], tiles[sel], full_len, step, merge))
     rest = ~in_run
     if bool(rest.any()):
-        calls.append(_Call(rows[rest], full[rest], part[rest], tiles[rest], full_len, 0))
+        calls.append(_Call(rows[rest], full[rest], part[rest], tiles[rest], full_len, 0, merge))
     return calls
 
 
@@ -427,6 +515,7 @@ def _merge_into(o1, l1, o2, l2, out, lse) -> None:
         torch.lerp(o1, o2, w2.to(o1.dtype), out=out)
     else:
         out.copy_(torch.lerp(o1.float(), o2.float(), w2.float()))
+    return out, lse
 
 
 def _chunks(call: _Call, prob: _Problem, backward: bool):
@@ -447,16 +536,15 @@ def _chunks(call: _Call, prob: _Problem, backward: bool):
     # Enough tasks for the workers to share, but not so small that per-call overhead dominates.
     size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * max(1, _workers())))))
     for i in range(0, len(call.rows), size):
-        sl = slice(i, i + size)
         # A strided run stays strided: its rows stay consecutive.
-        yield _Call(call.rows[sl], call.full[sl], call.part[sl], call.tiles[sl], call.full_len, call.step)
+        yield call.subset(slice(i, i + size))
 
 
-def _tasks(layout: BlockLayout, prob: _Problem, backward: bool) -> list[_Call]:
-    """Every chunk of every call, largest first (so that the workers finish together)."""
-    chunks = [chunk for call in _plan(layout) for chunk in _chunks(call, prob, backward)]
+def _passes(layout: BlockLayout, prob: _Problem, backward: bool) -> list[list[_Call]]:
+    """Every chunk of every call, per pass of `_plan`, largest first (so that the workers finish together)."""
     cost = lambda c: len(c.rows) * (c.full_len + c.part.shape[1] * prob.bk)
-    return sorted(chunks, key=cost, reverse=True)
+    passes = [[chunk for call in calls for chunk in _chunks(call, prob, backward)] for calls in _plan(layout)]
+    return [sorted(chunks, key=cost, reverse=True) for chunks in passes if chunks]
 
 
 # -- workers --------------------------------------------------------------------------------------------
@@ -541,9 +629,9 @@ def forward(q, k, v, layout, scale, key_mask):
     rows_total = prob.batch * prob.hq * prob.nqb
     out = torch.zeros(rows_total, prob.bq * prob.dim, dtype=q.dtype)
     lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
-    tasks = _tasks(layout, prob, backward=False)
-    for _ in _ordered_map(lambda chunk: _forward_rows(chunk, prob, out, lse), tasks):
-        pass
+    for tasks in _passes(layout, prob, backward=False):
+        for _ in _ordered_map(lambda chunk: _forward_rows(chunk, prob, out, lse), tasks):
+            pass
     out = out.view(prob.batch, prob.hq, -1, prob.dim)[:, :, : prob.q_len]
     lse = lse.view(prob.batch, prob.hq, -1)[:, :, : prob.q_len]
     return out.contiguous(), lse.contiguous()
@@ -559,12 +647,20 @@ def _forward_rows(call: _Call, prob: _Problem, out: torch.Tensor, lse: torch.Ten
         segments.append(_segment(qg, *prob.full_kv(call), mask, _masked_rows(mask), prob.scale))
     if call.part.shape[1]:
         segments.append(_segment(qg, *prob.part_kv(call), *prob.part_mask(call), prob.scale))
+    if call.merge:  # what an earlier pass wrote for these rows (views of out / lse, or gathered copies)
+        segments.append((rows.read(out, prob.dim, "o_prev"), rows.read(lse, 1, "lse_prev").squeeze(-1)))
     o_dest, l_dest = rows.target(out, prob.dim, "o"), rows.target(lse, 1, "lse").squeeze(-1)
-    if len(segments) == 2:
-        _merge_into(*segments[0], *segments[1], o_dest, l_dest)
-    else:
+    if len(segments) == 1:
         o_dest.copy_(segments[0][0])
         l_dest.copy_(segments[0][1])
+    else:
+        o_acc, l_acc = segments[0]
+        for o_seg, l_seg in segments[1:-1]:
+            o_acc, l_acc = _merge_into(
+                o_acc, l_acc, o_seg, l_seg, torch.empty_like(o_acc), torch.empty_like(l_acc)
+            )
+        # The last segment may be a view of the destination: merging reads each element before writing it.
+        _merge_into(o_acc, l_acc, *segments[-1], o_dest, l_dest)
     rows.commit(out, o_dest)
     rows.commit(lse, l_dest)
 
@@ -584,12 +680,12 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     dq = torch.zeros(prob.q.shape, dtype=acc)
     dk = torch.zeros(prob.k.shape, dtype=acc)
     dv = torch.zeros(prob.v.shape, dtype=acc)
-    tasks = _tasks(layout, prob, backward=True)
     # Workers compute; dK and dV are added here, in task order, so the result is deterministic.
-    for adds in _ordered_map(lambda chunk: _backward_rows(chunk, prob, saved, dq), tasks):
-        for grad_k, grad_v, chunk, blocks in adds:
-            _add_blocks(dk, grad_k.to(dk.dtype), chunk, blocks, prob)
-            _add_blocks(dv, grad_v.to(dv.dtype), chunk, blocks, prob)
+    for tasks in _passes(layout, prob, backward=True):
+        for adds in _ordered_map(lambda chunk: _backward_rows(chunk, prob, saved, dq), tasks):
+            for grad_k, grad_v, chunk, blocks in adds:
+                _add_blocks(dk, grad_k.to(dk.dtype), chunk, blocks, prob)
+                _add_blocks(dv, grad_v.to(dv.dtype), chunk, blocks, prob)
     return (
         _unblock(dq, prob.batch, prob.hq, prob.q_len, prob.dim, q.dtype),
         _unblock(dk, prob.batch, prob.hkv, k.shape[2], prob.dim, q.dtype),
@@ -614,9 +710,12 @@ def _backward_rows(call: _Call, prob: _Problem, saved, dq) -> list:
         rows.read(t, prob.dim, n) for t, n in ((q_blocks, "q"), (do_blocks, "do"), (out_blocks, "o"))
     )
     lg = rows.read(lse_blocks, 1, "lse").squeeze(-1)
-    dq_dest = rows.target(dq, prob.dim, "dq")
-    if rows.index is not None:
-        dq_dest.zero_()
+    if rows.index is None:
+        dq_dest = rows.target(dq, prob.dim, "dq")  # a view: adds accumulate onto earlier passes
+    elif call.merge:
+        dq_dest = rows.read(dq, prob.dim, "dq")  # a copy of what earlier passes added, committed back
+    else:
+        dq_dest = rows.target(dq, prob.dim, "dq").zero_()
     segments = []
     if call.full.shape[1]:
         segments.append((*prob.full_kv(call), prob.full_mask(call), call.full))
