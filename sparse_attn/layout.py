@@ -22,6 +22,7 @@ query heads.
 from __future__ import annotations
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .patterns._blockset import FULL, BlockSet, Geometry
 
@@ -39,6 +40,7 @@ _INDEX_FIELDS = (
     "tiles",
 )
 _CLASS_CHARS = {0: "·", 1: "▒", 2: "█"}
+_DERIVED = WeakIdKeyDictionary()  # a layout's row_full_ptr -> what derives from the layout
 
 
 def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
@@ -81,7 +83,6 @@ class BlockLayout:
         self.num_heads = num_heads
         for name in _INDEX_FIELDS:
             setattr(self, name, fields[name])
-        self._tile_cache: dict = {}
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
@@ -144,11 +145,19 @@ class BlockLayout:
         return self.row_part_idx.numel()
 
     # -- views ----------------------------------------------------------------------------------------
+    def cached(self, key, compute):
+        """``compute()``, computed once per layout: layouts are immutable, so what derives from them keeps.
+
+        Shared by every layout over the same index tensors: the custom ops pass a layout as its tensors and
+        rebuild it on the other side."""
+        derived = _DERIVED.setdefault(self.row_full_ptr, {})
+        if key not in derived:
+            derived[key] = compute()
+        return derived[key]
+
     def tile_masks(self) -> torch.Tensor:
         """Unpacked partial tiles, bool ``[n_tiles, block_q, block_k]`` (cached per layout)."""
-        if "bool" not in self._tile_cache:
-            self._tile_cache["bool"] = unpack_tiles(self.tiles, self.block_k)
-        return self._tile_cache["bool"]
+        return self.cached("tile_masks", lambda: unpack_tiles(self.tiles, self.block_k))
 
     def _row_entries(self, kind: str):
         """(head, query block, key block) of the full or partial blocks, on the CPU."""

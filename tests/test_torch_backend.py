@@ -17,6 +17,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn.backends import torch_backend as tb
+from sparse_attn.layout import BlockLayout
 from sparse_attn.reference import attention_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,6 +69,7 @@ def test_chunk_size_changes_nothing(name, restore_chunk_size):
 
 def gather_everything(monkeypatch):
     """Turn off every copy-free path: no band pass, no strided runs; each row's blocks are gathered."""
+    monkeypatch.setattr(BlockLayout, "cached", lambda self, key, compute: compute())  # plans made anew
     monkeypatch.setattr(tb, "_MIN_RUN", 10**9)
     monkeypatch.setattr(
         tb,
@@ -113,7 +115,8 @@ def test_band_pass_matches_gathering(name, masked, monkeypatch, restore_chunk_si
     tb.set_chunk_size(1 << 15)  # several chunks per call
     banded = fwd_bwd(q, k, v, layout, key_mask=key_mask)
     gather_everything(monkeypatch)
-    assert not tb._plan(layout)[0]
+    passes = tb._passes(layout, tb._Problem(q, k, v, layout, 1.0, None), False)
+    assert len(passes) == 1 and not any(c.step for c in passes[0])
     gathered = fwd_bwd(q, k, v, layout, key_mask=key_mask)
     for a, b in zip(banded, gathered, strict=True):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
@@ -273,3 +276,17 @@ def test_worker_pool_after_fork(monkeypatch, restore_chunk_size):
         pytest.fail("attention in a forked child hung")
     assert child.exitcode == 0
     assert abs(queue.get(timeout=5) - expected) < 1e-3
+
+
+def test_plan_is_made_once_per_layout(monkeypatch):
+    """The grouping of rows into kernel calls is cached on the (immutable) layout, not redone per call."""
+    layout = sa.longformer(70, global_tokens=32).layout(1030, block_size=32)
+    q, k, v = inputs(sq=1030, d=16)
+    calls = []
+    plan = tb._plan
+    monkeypatch.setattr(tb, "_plan", lambda lay: calls.append(lay) or plan(lay))
+    first = fwd_bwd(q, k, v, layout)
+    second = fwd_bwd(q, k, v, layout)
+    assert len(calls) == 1  # the ops rebuild the layout from its tensors; the plan is shared
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)

@@ -543,7 +543,8 @@ def _chunks(call: _Call, prob: _Problem, backward: bool):
 def _passes(layout: BlockLayout, prob: _Problem, backward: bool) -> list[list[_Call]]:
     """Every chunk of every call, per pass of `_plan`, largest first (so that the workers finish together)."""
     cost = lambda c: len(c.rows) * (c.full_len + c.part.shape[1] * prob.bk)
-    passes = [[chunk for call in calls for chunk in _chunks(call, prob, backward)] for calls in _plan(layout)]
+    plan = layout.cached("torch_backend_plan", lambda: _plan(layout))
+    passes = [[chunk for call in calls for chunk in _chunks(call, prob, backward)] for calls in plan]
     return [sorted(chunks, key=cost, reverse=True) for chunks in passes if chunks]
 
 
