@@ -37,7 +37,12 @@ def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.where(has_key, peak + torch.log(safe_total), torch.full_like(peak, float("-inf")))
     shares = weights / safe_total  # [n, ..., S]
     acc_dtype = torch.promote_types(outs[0].dtype, torch.float32)
-    out = sum(s[..., None].to(acc_dtype) * o.to(acc_dtype) for s, o in zip(shares, outs, strict=True))
+    # A shard's rows of weight 0 are left out, not multiplied by 0: some attention kernels write NaN (not 0)
+    # for a query with no visible key, and 0 * NaN would spread it.
+    out = sum(
+        s[..., None].to(acc_dtype) * torch.where(s[..., None] > 0, o.to(acc_dtype), 0.0)
+        for s, o in zip(shares, outs, strict=True)
+    )
     return out.to(outs[0].dtype), lse
 
 

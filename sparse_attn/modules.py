@@ -151,8 +151,9 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     Same constructor and forward as nn's, plus keyword-only `pattern` (None: dense) and `backend`.
     Supported: `batch_first`, `kdim`/`vdim`, `bias`, unbatched inputs, `key_padding_mask` (bool, True =
     padding, or float 0/-inf), `attn_mask` (bool, True = not allowed, or float 0/-inf; ``[L, S]`` or
-    ``[N * num_heads, L, S]``), intersected with the pattern, `is_causal` (adds `causal()`, bottom-right
-    aligned), and `need_weights` (weights recomputed densely from the kernel's logsumexp: O(L*S) memory,
+    ``[N * num_heads, L, S]``), intersected with the pattern, `is_causal` (with an `attn_mask`, a hint as
+    in nn: the mask decides; without one, where nn raises, it adds `causal()`, bottom-right aligned), and
+    `need_weights` (weights recomputed densely from the kernel's logsumexp: O(L*S) memory,
     as nn's). Not supported, with a clear error: `add_bias_kv`, `add_zero_attn`, attention dropout in
     training mode, and float masks holding finite non-zero (additive bias) values.
     """
@@ -232,6 +233,10 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             backend=backend,
         )
         new.load_state_dict(mha.state_dict())
+        # Frozen weights stay frozen (state_dict carries values only).
+        frozen = {name for name, p in mha.named_parameters() if not p.requires_grad}
+        for name, p in new.named_parameters():
+            p.requires_grad_(name not in frozen)
         new.train(mha.training)
         return new
 
@@ -252,14 +257,18 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
                 "the fused kernel never forms the attention matrix. Set module.dropout = 0.0 "
                 "(or replace_attention(..., dropout=0.0))"
             )
+        self._check_inputs(query, key, value)
         unbatched = query.dim() == 2
         q_in, k_in, v_in = (self._to_batch_first(t, unbatched) for t in (query, key, value))
         batch, q_len, _ = q_in.shape
         kv_len = k_in.shape[1]
         q, k, v = self._project(q_in, k_in, v_in)  # [N, H, L|S, hd]
-        key_mask = _key_mask(key_padding_mask, batch, kv_len, unbatched, q.dtype)
+        key_mask = _key_mask(key_padding_mask, batch, kv_len, unbatched)
         allowed = _allowed(attn_mask, batch, self.num_heads, q_len, kv_len, unbatched)
-        attention = self.causal_attention if is_causal else self.attention
+        # As in nn, is_causal is a hint that attn_mask is the causal mask: a given mask decides (nn's causal
+        # is top-left aligned, so adding our bottom-right causal() would differ when L > S). Without a mask
+        # (which nn refuses), is_causal adds causal().
+        attention = self.causal_attention if is_causal and allowed is None else self.attention
         out, lse = self._attend(q, k, v, attention, key_mask, allowed)
         pattern = attention.pattern
         out = self.out_proj(out.transpose(1, 2).reshape(batch, q_len, self.embed_dim))
@@ -271,11 +280,38 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             return out.squeeze(0), weights
         return (out if self.batch_first else out.transpose(0, 1)), weights
 
+    def _check_inputs(self, query, key, value):
+        if any(getattr(t, "is_nested", False) for t in (query, key, value)):
+            raise ValueError(
+                "SparseMultiheadAttention takes dense (padded) tensors, got a nested tensor: nn.TransformerEncoder "
+                "makes them when use_nested_tensor is True; set encoder.use_nested_tensor = False "
+                "(replace_attention does this for the encoders it sees)"
+            )
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "query, key and value must all be 3-D (batched) or all 2-D (unbatched), got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        for name, t, dim in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if t.shape[-1] != dim:
+                raise ValueError(f"{name} must have last dimension {dim}, got shape {tuple(t.shape)}")
+        batch_dim = 0 if self.batch_first else 1
+        if key.shape[:-1] != value.shape[:-1] or (
+            query.dim() == 3 and key.shape[batch_dim] != query.shape[batch_dim]
+        ):
+            raise ValueError(
+                f"key and value must share batch and length, and the batch of query "
+                f"({'batch_first' if self.batch_first else 'sequence first'}); got shapes "
+                f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}"
+            )
+
     def _to_batch_first(self, t, unbatched):
         if unbatched:
             return t.unsqueeze(0)
-        if t.dim() != 3:
-            raise ValueError(f"expected 2-D (unbatched) or 3-D inputs, got shape {tuple(t.shape)}")
         return t if self.batch_first else t.transpose(0, 1)
 
     def _project(self, q_in, k_in, v_in):
@@ -298,6 +334,13 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         pattern, backend = attention.pattern, attention.backend
         if allowed is None:
             return attention(q, k, v, key_mask, return_lse=True)
+        if torch.compiler.is_compiling():
+            # Without fullgraph, torch.compile runs this frame eagerly instead (a graph break).
+            raise ValueError(
+                "SparseMultiheadAttention cannot compile an attn_mask into the graph: the mask's values decide "
+                "the block layout, which torch.compile builds at trace time. Without fullgraph=True this is "
+                "a graph break; or express the mask as the module's pattern (is_causal=True for causal)"
+            )
         if allowed.shape[0] == 1:
             mask = allowed[0] if allowed.shape[1] > 1 else allowed[0, 0]
             return sparse_attention(
@@ -332,11 +375,13 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             visible = visible & allowed
         if key_mask is not None:
             visible = visible & key_mask[:, None, None, :]
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(head_dim)
+        # In at least float32: exp(scores - lse) in fp16/bf16 would be several times less accurate than nn.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) / math.sqrt(head_dim)
         finite = torch.isfinite(lse)
-        shift = torch.where(finite, lse, torch.zeros_like(lse)).to(scores.dtype)
+        shift = torch.where(finite, lse, torch.zeros_like(lse)).to(acc)
         probs = torch.exp(scores - shift[..., None]) * visible
-        return probs.mean(1) if average else probs
+        return (probs.mean(1) if average else probs).to(q.dtype)
 
 
 def _mask_to_bool(mask: torch.Tensor, name: str) -> torch.Tensor:
@@ -354,7 +399,7 @@ def _mask_to_bool(mask: torch.Tensor, name: str) -> torch.Tensor:
     return blocked
 
 
-def _key_mask(key_padding_mask, batch, kv_len, unbatched, dtype):
+def _key_mask(key_padding_mask, batch, kv_len, unbatched):
     """nn's key_padding_mask (True = padding) -> sparse_attention's key_mask (True = real key)."""
     if key_padding_mask is None:
         return None

@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) with sparse-attn: no graph break; forward and backward equal eager."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -90,3 +91,21 @@ def test_compile_fullgraph_sparse_attention_function_with_a_pattern():
     grads = torch.autograd.grad(loss, (q, k, v))
     for g_c, g_e in zip(grads, torch.autograd.grad(ref, (q, k, v)), strict=True):
         torch.testing.assert_close(g_c, g_e)
+
+
+def test_compile_with_an_attn_mask_breaks_the_graph_cleanly():
+    """A mask's values decide the layout: fullgraph names the problem; otherwise the masked call runs eagerly."""
+    torch.manual_seed(0)
+    mha = SparseMultiheadAttention(32, 4, batch_first=True, pattern=sliding_window(6))
+    x = torch.randn(2, 30, 32)
+    blocked = torch.rand(30, 30, generator=torch.Generator().manual_seed(1)) < 0.2
+
+    def step(x, blocked):
+        return mha(x, x, x, attn_mask=blocked, need_weights=False)[0]
+
+    full = torch.compile(step, fullgraph=True, dynamic=False, backend="aot_eager")
+    with pytest.raises(Exception, match="attn_mask"):
+        full(x, blocked)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=False, backend="aot_eager")
+    _assert_matches_eager(mha, step, compiled, x, blocked)

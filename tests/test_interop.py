@@ -60,7 +60,11 @@ def test_from_flex_reads_flex_built_masks_exactly():
         from_flex(flex.create_block_mask(window_mask, 2, 1, 64, 64, device="cpu", BLOCK_SIZE=32))
 
 
-xformers_bias = pytest.importorskip("xformers.ops.fmha.attn_bias")
+@pytest.fixture
+def xformers_bias():
+    """xformers' attn_bias module; only these tests skip without xformers (not the flex ones above)."""
+    return pytest.importorskip("xformers.ops.fmha.attn_bias")
+
 
 XFORMERS_CASES = [
     (lambda ab: ab.LowerTriangularMask(), [(7, 7), (5, 9), (9, 5)]),
@@ -77,7 +81,7 @@ XFORMERS_CASES = [
 
 
 @pytest.mark.parametrize("make_bias, shapes", XFORMERS_CASES)
-def test_xformers_biases_match_their_materialised_masks(make_bias, shapes):
+def test_xformers_biases_match_their_materialised_masks(make_bias, shapes, xformers_bias):
     bias = make_bias(xformers_bias)
     pattern = pattern_from_xformers(bias)
     for q_len, kv_len in shapes:
@@ -87,7 +91,7 @@ def test_xformers_biases_match_their_materialised_masks(make_bias, shapes):
         assert torch.equal(layout.to_dense()[0], truth)
 
 
-def test_xformers_biases_that_do_not_map_raise():
+def test_xformers_biases_that_do_not_map_raise(xformers_bias):
     with pytest.raises(ValueError, match="equal-length"):
         pattern_from_xformers(xformers_bias.BlockDiagonalMask.from_seqlens([3, 5]))
     with pytest.raises(ValueError, match="no exact"):

@@ -63,3 +63,39 @@ def test_merge_rejects_mismatched_inputs():
         merge_attention([torch.zeros(1, 1, 2, 4)], [])
     with pytest.raises(ValueError, match=r"\[\.\.\., S, D\]"):
         merge_attention([torch.zeros(1, 1, 2, 4)], [torch.zeros(1, 1, 3)])
+
+
+def test_merge_ignores_nan_outputs_of_empty_shards():
+    """Some kernels write NaN (not 0) for a query that sees no key; a weight-0 shard must not spread it."""
+    q, k, v = _inputs()
+    key_mask = torch.ones(2, 37, dtype=torch.bool)
+    mask = causal().mask(37, 37)
+    outs, lses = [], []
+    for a, b in ((0, 20), (20, 37)):
+        out, lse = attention_reference(q, k[:, :, a:b], v[:, :, a:b], mask[:, a:b], key_mask=key_mask[:, a:b])
+        outs.append(out.masked_fill(torch.isneginf(lse)[..., None], float("nan")))
+        lses.append(lse)
+    assert outs[1].isnan().any()
+    merged, merged_lse = merge_attention(outs, lses)
+    ref_out, ref_lse = sparse_attention(q, k, v, causal(), return_lse=True)
+    torch.testing.assert_close(merged, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-10, atol=1e-10)
+    for g in torch.autograd.grad((merged.sum() + merged_lse.sum()), (q, k, v)):
+        assert not g.isnan().any()
+
+
+def test_merge_half_precision_outputs_with_float32_lse():
+    q, k, v = (t.detach().float() for t in _inputs())
+    pattern = sliding_window(6, 2)
+    mask = pattern.mask(37, 37)
+    key_mask = torch.ones(2, 37, dtype=torch.bool)
+    outs, lses = [], []
+    for a, b in ((0, 18), (18, 37)):
+        out, lse = attention_reference(q, k[:, :, a:b], v[:, :, a:b], mask[:, a:b], key_mask=key_mask[:, a:b])
+        outs.append(out.to(torch.bfloat16))
+        lses.append(lse.float())
+    merged, merged_lse = merge_attention(outs, lses)
+    ref_out, ref_lse = sparse_attention(q, k, v, pattern, return_lse=True)
+    assert merged.dtype == torch.bfloat16 and merged_lse.dtype == torch.float32
+    torch.testing.assert_close(merged.float(), ref_out, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(merged_lse, ref_lse, rtol=1e-5, atol=1e-5)

@@ -201,3 +201,88 @@ def test_sparse_attention_module_caches_layouts_and_matches_function():
     module.prepare(31, 31)
     module.prepare(32, 32)
     assert [key[:2] for key in module._layouts] == [(31, 31), (32, 32)]  # bounded, least recent dropped
+
+
+@pytest.mark.parametrize("q_len, kv_len", [(9, 7), (7, 9)])
+def test_is_causal_is_a_hint_when_attn_mask_is_given(q_len, kv_len):
+    """As in nn, a given attn_mask decides; nn's causal masks for L != S are top-left aligned."""
+    mha = _mha(batch_first=True)
+    sparse = SparseMultiheadAttention.from_dense(mha, None)
+    q, k, v = _inputs(True, q_len=q_len, kv_len=kv_len)
+    top_left = torch.ones(q_len, kv_len, dtype=torch.bool).triu(1)  # nn: True = not allowed
+    for need_weights in (True, False):
+        out, weights = mha(q, k, v, attn_mask=top_left, is_causal=True, need_weights=need_weights)
+        sparse_out, sparse_weights = sparse(
+            q, k, v, attn_mask=top_left, is_causal=True, need_weights=need_weights
+        )
+        _close(sparse_out, out)
+        if need_weights:
+            _close(sparse_weights, weights)
+
+
+def test_unbatched_masks_match_nn():
+    mha = _mha()
+    sparse = SparseMultiheadAttention.from_dense(mha, sliding_window(2) | global_tokens(1))
+    q, k, v = _rand(7, 16, seed=1), _rand(9, 16, seed=2), _rand(9, 16, seed=3)
+    kpm = torch.zeros(9, dtype=torch.bool)
+    kpm[7:] = True
+    blocked = torch.rand(4, 7, 9, generator=torch.Generator().manual_seed(6)) < 0.3  # [num_heads, L, S]
+    nn_mask = blocked | ~sparse.pattern.mask(7, 9)
+    out, weights = mha(q, k, v, key_padding_mask=kpm, attn_mask=nn_mask, average_attn_weights=False)
+    sparse_out, sparse_weights = sparse(
+        q, k, v, key_padding_mask=kpm, attn_mask=blocked, average_attn_weights=False
+    )
+    assert sparse_out.shape == (7, 16) and sparse_weights.shape == (4, 7, 9)
+    _close(sparse_out, out)
+    _close(sparse_weights, weights)
+
+
+def test_bad_inputs_raise_clear_errors():
+    sparse = SparseMultiheadAttention(16, 4, kdim=12, vdim=10, dtype=F64)
+    q, k, v = _inputs(False, kdim=12, vdim=10)
+    with pytest.raises(ValueError, match="all be 3-D"):
+        sparse(q[:, 0], k, v)
+    with pytest.raises(ValueError, match="all be 3-D"):
+        sparse(q[None], k[None], v[None])
+    with pytest.raises(ValueError, match="key must have last dimension 12"):
+        sparse(q, v, v)
+    with pytest.raises(ValueError, match="share batch and length"):
+        sparse(q, k, v[:5])
+    with pytest.raises(ValueError, match="share batch and length"):
+        sparse(q, k[:, :2], v[:, :2])
+
+
+def test_half_precision_weights_as_accurate_as_nn():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True, dtype=torch.bfloat16)
+    sparse = SparseMultiheadAttention.from_dense(mha, None)
+    exact = nn.MultiheadAttention(32, 4, batch_first=True, dtype=F64)
+    exact.load_state_dict({name: t.to(F64) for name, t in mha.state_dict().items()})
+    x = 3 * torch.randn(2, 40, 32, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    truth = exact(x.to(F64), x.to(F64), x.to(F64), average_attn_weights=False)[1]
+    nn_error = (mha(x, x, x, average_attn_weights=False)[1].to(F64) - truth).abs().max()
+    weights = sparse(x, x, x, average_attn_weights=False)[1]
+    assert weights.dtype == torch.bfloat16
+    assert (weights.to(F64) - truth).abs().max() <= 2 * nn_error
+
+
+def test_encoder_built_from_a_replaced_layer_rejects_nested_tensors_clearly():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True, dtype=F64)
+    replace_attention(layer, None)
+    encoder = nn.TransformerEncoder(layer, 2).eval()  # clones the layer; its fast path makes nested tensors
+    x, kpm = _rand(2, 11, 16), torch.zeros(2, 11, dtype=torch.bool)
+    kpm[1, 8:] = True
+    with torch.no_grad(), pytest.raises(ValueError, match="use_nested_tensor = False"):
+        encoder(x, src_key_padding_mask=kpm)
+    encoder.use_nested_tensor = False
+    with torch.no_grad():
+        assert not encoder(x, src_key_padding_mask=kpm).isnan().any()
+
+
+def test_from_dense_keeps_frozen_parameters_frozen():
+    mha = _mha()
+    mha.in_proj_weight.requires_grad_(False)
+    sparse = SparseMultiheadAttention.from_dense(mha, None)
+    assert not sparse.in_proj_weight.requires_grad
+    assert sparse.out_proj.weight.requires_grad and sparse.in_proj_bias.requires_grad

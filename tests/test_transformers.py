@@ -187,3 +187,99 @@ def test_mask_info_equals_transformers_sdpa_mask(make_mask_function, q_length, k
     info = sa_hf.sparse_mask(2, q_length, kv_length, **kwargs)
     ours = info.pattern().mask(q_length, kv_length)[None] & info.key_mask[:, None, :]
     assert torch.equal(ours, expected)
+
+
+def test_gpt_oss_attention_sinks_equal_eager():
+    """GPT-OSS passes learned sinks (``s_aux``): logits and gradients (sinks included) equal its eager run."""
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=WINDOW,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    )
+    model = transformers.GptOssForCausalLM(config).train()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_()
+    ids, mask = _batch()
+    labels = ids.masked_fill(mask == 0, -100)
+    results = {}
+    for impl in ("eager", NAME):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (out.logits.detach(), grads)
+    (ref_logits, ref_grads), (logits, grads) = results["eager"], results[NAME]
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    assert ref_grads["model.layers.0.self_attn.sinks"].abs().sum() > 0
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bart_encoder_and_cross_attention_equal_sdpa():
+    """Bidirectional encoder self-attention and cross-attention (q_length != kv_length), with padding."""
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = transformers.BartForConditionalGeneration(config).eval()
+    ids, mask = _batch()
+    outputs = {}
+    for impl in ("sdpa", NAME):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7]).logits
+        tokens = model.generate(
+            ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, num_beams=1
+        )
+        outputs[impl] = logits, tokens
+    torch.testing.assert_close(outputs[NAME][0], outputs["sdpa"][0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs[NAME][1], outputs["sdpa"][1])
+
+
+def test_t5_position_bias_raises_instead_of_being_dropped():
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
+    )
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    model.set_attn_implementation(NAME)
+    ids, mask = _batch()
+    with pytest.raises(ValueError, match="position_bias"):
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7])
+
+
+def test_mask_alignment_is_required_only_where_it_matters():
+    mu = transformers.masking_utils
+    # A static cache: keys do not end at the last query; a causal or windowed mask would shift.
+    for mask_function in (mu.causal_mask_function, mu.sliding_window_bidirectional_mask_function(3)):
+        with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
+            sa_hf.sparse_mask(2, 1, 16, q_offset=3, kv_offset=0, mask_function=mask_function)
+    # Cross-attention: every query sees every real key, whatever the lengths.
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[0, 7:] = False
+    info = sa_hf.sparse_mask(2, 4, 9, mask_function=mu.bidirectional_mask_function, attention_mask=padding)
+    assert not info.causal and info.window is None and torch.equal(info.key_mask, padding)

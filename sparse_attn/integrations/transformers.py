@@ -9,8 +9,10 @@
 
 So Llama-, Mistral- and Qwen2-style models keep their own semantics (causal, ``config.sliding_window``,
 left or right padding, GQA, prefill and KV-cache decoding with the default `DynamicCache`) without an
-S x S mask. A mask the integration cannot express exactly (packed sequences, custom mask overlays,
-chunked attention, static caches) raises a clear error instead of being dropped.
+S x S mask; so do GPT-OSS-style attention sinks (``s_aux``) and bidirectional encoder and cross-attention
+(Bart-style). A mask the integration cannot express exactly (packed sequences, custom mask overlays,
+chunked attention, static caches) or an additive bias (T5's ``position_bias``, ALiBi) raises a clear
+error instead of being dropped.
 
 Window convention: transformers' ``sliding_window=W`` lets query position q see key k iff
 ``0 <= q - k < W``, which is ours ``causal() & sliding_window(W - 1, 0)``.
@@ -33,6 +35,9 @@ from ..patterns import Pattern, causal, sliding_window
 
 DEFAULT_NAME = "sparse_attn"
 _PATTERN_ATTR = "sparse_attn_pattern"
+#: Attention-function kwargs that change the logits (T5's relative position bias, ALiBi, sinks other than
+#: GPT-OSS's ``s_aux``): ignoring them would be silently wrong, so they raise.
+_UNSUPPORTED_BIASES = ("position_bias", "alibi", "sinks")
 
 
 @dataclass
@@ -96,7 +101,10 @@ def sparse_mask(
     """transformers mask function: the padding mask and the mask's kind, never an S x S mask."""
     is_causal, window = _mask_kind(mask_function)
     q_offset = int(q_offset)
-    if q_offset + q_length != kv_offset + kv_length:
+    # Bottom-right alignment matters only for causal and windowed masks; a plain bidirectional one (encoders,
+    # cross-attention to encoder states, where q_length != kv_length) sees every real key whatever the offsets.
+    aligned = q_offset + q_length == kv_offset + kv_length
+    if not aligned and (is_causal or window is not None):
         raise ValueError(
             "sparse_attn needs the key states to end at the last query (dynamic caches, the default); got "
             f"q_offset={q_offset}, q_length={q_length}, kv_offset={kv_offset}, kv_length={kv_length} "
@@ -176,6 +184,12 @@ def sparse_attention_forward(
         )
     if kwargs.get("softcap") is not None:
         raise ValueError("sparse_attn does not support attention logit softcapping")
+    for bias in _UNSUPPORTED_BIASES:
+        if kwargs.get(bias) is not None:
+            raise ValueError(
+                f"sparse_attn does not support {bias!r}, which this model passes to change its attention "
+                "logits (only 0/-inf masks are exact); use attn_implementation='sdpa' or 'eager' for it"
+            )
     if kwargs.get("output_attentions"):
         raise ValueError(
             "sparse_attn never forms attention weights; use attn_implementation='eager' to output them"
@@ -188,8 +202,26 @@ def sparse_attention_forward(
         )
     pattern = getattr(module, _PATTERN_ATTR, None) or info.pattern()
     key_mask = None if info.key_mask is None else info.key_mask.to(query.device)
-    out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask)
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask)
+    else:
+        out = _with_sinks(query, key, value, pattern, scaling, key_mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _with_sinks(query, key, value, pattern, scaling, key_mask, sinks):
+    """Attention with a learned sink logit per head (GPT-OSS's ``s_aux``), exactly.
+
+    The sink joins every row's softmax as one extra logit whose value is dropped, so each output is scaled
+    by ``exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink)``; a row with no visible key stays 0.
+    """
+    heads = query.shape[1]
+    if sinks.dim() != 1 or sinks.shape[0] != heads:
+        raise ValueError(f"s_aux (attention sinks) must be [num_heads={heads}], got {tuple(sinks.shape)}")
+    out, lse = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask, return_lse=True)
+    share = torch.sigmoid(lse - sinks.to(lse.device, torch.float32)[None, :, None])  # [B, H, Sq]
+    return (out * share[..., None]).to(out.dtype)
 
 
 def _mask_info(module, query, key, attention_mask, is_causal, sliding_window) -> SparseMaskInfo:
