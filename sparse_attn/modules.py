@@ -265,10 +265,17 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         q, k, v = self._project(q_in, k_in, v_in)  # [N, H, L|S, hd]
         key_mask = _key_mask(key_padding_mask, batch, kv_len, unbatched)
         allowed = _allowed(attn_mask, batch, self.num_heads, q_len, kv_len, unbatched)
+        causal_mask = _is_square_causal(allowed)
+        if causal_mask:
+            # nn.TransformerEncoder/Decoder pass the causal mask (with is_causal=True): the cached causal
+            # layout is exactly that mask (L == S), with no token-mask layout to build from it.
+            allowed = None
         # As in nn, is_causal is a hint that attn_mask is the causal mask: a given mask decides (nn's causal
         # is top-left aligned, so adding our bottom-right causal() would differ when L > S). Without a mask
         # (which nn refuses), is_causal adds causal().
-        attention = self.causal_attention if is_causal and allowed is None else self.attention
+        attention = (
+            self.causal_attention if causal_mask or (is_causal and allowed is None) else self.attention
+        )
         out, lse = self._attend(q, k, v, attention, key_mask, allowed)
         pattern = attention.pattern
         out = self.out_proj(out.transpose(1, 2).reshape(batch, q_len, self.embed_dim))
@@ -428,14 +435,23 @@ def _allowed(attn_mask, batch, heads, q_len, kv_len, unbatched):
     )
 
 
+def _is_square_causal(allowed) -> bool:
+    """Whether an "allowed" mask ``[N|1, H|1, L, S]`` is the square causal mask shared by all rows."""
+    if allowed is None or allowed.shape[:2] != (1, 1) or allowed.shape[2] != allowed.shape[3]:
+        return False
+    n = allowed.shape[2]
+    return bool(torch.equal(allowed[0, 0], torch.ones(n, n, dtype=torch.bool, device=allowed.device).tril()))
+
+
 def replace_attention(
     model: nn.Module, pattern: Pattern | None, *, dropout: float | None = None, backend="auto"
 ) -> int:
     """Swap every `nn.MultiheadAttention` inside `model` for a `SparseMultiheadAttention` with `pattern`.
 
-    Weights are copied; modules shared between parents stay shared. `dropout` overrides the attention
-    dropout of the new layers (nn.TransformerEncoderLayer's default is 0.1, which sparse attention cannot
-    apply in training). Returns how many modules were replaced.
+    The new layers share the replaced layers' parameters (the same Parameter objects), so an optimizer
+    built before the swap still trains them and tied weights stay tied; modules shared between parents
+    stay shared. `dropout` overrides the attention dropout of the new layers (nn.TransformerEncoderLayer's
+    default is 0.1, which sparse attention cannot apply in training). Returns how many were replaced.
     """
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError(
@@ -449,6 +465,9 @@ def replace_attention(
                 continue
             if id(child) not in replaced:
                 new = SparseMultiheadAttention.from_dense(child, pattern, backend=backend)
+                for param_name, param in child.named_parameters(recurse=False):
+                    setattr(new, param_name, param)
+                new.out_proj = child.out_proj
                 if dropout is not None:
                     new.dropout = float(dropout)
                 replaced[id(child)] = new

@@ -15,7 +15,7 @@ from sparse_attn import (
     sliding_window,
     sparse_attention,
 )
-from sparse_attn.modules import dense_pattern
+from sparse_attn.modules import TokenMask, dense_pattern
 from sparse_attn.reference import attention_reference
 
 F64 = torch.float64
@@ -167,6 +167,37 @@ def test_replaced_layers_apply_their_pattern_on_nn_fast_paths():
     with torch.no_grad():
         _close(model(x), ref(x, mask=~pattern.mask(11, 11)))
         assert not torch.allclose(model(x), ref(x))
+
+
+def test_causal_attn_mask_takes_the_cached_causal_layout(monkeypatch):
+    """nn's square causal mask (as TransformerEncoder passes it) runs as the cached causal layout, not as a
+    token mask built from the S x S mask, and still equals nn."""
+    pattern = sliding_window(3)
+    model, ref = _encoder(), _encoder()
+    replace_attention(model, pattern)
+    token_masks = []
+    monkeypatch.setattr(TokenMask, "__init__", lambda self, mask: token_masks.append(mask))
+    x = _rand(2, 11, 16)
+    causal_mask = nn.Transformer.generate_square_subsequent_mask(11, dtype=F64)
+    for is_causal in (True, False):
+        out = model(x, mask=causal_mask, is_causal=is_causal)
+        _close(out, ref(x, mask=~(pattern & causal()).mask(11, 11), is_causal=False))
+    assert not token_masks
+    assert all(layer.self_attn.causal_attention._layouts for layer in model.layers)
+
+
+def test_replace_attention_shares_parameters_with_an_existing_optimizer():
+    """The swapped layers train the very Parameter objects an optimizer built before the swap holds."""
+    model = _encoder()
+    old = {name: p for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    replace_attention(model, sliding_window(4))
+    assert {name: p for name, p in model.named_parameters()}.keys() == old.keys()
+    assert all(p is old[name] for name, p in model.named_parameters())
+    before = model.layers[0].self_attn.in_proj_weight.detach().clone()
+    model(_rand(2, 11, 16)).square().sum().backward()
+    optimizer.step()
+    assert not torch.equal(model.layers[0].self_attn.in_proj_weight, before)
 
 
 def test_replace_attention_in_decoder_layer_train_step():

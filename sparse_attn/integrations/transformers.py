@@ -81,6 +81,12 @@ def set_pattern(model: torch.nn.Module, pattern: Pattern | None) -> None:
     """Use `pattern` instead of the model's own (causal / sliding window) in every attention layer.
 
     Padding from the attention mask still applies. `None` restores the model's own pattern.
+
+    Positions are those of the layer's key states (bottom-right aligned), counted from the first key the
+    cache holds: with left padding, ``global_tokens(4)`` names the first four *slots*, which may be padding
+    (pass the real positions instead), and a sliding-window cache layer that has evicted its first keys
+    counts from the oldest key it still holds. Keep the model's own pattern in the pattern you set (e.g.
+    ``causal() & ...``) unless you mean to drop it.
     """
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern or None, got {type(pattern).__name__}")
