@@ -37,7 +37,8 @@ def sparse_attention(
         pattern_or_layout: a `Pattern`, or a `BlockLayout` built for ``(Sq, Skv)``.
         scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
         key_mask: bool ``[B, Skv]``, True for a real key (padding is False).
-        return_lse: also return the float32 natural-log logsumexp ``[B, Hq, Sq]``.
+        return_lse: also return the natural-log logsumexp ``[B, Hq, Sq]``, float32 (float64 for float64
+            inputs).
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
 
     Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
@@ -99,6 +100,9 @@ def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})")
     if q.shape[2] == 0 or k.shape[2] == 0:
         raise ValueError(f"sequence lengths must be >= 1, got Sq={q.shape[2]}, Skv={k.shape[2]}")
+    if batch == 0 or heads == 0:
+        # Empty batches or heads reach the backends' divisions (Hq=0 kills the process with SIGFPE).
+        raise ValueError(f"batch size and query heads must be >= 1, got B={batch}, Hq={heads}")
     lo, hi = TRITON_HEAD_DIMS
     if backend == "triton" and not lo <= head_dim <= hi:
         raise ValueError(f"the Triton backend supports head dims {lo} to {hi}, got {head_dim}")

@@ -43,16 +43,20 @@ _CLASS_CHARS = {0: "·", 1: "▒", 2: "█"}
 _DERIVED = WeakIdKeyDictionary()  # a layout's row_full_ptr -> what derives from the layout
 
 
-def pack_tiles(tiles: torch.Tensor) -> torch.Tensor:
-    """bool ``[m, bq, bk]`` -> int32 ``[m, bq, ceil(bk / 32)]``, bit c % 32 of word c // 32."""
+def pack_tiles(tiles: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """bool ``[m, bq, bk]`` -> int32 ``[m, bq, ceil(bk / 32)]``, bit c % 32 of word c // 32.
+
+    Works `chunk` tiles at a time in int32, so the bit planes stay small."""
     m, bq, bk = tiles.shape
     words = -(-bk // 32)
-    padded = torch.zeros(m, bq, words * 32, dtype=torch.int64)
-    padded[:, :, :bk] = tiles
-    weights = torch.ones(32, dtype=torch.int64) << torch.arange(32)
-    packed = (padded.view(m, bq, words, 32) * weights).sum(-1)
-    # Reinterpret as int32: values >= 2**31 wrap to negative, keeping the bit pattern.
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32)
+    out = torch.empty(m, bq, words, dtype=torch.int32)
+    for s in range(0, m, chunk):
+        bits = torch.zeros(len(tiles[s : s + chunk]), bq, words * 32, dtype=torch.int32)
+        bits[:, :, :bk] = tiles[s : s + chunk]
+        # Distinct powers of two sum to their OR; 1 << 31 is int32's sign bit, so the sum cannot overflow.
+        out[s : s + chunk] = (bits.view(-1, bq, words, 32) << shifts).sum(-1, dtype=torch.int32)
+    return out
 
 
 def unpack_tiles(packed: torch.Tensor, block_k: int, chunk: int = 4096) -> torch.Tensor:
@@ -215,26 +219,22 @@ class BlockLayout:
         return head + "\n" + self._picture()
 
     def _picture(self, max_rows: int = 24, max_cols: int = 64) -> str:
-        """The block grid of the first head, one character per (downsampled) block: █ full, ▒ partial, · empty."""
-        grid = self.to_block_mask()[0].cpu().to(torch.int32)
-        step_r = -(-grid.shape[0] // max_rows)
-        step_c = -(-grid.shape[1] // max_cols)
-        rows = []
-        for r in range(0, grid.shape[0], step_r):
-            cells = grid[r : r + step_r]
-            line = "".join(
-                _CLASS_CHARS[int(_summarise(cells[:, c : c + step_c]))]
-                for c in range(0, grid.shape[1], step_c)
-            )
-            rows.append(line)
+        """The block grid of the first head, one character per (downsampled) block: █ full, ▒ partial, · empty.
+
+        A character is full if all its blocks are, empty if all are, else partial; counted from the kept
+        blocks of head 0, never from the whole ``[H, nqb, nkb]`` grid (GBs for long per-head layouts)."""
+        nqb, nkb = self.num_q_blocks, self.num_k_blocks
+        step_r, step_c = -(-nqb // max_rows), -(-nkb // max_cols)
+        rows, cols = -(-nqb // step_r), -(-nkb // step_c)
+        kept = {}
+        for kind in ("full", "part"):
+            h, qb, kb = self._row_entries(kind)
+            cell = (qb[h == 0] // step_r) * cols + kb[h == 0] // step_c
+            kept[kind] = torch.bincount(cell, minlength=rows * cols).view(rows, cols)
+        blocks_r = (nqb - torch.arange(rows) * step_r).clamp(max=step_r)
+        blocks_c = (nkb - torch.arange(cols) * step_c).clamp(max=step_c)
+        grid = torch.where(kept["full"] == blocks_r[:, None] * blocks_c[None, :], 2, 1)
+        grid = torch.where(kept["full"] + kept["part"] == 0, 0, grid)
+        lines = ["".join(_CLASS_CHARS[c] for c in row) for row in grid.tolist()]
         scale = f" (each character {step_r}x{step_c} blocks)" if step_r * step_c > 1 else ""
-        return f"head 0{scale}:\n" + "\n".join(rows)
-
-
-def _summarise(cells: torch.Tensor) -> int:
-    """Full if all cells are full, empty if all are empty, else partial."""
-    if bool((cells == 2).all()):
-        return 2
-    if bool((cells == 0).all()):
-        return 0
-    return 1
+        return f"head 0{scale}:\n" + "\n".join(lines)

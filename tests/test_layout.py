@@ -1,5 +1,7 @@
 """BlockLayout exactness: block classes and token masks equal what `Pattern.mask()` says, for many compositions."""
 
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -57,6 +59,8 @@ def check_columns_mirror_rows(layout):
         assert {(h, q, k): t for (h, k, q), t in cols.items()} == rows
         for ptr, idx in (
             (layout.row_full_ptr, layout.row_full_idx),
+            (layout.row_part_ptr, layout.row_part_idx),
+            (layout.col_full_ptr, layout.col_full_idx),
             (layout.col_part_ptr, layout.col_part_idx),
         ):
             for h in range(ptr.shape[0]):
@@ -147,6 +151,68 @@ def test_named_patterns_exact(q_len, kv_len, block_size):
         check_layout(p, q_len, kv_len, block_size)
 
 
+@pytest.mark.parametrize("q_len,kv_len", [(161, 161), (97, 161), (161, 97), (1, 161)])
+@pytest.mark.parametrize("block_size", [8, (16, 8), 13])
+def test_global_tokens_at_explicit_positions_exact(q_len, kv_len, block_size):
+    positions = sorted({*range(0, 97, 16), *range(3, 97, 16), 50, 51, 96})
+    for p in (
+        sa.global_tokens(positions),
+        sa.global_tokens(positions) | sa.sliding_window(5),
+        sa.causal() & (sa.sliding_window(9, 0) | sa.global_tokens(positions)),
+    ):
+        check_layout(p, q_len, kv_len, block_size)
+
+
+def test_global_tokens_share_tiles_between_blocks():
+    # Every 256th token is global: blocks hold their global rows/keys at the same offset, so three tiles
+    # (global first row, global first key, both) serve the thousands of partial blocks.
+    layout = sa.global_tokens(list(range(0, 8192, 256))).layout(8192, block_size=64)
+    assert layout.num_partial > 1000
+    assert layout.tiles.shape[0] == 3
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(97, 97), (161, 40), (37, 161)])
+def test_band_intersected_with_compositions_exact(q_len, kv_len):
+    heads = [
+        sa.sliding_window(4) | sa.global_tokens(3),
+        sa.random_blocks(2, 16, seed=1),
+        sa.dilated(3, 1, dilation=2),
+    ]
+    pats = [
+        sa.causal() & (sa.sliding_window(20, 3) | sa.global_tokens([0, 30])),
+        (sa.random_blocks(2, 16, seed=4) | sa.global_tokens(2)) & sa.sliding_window(30),
+        sa.causal() & sa.per_head(heads),
+        sa.bigbird(16, 2, 2, block_size=16, seed=1, heads=2) & sa.dilated(40, 5, dilation=3),
+    ]
+    for p in pats:
+        for block_size in (16, (32, 16), 7):
+            check_layout(p, q_len, kv_len, block_size)
+
+
+@pytest.mark.parametrize("q_len,kv_len", [(40, 20), (20, 40), (37, 37)])
+def test_huge_windows_exact(q_len, kv_len):
+    # sys.maxsize as "no limit" once overflowed int64 and built a layout that disagreed with mask().
+    pats = [
+        sa.sliding_window(sys.maxsize),
+        sa.sliding_window(sys.maxsize, 0),
+        sa.sliding_window(10**30, 2),
+        sa.dilated(2**62, dilation=3),
+        sa.dilated(3, dilation=2**70),
+        sa.dilated(5, dilation=2**39 + 1) & sa.dilated(5, dilation=2**39 + 3),
+    ]
+    for p in pats:
+        check_layout(p, q_len, kv_len, 8)
+    assert sa.sliding_window(sys.maxsize).mask(q_len, kv_len).all()
+
+
+def test_causal_intersection_costs_only_the_kept_blocks():
+    # causal() & (window | globals) at 2M tokens: 16384**2 / 2 causal blocks, a few per row kept. Only the
+    # kept ones are enumerated (all the causal ones would take many GB and seconds).
+    pattern = sa.causal() & (sa.sliding_window(255, 0) | sa.global_tokens(4))
+    layout = pattern.layout(1 << 21, block_size=128)
+    assert layout.num_full + layout.num_partial < 4 * layout.num_q_blocks
+
+
 def test_block_classes_on_a_known_case():
     # 8 tokens, blocks of 4, causal: the diagonal blocks are partial, the one below is full, above empty.
     grid = sa.causal().layout(8, block_size=4).to_block_mask()[0]
@@ -187,6 +253,18 @@ def test_repr_has_a_picture_and_the_counts():
     assert "full=6" in text and "partial=4" in text and "empty=6" in text
     lines = text.splitlines()
     assert lines[-4:] == ["▒···", "█▒··", "██▒·", "███▒"]
+
+
+def test_repr_downsamples_from_the_kept_blocks(monkeypatch):
+    # 48x48 blocks, two block rows per character: a character is full only if all its blocks are.
+    layout = sa.causal().layout(192, block_size=4)
+    lines = repr(layout).splitlines()
+    assert lines[1] == "head 0 (each character 2x1 blocks):"
+    assert lines[2:] == ["█" * 2 * r + "▒▒" + "·" * (46 - 2 * r) for r in range(24)]
+    # The picture never builds the whole [H, nqb, nkb] grid (GBs for long per-head layouts).
+    big = sa.per_head([sa.sliding_window(64)] * 4).layout(1 << 16, block_size=64)
+    monkeypatch.setattr(type(big), "to_block_mask", lambda self: pytest.fail("repr built the block grid"))
+    assert "heads=4" in repr(big)
 
 
 def test_to_device_and_meta():

@@ -74,6 +74,16 @@ def test_global_tokens(q_len, kv_len, spec):
 
 
 @pytest.mark.parametrize("q_len,kv_len", SIZES)
+@pytest.mark.parametrize("n", [0, 1, 3, 40, 200])
+def test_global_tokens_int_is_the_first_n_positions(q_len, kv_len, n):
+    # An int n means positions 0..n-1, of which a shorter sequence simply has fewer.
+    qpos, j, _ = positions(q_len, kv_len)
+    pos = torch.arange(min(n, kv_len))
+    expected = torch.isin(j, pos) | torch.isin(qpos, pos)
+    assert torch.equal(sa.global_tokens(n).mask(q_len, kv_len), expected)
+
+
+@pytest.mark.parametrize("q_len,kv_len", SIZES)
 @pytest.mark.parametrize("cells", [(8, 8), (5, 7), (1, 1)])
 def test_block_sparse_uses_row_index(q_len, kv_len, cells):
     gen = torch.Generator().manual_seed(q_len * 1000 + kv_len)
@@ -110,6 +120,14 @@ def test_random_blocks_are_seeded_and_reproducible():
     heads = sa.random_blocks(2, 8, seed=1, heads=3).mask(100, 100)
     assert heads.shape == (3, 100, 100)
     assert not torch.equal(heads[0], heads[1])
+
+
+@pytest.mark.parametrize("seed", [2**43, 2**63 - 1, -(2**63), 2**64 + 5, -(2**70)])
+def test_random_blocks_take_any_int_seed(seed):
+    # Seeds beyond int64 once overflowed inside the hash; any int is a valid seed.
+    a = sa.random_blocks(2, 8, seed=seed, heads=2).mask(40, 96)
+    assert torch.equal(a, sa.random_blocks(2, 8, seed=seed, heads=2).mask(40, 96))
+    assert (a.sum(-1) == 16).all()  # two whole key blocks of 8 per row
 
 
 def test_random_blocks_same_draw_for_decode_and_prefill():

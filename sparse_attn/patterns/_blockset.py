@@ -122,9 +122,10 @@ def _reclassify(s: BlockSet, g: Geometry, tile_qb, tile_kb) -> BlockSet:
     if s.tiles.shape[0] == 0:
         return s
     _, _, valid = g.tile_coords(tile_qb, tile_kb)
-    visible = s.tiles.flatten(1).sum(1)
-    is_full = visible == valid.flatten(1).sum(1)
-    is_empty = visible == 0
+    # Tiles are False outside their valid region: full iff True wherever valid. (any/all, not bool sums,
+    # which widen every element to int64: seconds for many tiles.)
+    is_full = (s.tiles | ~valid).flatten(1).all(1)
+    is_empty = ~s.tiles.flatten(1).any(1)
     keep_tile = ~(is_full | is_empty)
     new_id = torch.full((len(keep_tile),), FULL, dtype=torch.int64)
     new_id[keep_tile] = torch.arange(int(keep_tile.sum()))

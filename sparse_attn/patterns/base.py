@@ -60,6 +60,13 @@ class Pattern:
         enumerates only the window's blocks instead of all causal ones), else None."""
         return None
 
+    #: True if `_blocks_among` can classify any given blocks analytically (the diagonal bands).
+    classifies_blocks = False
+
+    def _blocks_among(self, g: Geometry, other: BlockSet) -> BlockSet:
+        """The kept blocks among `other`'s (for ``self & other``), in time proportional to `other`."""
+        raise NotImplementedError
+
     # -- public API ----------------------------------------------------------------------------------
     def mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None, device=None):
         """Token-level truth, bool ``[q_len, kv_len]`` (``[H, q_len, kv_len]`` with heads). O(S^2): tests and plots only."""
@@ -158,6 +165,12 @@ class Intersection(_Binary):
         simpler = self.left._intersection(self.right)
         if simpler is not None:
             return simpler._blocks(g)
+        # A band (causal, a window) is classified only on the other side's blocks: causal & (window | globals)
+        # then costs what the window and globals keep, not every causal block.
+        for band, other in ((self.left, self.right), (self.right, self.left)):
+            if band.classifies_blocks:
+                theirs = other._blocks(g)
+                return combine(band._blocks_among(g, theirs), theirs, g, "and")
         return combine(self.left._blocks(g), self.right._blocks(g), g, "and")
 
 

@@ -110,13 +110,16 @@ class RandomBlocks(Pattern):
         self.num_heads = None if heads is None else check_int("heads", heads, 1)
 
     def _choices(self, g, t_first: int, t_last: int) -> torch.Tensor:
-        """Chosen key blocks ``[H, t_last - t_first + 1, count]`` (-1 where fewer exist), Floyd's sampling."""
+        """Chosen key blocks ``[H, t_last - t_first + 1, min(count, key blocks)]``, Floyd's sampling."""
         n_keys = -(-g.kv_len // self.cell)
         heads = self.num_heads or 1
         t = torch.arange(t_first, t_last + 1)
         k = min(self.count, n_keys)
-        chosen = torch.full((heads, len(t), self.count), -1, dtype=torch.int64)
-        stream = (self.seed * 1_000_003 + torch.arange(heads)[:, None]) * 2_654_435_761 + t[None, :]
+        # As wide as the draws, not `count`: random_blocks(10**6) means "every key block", not 10**6 columns.
+        chosen = torch.full((heads, len(t), k), -1, dtype=torch.int64)
+        # The seed's part wrapped to int64 as torch wraps it, so that every int seed works (not just |seed| < 2**43).
+        base = (self.seed * 1_000_003 + (1 << 63)) % (1 << 64) - (1 << 63)
+        stream = (base + torch.arange(heads)[:, None]) * 2_654_435_761 + t[None, :]
         for s in range(k):
             bound = n_keys - k + s + 1
             pick = _mix(_mix(stream * 64 + s)).remainder(bound)

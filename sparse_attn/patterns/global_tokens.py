@@ -10,6 +10,20 @@ from ._blockset import from_candidates
 from .base import Pattern, check_int
 
 
+def _offset_kinds(index: torch.Tensor, size: int, n_blocks: int):
+    """Per block of `size`, 0 if no `index` falls in it, else 1 + an id shared by the blocks holding the
+    same in-block offsets; and the number of kinds. Memory: (blocks holding an index) x size."""
+    blocks, inverse = torch.unique(index // size, return_inverse=True)
+    kinds = torch.zeros(n_blocks, dtype=torch.int64)
+    if len(blocks) == 0:
+        return kinds, 1
+    offsets = torch.zeros(len(blocks), size, dtype=torch.bool)
+    offsets[inverse, index % size] = True
+    distinct, kind = torch.unique(offsets, dim=0, return_inverse=True)
+    kinds[blocks] = kind + 1
+    return kinds, len(distinct) + 1
+
+
 class GlobalTokens(Pattern):
     """Visible iff key `j` is global or query position `qpos` is global."""
 
@@ -62,10 +76,11 @@ class GlobalTokens(Pattern):
         key = torch.unique(qb * nkb + kb)
         qb, kb = key // nkb, key % nkb
         full = all_rows[qb] | all_cols[kb]
-        # A tile is fixed by which of its rows and which of its columns are global.
-        row_kind = torch.where(rows_in_block[qb] > 0, qb + 1, 0)
-        col_kind = torch.where(cols_in_block[kb] > 0, kb + 1, 0)
-        tile_key = row_kind * (nkb + 1) + col_kind
+        # A tile is fixed by which of its rows and which of its columns are global (from_candidates adds
+        # the ragged edges): blocks with the same in-block global offsets share one tile.
+        row_kind, _ = _offset_kinds(rows, g.block_q, nqb)
+        col_kind, n_col_kinds = _offset_kinds(positions, g.block_k, nkb)
+        tile_key = row_kind[qb] * n_col_kinds + col_kind[kb]
         return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, tile_key)
 
     def __repr__(self):

@@ -18,6 +18,12 @@ from .base import Pattern, check_int
 UNBOUNDED = 1 << 40
 
 
+def _bounded(x: int) -> int:
+    """`x` clamped to +-UNBOUNDED: the same band for every real length, and no int64 overflow (a window of
+    sys.maxsize once wrapped around and built a wrong layout)."""
+    return max(-UNBOUNDED, min(UNBOUNDED, x))
+
+
 class _Band(Pattern):
     """Visible iff ``lo <= qpos - j <= hi`` and ``(qpos - j) % dilation == 0``."""
 
@@ -36,19 +42,30 @@ class _Band(Pattern):
         if not isinstance(other, _Band):
             return None
         return _BandIntersection(
-            max(self.lo, other.lo), min(self.hi, other.hi), math.lcm(self.dilation, other.dilation)
+            max(self.lo, other.lo), min(self.hi, other.hi), _bounded(math.lcm(self.dilation, other.dilation))
         )
 
+    classifies_blocks = True
+
     def _blocks(self, g):
-        qb, kb = _band_candidates(g, self.lo, self.hi)
+        return self._classify(g, *_band_candidates(g, self.lo, self.hi))
+
+    def _blocks_among(self, g, other):
+        key = torch.unique(other.key % (g.num_q_blocks * g.num_k_blocks))
+        return self._classify(g, key // g.num_k_blocks, key % g.num_k_blocks)
+
+    def _classify(self, g, qb, kb):
+        """The kept blocks among the candidates (qb, kb), each exactly classified."""
         row0, col0 = qb * g.block_q + g.offset, kb * g.block_k
         d_min = row0 - (col0 + g.valid_cols(kb) - 1)
         d_max = row0 + g.valid_rows(qb) - 1 - col0
+        meets = (d_max >= self.lo) & (d_min <= self.hi)
         full = (d_min >= self.lo) & (d_max <= self.hi)
         if self.dilation > 1:
             full &= (d_min == d_max) & (d_min % self.dilation == 0)
+        qb, kb, full, corner = qb[meets], kb[meets], full[meets], (row0 - col0)[meets]
         # The tile is a function of the d at its top-left corner.
-        return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, row0 - col0)
+        return from_candidates(self, g, 1, torch.zeros_like(qb), qb, kb, full, corner)
 
 
 def _band_candidates(g, lo, hi):
@@ -78,7 +95,7 @@ class SlidingWindow(_Band):
     def __init__(self, left: int, right: int | None = None):
         self.left = check_int("left", left, 0)
         self.right = self.left if right is None else check_int("right", right, 0)
-        self.lo, self.hi = -self.right, self.left
+        self.lo, self.hi = _bounded(-self.right), _bounded(self.left)
 
     def __repr__(self):
         return f"sliding_window({self.left}, {self.right})"
@@ -88,11 +105,13 @@ class Dilated(_Band):
     def __init__(self, left: int, right: int | None = None, dilation: int = 2):
         self.left = check_int("left", left, 0)
         self.right = self.left if right is None else check_int("right", right, 0)
-        self.dilation = check_int("dilation", dilation, 1)
-        self.lo, self.hi = -self.right * self.dilation, self.left * self.dilation
+        self.step = check_int("dilation", dilation, 1)
+        # A dilation beyond every |qpos - j| keeps only d = 0, as UNBOUNDED does.
+        self.dilation = _bounded(self.step)
+        self.lo, self.hi = _bounded(-self.right * self.step), _bounded(self.left * self.step)
 
     def __repr__(self):
-        return f"dilated({self.left}, {self.right}, dilation={self.dilation})"
+        return f"dilated({self.left}, {self.right}, dilation={self.step})"
 
 
 class Causal(_Band):
