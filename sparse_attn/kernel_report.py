@@ -2,10 +2,13 @@
 
 ``python -m sparse_attn kernel-report [--json PATH]`` compiles the block-sparse kernels for sm_80 and sm_90a
 (``triton.compile(ASTSource(...), target=GPUTarget(...))``; no GPU needed), fp16 and bf16, head dims 64 and
-128, every shipped config, with the worst-case flags (key mask, per-head layout, ragged lengths, so every
-mask path is compiled). From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared
-memory (``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions
-(HMMA on sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores (STL).
+128, every shipped config, with every mask path compiled (key mask, per-head layout, ragged lengths). That
+is one variant of the 16 the EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT flags give, and not the worst for
+registers: ptxas allocates each variant on its own, and a config clean here can spill in another.
+From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
+(``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions (HMMA on
+sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores
+(STL).
 
 Compilation runs in worker processes with ``TRITON_INTERPRET`` removed from their environment: under the
 interpreter, ``@triton.jit`` gives interpreter objects that cannot be compiled.

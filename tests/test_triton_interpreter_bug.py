@@ -35,3 +35,18 @@ def test_raw_interpreter_bf16_dot_is_still_broken_upstream(monkeypatch):
 
 def test_patched_interpreter_bf16_dot_is_exact():
     assert bf16_dot_error() < 1e-5
+
+
+def test_bf16_is_refused_through_the_unpatched_interpreter(monkeypatch):
+    """Outside these tests nothing patches the interpreter: bf16 must raise, not return garbage."""
+    import sparse_attn as sa
+    from sparse_attn.backends import triton_backend
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", InterpreterBuilder.unpatched_create_dot)
+    triton_backend._interpreter_bf16_dot_works.cache_clear()
+    q = torch.randn(1, 1, 32, 16).to(torch.bfloat16)
+    try:
+        with pytest.raises(TypeError, match="bfloat16 gives wrong results through Triton's interpreter"):
+            sa.sparse_attention(q, q, q, sa.causal(), backend="triton")
+    finally:
+        triton_backend._interpreter_bf16_dot_works.cache_clear()

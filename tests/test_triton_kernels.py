@@ -206,6 +206,23 @@ def test_non_contiguous_inputs():
     check_against_reference(q, k, v, sa.causal() & sa.sliding_window(60))
 
 
+def test_transposed_key_mask_and_output_gradient():
+    """A key_mask that is a transposed view (the kernels read keys with unit stride) and a dO with
+    non-standard strides (the preprocess, dK/dV and dQ kernels take its own strides)."""
+    q, k, v = make_qkv(b=2, sq=97)
+    key_mask = padding_mask(2, 97).T.contiguous().T
+    assert key_mask.stride() == (1, 2)
+    do = torch.randn(2, 97, 2, 64, generator=torch.Generator().manual_seed(5)).transpose(1, 2)
+    results = []
+    for fn, dtype in ((triton_fn, torch.float32), (reference_fn, torch.float64)):
+        leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out, lse = fn(sa.causal(), key_mask=key_mask)(*leaves)
+        out.backward(do.to(dtype))
+        results.append([out.detach(), lse.detach()] + [t.grad for t in leaves])
+    for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), *results, strict=True):
+        torch.testing.assert_close(got.double(), ref, rtol=0, atol=2e-5, msg=name)
+
+
 @pytest.mark.parametrize(
     "length,block_size",
     [(200, 128), (200, (64, 128)), (200, (128, 64)), (192, 128)],
@@ -285,6 +302,30 @@ def test_autotuner_prunes_to_the_configs_that_fit():
     ]
     kept = tuner.early_config_prune(tuner.configs, {}, HEAD_DIM=64, LAYOUT_BQ=32, LAYOUT_BK=32)
     assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(32, 32)}
+
+
+def test_autotuned_launch_path(monkeypatch):
+    """The GPU launch path (`triton.autotune` over the pruned configs, EVEN_* heuristics inside) through the
+    interpreter, with a stub benchmark that makes the last pruned config win, so a non-pinned one runs."""
+    monkeypatch.setattr(launch, "pinned", lambda: False)
+    monkeypatch.setattr(launch, "_autotuned", {})
+    benchmarked = []
+
+    def bench(kernel_call, quantiles):
+        kernel_call()
+        benchmarked.append(None)
+        return [-len(benchmarked)] * len(quantiles)
+
+    for name in ("fwd", "dkdv", "dq"):
+        launch._autotuned_kernel(name).do_bench = bench
+    q, k, v = make_qkv(b=2, hq=2, hkv=1, sq=97, d=40)
+    check_against_reference(q, k, v, sa.causal() | sa.global_tokens(3), key_mask=padding_mask(2, 97))
+    fitting = {name: launch.fitting_configs(name, 40, 64, 64) for name in ("fwd", "dkdv", "dq")}
+    for name, configs in fitting.items():
+        (chosen,) = launch._autotuned[name].cache.values()
+        last = configs[-1]
+        assert len(configs) > 1 and (chosen.kwargs, chosen.num_warps) == (last.kwargs(), last.num_warps)
+    assert len(benchmarked) == sum(map(len, fitting.values()))
 
 
 def test_kernels_visit_only_the_kept_blocks(monkeypatch):

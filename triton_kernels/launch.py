@@ -54,8 +54,12 @@ class TileConfig:
 # one is the pinned config). Every config at head dim <= 128 compiles for sm_80 and sm_90a with no spills and
 # uses tensor cores (`python -m sparse_attn kernel-report`); head dim 256 configs were checked
 # spill-free on sm_80 with `--head-dims 256`. Pruned by that report: at head dim 128, 64x64
-# forward/dQ tiles with 4 warps and 64-key dK/dV tiles with 4 warps spill. 32x32 tiles are the fallback
-# that fits 32-row layout blocks.
+# forward/dQ tiles with 4 warps and 64-key dK/dV tiles with 4 warps spill. Also pruned: the 64x64 8-warp
+# dQ tile at head dim <= 64, clean in the report's masked variant but spilling 8-52 bytes on sm_80 in the
+# others (EVEN_M/EVEN_N true, no key mask: the common launch). Still known: the 32x32 4-warp dK/dV tile at
+# head dim <= 64 spills 8-16 bytes on sm_80 with a key mask and EVEN_M or EVEN_N (ptxas holds it at 128
+# registers); kept, as the only dK/dV tile that fits 32-key layout blocks and whose alternatives (1 stage,
+# 8 warps) spill on sm_90a. 32x32 tiles are the fallback that fits 32-row layout blocks.
 _C = TileConfig
 SHIPPED_CONFIGS = {
     "fwd": {
@@ -69,7 +73,7 @@ SHIPPED_CONFIGS = {
         256: [_C(32, 32, 8, 2)],
     },
     "dq": {
-        64: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
+        64: [_C(64, 32, 4, 2), _C(32, 32, 4, 2)],
         128: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 4, 2)],
         256: [_C(32, 32, 8, 2), _C(64, 32, 8, 2)],
     },
@@ -190,7 +194,8 @@ def _key_mask_arg(key_mask, q):
     """uint8 ``[B, Skv]`` view of the key mask and its batch stride (a dummy pointer when absent)."""
     if key_mask is None:
         return q, 0
-    km = key_mask.to(torch.uint8)
+    # The kernels index keys with unit stride; `.to` alone keeps a transposed view's strides.
+    km = key_mask.to(torch.uint8).contiguous()
     return km, km.stride(0)
 
 

@@ -2,10 +2,14 @@
 
 Triton is imported only here, on first use, so ``import sparse_attn`` works without it. The layout's block
 size must be a multiple of a kernel tile (32 or 64 rows/keys); `DEFAULT_BLOCK_SIZE` is what patterns are
-built with when the caller passes a `Pattern`.
+built with when the caller passes a `Pattern`. bfloat16 is refused under Triton's interpreter while its
+bf16 ``tl.dot`` is broken upstream (it would give garbage, silently).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
@@ -23,9 +27,30 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.cache
+def _interpreter_bf16_dot_works() -> bool:
+    """Triton 3.9's interpreter multiplies bf16 ``tl.dot`` operands as raw uint16 bits (garbage results;
+    the tests patch it in ``tests/conftest.py``). Probe once: a tiny causal bf16 forward against float32."""
+    from ..patterns import causal
+
+    n, d, scale = 32, 16, 0.25
+    q, k, v = torch.linspace(-1, 1, 3 * n * d).view(3, 1, 1, n, d).to(torch.bfloat16).unbind(0)
+    got, _ = _kernels().attention_fwd(q, k, v, causal().layout(n, n, block_size=32), scale)
+    scores = q.float() @ k.float().transpose(-1, -2) * scale
+    scores = scores.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    want = scores.softmax(-1) @ v.float()
+    return bool((got.float() - want).abs().max() < 0.05)
+
+
 def _check(q, layout) -> None:
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if q.dtype == torch.bfloat16 and interpreted and not _interpreter_bf16_dot_works():
+        raise TypeError(
+            "bfloat16 gives wrong results through Triton's interpreter (its tl.dot multiplies bf16 operands "
+            "as raw bits): use float16 or float32 with TRITON_INTERPRET=1, or backend='torch' on the CPU"
+        )
     launch = _kernels()
     for kernel in ("fwd", "dkdv", "dq"):
         launch.fitting_configs(kernel, q.shape[-1], layout.block_q, layout.block_k)
