@@ -256,6 +256,12 @@ def test_layout_block_that_fits_no_tile_is_rejected():
         sa.sparse_attention(q, k, v, layout, backend="triton")
 
 
+def test_batch_times_heads_beyond_the_cuda_grid_is_rejected():
+    q = torch.zeros(65536, 1, 1, 16)
+    with pytest.raises(ValueError, match="batch x query heads <= 65535"):
+        sa.sparse_attention(q, q, q, sa.sliding_window(1), backend="triton")
+
+
 def test_poisoning_is_active_in_these_tests():
     buffer = launch._empty((3,), like=torch.zeros(1))
     assert buffer.isnan().all()

@@ -14,6 +14,7 @@ import os
 import torch
 
 DEFAULT_BLOCK_SIZE = 64
+_MAX_GRID_Y = 65535
 
 
 def _kernels():
@@ -50,6 +51,12 @@ def _check(q, layout) -> None:
         raise TypeError(
             "bfloat16 gives wrong results through Triton's interpreter (its tl.dot multiplies bf16 operands "
             "as raw bits): use float16 or float32 with TRITON_INTERPRET=1, or backend='torch' on the CPU"
+        )
+    if q.shape[0] * q.shape[1] > _MAX_GRID_Y:
+        # Every kernel puts batch x heads on grid axis 1, which CUDA caps at 65,535.
+        raise ValueError(
+            f"the Triton backend takes batch x query heads <= {_MAX_GRID_Y}, got {q.shape[0]} x {q.shape[1]}: "
+            "split the batch"
         )
     launch = _kernels()
     for kernel in ("fwd", "dkdv", "dq"):
