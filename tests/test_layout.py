@@ -290,3 +290,15 @@ def test_to_device_and_meta():
 def test_bad_layout_arguments(call, error):
     with pytest.raises(error):
         call()
+
+
+@pytest.mark.parametrize("block_size", [128, (128, 64), (64, 96)])
+def test_random_cells_smaller_than_blocks_share_tiles(block_size):
+    """Partial blocks made of several random cells share tiles by which cells they keep (a handful of
+    tiles, not one per block), and the layout stays exact, ragged and shifted edges included."""
+    pattern = sa.bigbird(40, 16, 3, block_size=32, seed=7) | sa.random_blocks(2, block_size=48, seed=3)
+    for q_len, kv_len in ((1000, 1000), (777, 1031)):
+        layout = pattern.layout(q_len, kv_len, block_size=block_size)
+        assert torch.equal(layout.to_dense()[0], pattern.mask(q_len, kv_len))
+    big = sa.bigbird(192, 64, 3).layout(32768, block_size=128)
+    assert big.num_partial > 2000 and big.tiles.shape[0] < 100

@@ -21,7 +21,7 @@ def _cells_to_blocks(pattern, g, heads, h, r, c, cell_q, cell_k, row_shift):
     j_first = c * cell_k
     j_last = ((c + 1) * cell_k - 1).clamp(max=g.kv_len - 1)
     ok = (i_first <= i_last) & (j_first <= j_last)
-    h, i_first, i_last, j_first, j_last = (t[ok] for t in (h, i_first, i_last, j_first, j_last))
+    h, r, c, i_first, i_last, j_first, j_last = (t[ok] for t in (h, r, c, i_first, i_last, j_first, j_last))
     qb0, nq = i_first // g.block_q, i_last // g.block_q - i_first // g.block_q + 1
     kb0, nk = j_first // g.block_k, j_last // g.block_k - j_first // g.block_k + 1
     # Expand each cell to its rectangle of blocks.
@@ -32,17 +32,44 @@ def _cells_to_blocks(pattern, g, heads, h, r, c, cell_q, cell_k, row_shift):
     bq = qb0[cell] + local // nk[cell]
     bk = kb0[cell] + local % nk[cell]
     nqb, nkb = g.num_q_blocks, g.num_k_blocks
-    key, hits = torch.unique((bh * nqb + bq) * nkb + bk, return_counts=True)
+    key, inverse, hits = torch.unique((bh * nqb + bq) * nkb + bk, return_inverse=True, return_counts=True)
     bh, bq, bk = key // (nqb * nkb), (key // nkb) % nqb, key % nkb
     # Cells each block overlaps (within the valid region), to compare with the kept ones it was hit by.
     rows_first = bq * g.block_q + row_shift
     rows_last = bq * g.block_q + g.valid_rows(bq) - 1 + row_shift
     cols_last = bk * g.block_k + g.valid_cols(bk) - 1
-    overlapped = (
-        rows_last.div(cell_q, rounding_mode="floor") - rows_first.div(cell_q, rounding_mode="floor") + 1
-    ) * (cols_last // cell_k - (bk * g.block_k) // cell_k + 1)
-    full = hits == overlapped
-    return from_candidates(pattern, g, heads, bh, bq, bk, full, key)
+    first_r, first_c = rows_first.div(cell_q, rounding_mode="floor"), (bk * g.block_k) // cell_k
+    n_r = rows_last.div(cell_q, rounding_mode="floor") - first_r + 1
+    n_c = cols_last // cell_k - first_c + 1
+    full = hits == n_r * n_c
+    return from_candidates(
+        pattern,
+        g,
+        heads,
+        bh,
+        bq,
+        bk,
+        full,
+        _tile_keys(
+            r[cell], c[cell], inverse, key, bq, bk, first_r, first_c, n_c, n_r, rows_first, g, cell_q, cell_k
+        ),
+    )
+
+
+def _tile_keys(r, c, inverse, key, bq, bk, first_r, first_c, n_c, n_r, rows_first, g, cell_q, cell_k):
+    """Tile keys: a partial block's tile is fixed by which of the cells it overlaps are kept and by where
+    the cell grid falls in it (its phase), so blocks agreeing on both share one tile (a random pattern
+    whose cells are smaller than the layout blocks has a few dozen distinct tiles, not one per block).
+    Blocks overlapping more cells than an int64 bit mask holds keep one tile each. The first row and
+    column of blocks get their own keys: the clamps above make their tiles differ."""
+    if len(key) == 0 or int((n_r * n_c).max()) > 60:
+        return key
+    bit = (r - first_r[inverse]) * n_c[inverse] + (c - first_c[inverse])
+    mask = torch.zeros(len(key), dtype=torch.int64).scatter_add_(0, inverse, torch.ones_like(bit) << bit)
+    parts = torch.stack(
+        [mask, rows_first.remainder(cell_q), (bk * g.block_k) % cell_k, n_r, n_c, bq == 0, bk == 0], 1
+    )
+    return torch.unique(parts.long(), dim=0, return_inverse=True)[1]
 
 
 class BlockSparse(Pattern):
