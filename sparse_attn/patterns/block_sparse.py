@@ -149,7 +149,9 @@ class RandomBlocks(Pattern):
         stream = (base + torch.arange(heads)[:, None]) * 2_654_435_761 + t[None, :]
         for s in range(k):
             bound = n_keys - k + s + 1
-            pick = _mix(_mix(stream * 64 + s)).remainder(bound)
+            # Draw s of a row hashes (row stream, s) without collisions (stream * 64 + s once repeated
+            # draws of neighbouring rows beyond 64 draws).
+            pick = _mix(_mix(stream) + s).remainder(bound)
             taken = (chosen[:, :, :s] == pick[..., None]).any(-1)
             chosen[:, :, s] = torch.where(taken, bound - 1, pick)
         return chosen
