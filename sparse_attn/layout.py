@@ -205,8 +205,13 @@ class BlockLayout:
         device = torch.device(device)
         if device == self.device:
             return self
-        moved = {name: getattr(self, name).to(device) for name in _INDEX_FIELDS}
-        return BlockLayout(self.geometry, self.num_heads, **moved)
+
+        def move():
+            moved = {name: getattr(self, name).to(device) for name in _INDEX_FIELDS}
+            return BlockLayout(self.geometry, self.num_heads, **moved)
+
+        # Kept, so that passing a CPU layout with GPU tensors uploads it once, not on every call.
+        return self.cached(("to", str(device)), move)
 
     def __repr__(self) -> str:
         n_blocks = self.num_heads * self.num_q_blocks * self.num_k_blocks

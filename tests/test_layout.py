@@ -272,6 +272,7 @@ def test_to_device_and_meta():
     assert layout.to("cpu") is layout
     meta = layout.to("meta")
     assert meta.device.type == "meta" and meta.row_full_idx.shape == layout.row_full_idx.shape
+    assert layout.to("meta") is meta  # moved once, not on every call
 
 
 @pytest.mark.parametrize(

@@ -80,7 +80,10 @@ class Pattern:
         return m.contiguous().to(device) if device is not None else m.contiguous()
 
     def layout(self, q_len: int, kv_len: int | None = None, *, block_size=128, heads=None, device=None):
-        """The exact `BlockLayout`, built in time and memory proportional to the kept blocks."""
+        """The exact `BlockLayout`, built in time and memory proportional to the kept blocks.
+
+        A pattern shared by all heads gives a one-head layout whatever `heads` says (the kernels broadcast
+        it); a `per_head` pattern gives one layout head per pattern head."""
         from ..layout import BlockLayout
 
         q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
