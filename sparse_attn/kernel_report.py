@@ -2,10 +2,9 @@
 
 ``python -m sparse_attn kernel-report [--json PATH]`` compiles the block-sparse kernels for sm_80 and sm_90a
 (``triton.compile(ASTSource(...), target=GPUTarget(...))``; no GPU needed), fp16 and bf16, head dims 64 and
-128, every shipped config, with every mask path compiled (key mask, per-head layout, ragged lengths). That
-is one variant of the 16 the EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT flags give, and not the worst for
-registers: ptxas allocates each variant on its own, and a config clean here can spill in another.
-From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
+128, every shipped config, in every variant the launcher can produce: the 16 combinations of the
+EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT flags (ptxas allocates registers for each variant on its own,
+so a config clean in one variant can spill in another). From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
 (``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions (HMMA on
 sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores
 (STL).
@@ -17,6 +16,7 @@ interpreter, ``@triton.jit`` gives interpreter objects that cannot be compiled.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -32,18 +32,22 @@ HEAD_DIMS = (64, 128)
 #: The layout block the report compiles for (the Triton backend's default).
 LAYOUT_BLOCK = 64
 KERNELS = {
-    # kernel name -> (config family in launch.SHIPPED_CONFIGS, constexpr flags beyond the common ones)
-    "_bsattn_fwd_kernel": ("fwd", {"EVEN_M": False, "EVEN_N": False}),
-    "_bsattn_bwd_dkdv_kernel": ("dkdv", {"EVEN_M": False, "EVEN_N": False}),
-    "_bsattn_bwd_dq_kernel": ("dq", {"EVEN_M": False, "EVEN_N": False}),
-    "_bsattn_bwd_preprocess": (None, {"HAS_DLSE": True}),
+    # kernel name -> config family in launch.SHIPPED_CONFIGS (None: the preprocess, one fixed config)
+    "_bsattn_fwd_kernel": "fwd",
+    "_bsattn_bwd_dkdv_kernel": "dkdv",
+    "_bsattn_bwd_dq_kernel": "dq",
+    "_bsattn_bwd_preprocess": None,
 }
+#: The constexpr flags the launcher sets per call; the three main kernels are compiled for every combination.
+VARIANT_FLAGS = ("EVEN_M", "EVEN_N", "HAS_KEY_MASK", "PER_HEAD_LAYOUT")
+PREPROCESS_FLAGS = {"HAS_DLSE": True}
 RECORD_KEYS = (
     "kernel",
     "target",
     "dtype",
     "head_dim",
     "config",
+    "variant",
     "registers",
     "spill_bytes",
     "stack_bytes",
@@ -55,16 +59,30 @@ _DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
 _FP32_POINTERS = ("Lse", "Delta", "DLse")
 
 
+def variants(kernel: str) -> list[dict]:
+    """The flag combinations `kernel` is compiled with."""
+    if KERNELS[kernel] is None:
+        return [PREPROCESS_FLAGS]
+    return [
+        dict(zip(VARIANT_FLAGS, bits, strict=True)) for bits in itertools.product((False, True), repeat=4)
+    ]
+
+
+def variant_name(flags: dict) -> str:
+    """``EVEN_M=1,EVEN_N=0,HAS_KEY_MASK=1,PER_HEAD_LAYOUT=0``-style label of a variant."""
+    return ",".join(f"{name}={int(value)}" for name, value in flags.items())
+
+
 def jobs(head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS)) -> list[tuple]:
-    """Every (kernel, target, dtype, head_dim, config) the report compiles; config None = preprocess."""
+    """Every (kernel, target, dtype, head_dim, config, flags) the report compiles; config None = preprocess."""
     from sparse_attn.triton_kernels.launch import configs_for
 
     out = []
-    for kernel, (family, _) in KERNELS.items():
+    for kernel, family in KERNELS.items():
         for head_dim in head_dims:
-            configs = configs_for(family, head_dim) if family else [None]
-            for config in configs:
-                out += [(kernel, t, d, head_dim, config) for t in targets for d in dtypes]
+            for config in configs_for(family, head_dim) if family else [None]:
+                for flags in variants(kernel):
+                    out += [(kernel, t, d, head_dim, config, flags) for t in targets for d in dtypes]
     return out
 
 
@@ -79,8 +97,6 @@ def _signature(fn, dtype: str, head_dim: int, config, flags: dict):
         "LAYOUT_BQ": LAYOUT_BLOCK,
         "LAYOUT_BK": LAYOUT_BLOCK,
         "WORDS": -(-LAYOUT_BLOCK // 32),
-        "PER_HEAD_LAYOUT": True,
-        "HAS_KEY_MASK": True,
         "DOT_PRECISION": "tf32",
         **flags,
     }
@@ -129,7 +145,7 @@ def _spill_store_bytes(sass: str) -> int:
     return total
 
 
-def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config) -> dict:
+def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, flags: dict) -> dict:
     """Compile one kernel variant for one target; return its record."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -138,7 +154,6 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config) -> 
     from sparse_attn.triton_kernels import bsattn
 
     fn = getattr(bsattn, kernel)
-    family, flags = KERNELS[kernel]
     signature, constexprs, attrs = _signature(fn, dtype, head_dim, config, flags)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
     compiled = triton.compile(
@@ -159,6 +174,7 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config) -> 
         "dtype": dtype,
         "head_dim": head_dim,
         "config": str(config) if config else "BLOCK_M64-w4",
+        "variant": variant_name(flags),
         "registers": int(fields["REG"]),
         "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
         "stack_bytes": int(fields["STACK"]),
@@ -204,9 +220,21 @@ def run_report(
 
 def format_table(records: list[dict]) -> str:
     """One line per record, aligned."""
-    header = ("kernel", "target", "dtype", "D", "config", "regs", "spill", "stack", "shared", "tensor-core")
+    header = (
+        "kernel",
+        "target",
+        "dtype",
+        "D",
+        "config",
+        "variant",
+        "regs",
+        "spill",
+        "stack",
+        "shared",
+        "tensor-core",
+    )
     rows = [header] + [
-        (r["kernel"], r["target"], r["dtype"], str(r["head_dim"]), r["config"], str(r["registers"]),
+        (r["kernel"], r["target"], r["dtype"], str(r["head_dim"]), r["config"], r["variant"], str(r["registers"]),
          str(r["spill_bytes"]), str(r["stack_bytes"]), str(r["shared_bytes"]), str(r["tensor_core_instructions"]))
         for r in records
     ]  # fmt: skip
@@ -233,7 +261,8 @@ def main(argv=None) -> int:
     bad = [r for r in records if problems(r)]
     for r in bad:
         print(
-            f"NOT CLEAN: {r['kernel']} {r['target']} {r['dtype']} D={r['head_dim']} {r['config']}: {problems(r)}"
+            f"NOT CLEAN: {r['kernel']} {r['target']} {r['dtype']} D={r['head_dim']} {r['config']} "
+            f"{r['variant']}: {problems(r)}"
         )
     return 1 if bad else 0
 

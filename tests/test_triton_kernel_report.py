@@ -1,4 +1,5 @@
-"""GPU readiness without a GPU: every shipped config compiles for sm_80 and sm_90a, spill-free, on tensor cores.
+"""GPU readiness without a GPU: every shipped config, in every flag variant the launcher can produce, compiles
+for sm_80 and sm_90a, spill-free, on tensor cores.
 
 Runs `python -m sparse_attn kernel-report` logic (compiling in worker processes without the interpreter). It
 compiles fp16 only to stay fast; the CLI adds bf16, whose code differs only in the operand type and has
@@ -28,14 +29,17 @@ def test_every_shipped_config_compiles_clean_for_both_targets(tmp_path, capsys):
         assert record["registers"] > 0 and record["shared_bytes"] > 0, record
         if record["kernel"] != "_bsattn_bwd_preprocess":
             assert record["tensor_core_instructions"] > 0, record
-    # Every (kernel, config, head dim) compiled for both targets.
-    seen = {(r["kernel"], r["config"], r["head_dim"], r["target"]) for r in records}
-    for kernel, (family, _) in kernel_report.KERNELS.items():
+    # Every (kernel, config, head dim, flag variant) compiled for both targets: 16 variants per main kernel.
+    seen = {(r["kernel"], r["config"], r["head_dim"], r["target"], r["variant"]) for r in records}
+    for kernel, family in kernel_report.KERNELS.items():
+        names = {kernel_report.variant_name(flags) for flags in kernel_report.variants(kernel)}
+        assert len(names) == (16 if family else 1)
         for head_dim in (64, 128):
             configs = [str(c) for c in configs_for(family, head_dim)] if family else ["BLOCK_M64-w4"]
             for config in configs:
                 for target in ("sm_80", "sm_90a"):
-                    assert (kernel, config, head_dim, target) in seen
+                    for name in names:
+                        assert (kernel, config, head_dim, target, name) in seen
 
 
 def test_spill_store_bytes_reads_every_stl_width():

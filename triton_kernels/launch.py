@@ -51,15 +51,14 @@ class TileConfig:
 
 
 # Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256), best guess first (the first fitting
-# one is the pinned config). Every config at head dim <= 128 compiles for sm_80 and sm_90a with no spills and
-# uses tensor cores (`python -m sparse_attn kernel-report`); head dim 256 configs were checked
-# spill-free on sm_80 with `--head-dims 256`. Pruned by that report: at head dim 128, 64x64
-# forward/dQ tiles with 4 warps and 64-key dK/dV tiles with 4 warps spill. Also pruned: the 64x64 8-warp
-# dQ tile at head dim <= 64, clean in the report's masked variant but spilling 8-52 bytes on sm_80 in the
-# others (EVEN_M/EVEN_N true, no key mask: the common launch). Still known: the 32x32 4-warp dK/dV tile at
-# head dim <= 64 spills 8-16 bytes on sm_80 with a key mask and EVEN_M or EVEN_N (ptxas holds it at 128
-# registers); kept, as the only dK/dV tile that fits 32-key layout blocks and whose alternatives (1 stage,
-# 8 warps) spill on sm_90a. 32x32 tiles are the fallback that fits 32-row layout blocks.
+# one is the pinned config). Every config at head dim <= 128 compiles for sm_80 and sm_90a, fp16 and bf16,
+# in all 16 variants of the EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT flags, with no spills and on tensor
+# cores (`python -m sparse_attn kernel-report`; ptxas allocates each variant on its own); head dim 256
+# configs were checked spill-free on sm_80 with `--head-dims 256`. Pruned by that report: at head dim 128,
+# 64x64 forward/dQ tiles with 4 warps and 64-key dK/dV tiles with 4 warps; at head dim <= 64, the 64x64
+# 8-warp dQ tile (spills in the common even, unmasked variants) and the 32x32 4-warp dK/dV tile (held at
+# 128 registers, it spills with a key mask and an even axis), replaced by the same tile with 2 warps.
+# 32x32 tiles are the fallback that fits 32-row (32-key) layout blocks.
 _C = TileConfig
 SHIPPED_CONFIGS = {
     "fwd": {
@@ -68,7 +67,7 @@ SHIPPED_CONFIGS = {
         256: [_C(64, 32, 8, 2), _C(32, 32, 8, 2)],
     },
     "dkdv": {
-        64: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+        64: [_C(32, 64, 8, 2), _C(32, 32, 2, 2)],
         128: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
         256: [_C(32, 32, 8, 2)],
     },
