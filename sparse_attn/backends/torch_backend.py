@@ -125,16 +125,11 @@ class _Call:
     step: int  # > 0: full blocks of row x start at full[0, 0] + x * step (strided view); 0: gather
     merge: bool = False  # an earlier pass wrote these rows: merge into (forward) or add to (dQ) it
 
-    def subset(self, sel) -> _Call:
-        """The same call restricted to rows `sel` (a slice or a bool mask)."""
+    def subset(self, sel, step: int | None = None) -> _Call:
+        """The same call restricted to rows `sel` (a slice or a bool mask), optionally with another step."""
+        step = self.step if step is None else step
         return _Call(
-            self.rows[sel],
-            self.full[sel],
-            self.part[sel],
-            self.tiles[sel],
-            self.full_len,
-            self.step,
-            self.merge,
+            self.rows[sel], self.full[sel], self.part[sel], self.tiles[sel], self.full_len, step, self.merge
         )
 
 
@@ -291,7 +286,7 @@ def _split_runs(rows, full, part, tiles, full_len, merge) -> list[_Call]:
         return [whole]
     contiguous = (full[:, -1] - full[:, 0] + 1) == nf
     if len(rows) == 1 and bool(contiguous[0]):
-        return [_Call(rows, full, part, tiles, full_len, 1, merge)]  # one row: any step makes a view
+        return [whole.subset(slice(None), step=1)]  # one row: any step makes a view
     if len(rows) < _MIN_RUN:
         return [whole]
     start = full[:, 0]
@@ -308,10 +303,10 @@ def _split_runs(rows, full, part, tiles, full_len, merge) -> list[_Call]:
     calls = []
     for r in torch.unique(run_id[in_run]).tolist():
         sel = run_id == r
-        calls.append(_Call(rows[sel], full[sel], part[sel], tiles[sel], full_len, step, merge))
+        calls.append(whole.subset(sel, step=step))
     rest = ~in_run
     if bool(rest.any()):
-        calls.append(_Call(rows[rest], full[rest], part[rest], tiles[rest], full_len, 0, merge))
+        calls.append(whole.subset(rest))
     return calls
 
 
@@ -506,7 +501,7 @@ def _segment(qg, kseg, vseg, mask, hidden, scale):
     return out, lse
 
 
-def _merge_into(o1, l1, o2, l2, out, lse) -> None:
+def _merge_into(o1, l1, o2, l2, out, lse):
     """Exact merge of two attention segments through their logsumexps (either may be empty, -inf)."""
     # Weight of segment 2 is exp(l2 - lse) = sigmoid(l2 - l1); NaN only when both are empty (output 0).
     w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0).unsqueeze(-1)
