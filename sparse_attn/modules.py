@@ -14,6 +14,7 @@ pattern. A query that sees no key gets output 0 (nn gives NaN there).
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 
 import torch
@@ -26,6 +27,9 @@ from .layout import BlockLayout
 from .patterns import Pattern, causal
 from .patterns._blockset import from_candidates
 from .patterns.window import UNBOUNDED, SlidingWindow
+
+#: Guards every module's layout cache (a lock per module would make modules impossible to deepcopy).
+_CACHE_LOCK = threading.Lock()
 
 
 def dense_pattern() -> Pattern:
@@ -102,20 +106,23 @@ class SparseAttention(nn.Module):
         """The layout for these sizes, built once and cached (least recently used ones are dropped)."""
         kv_len = q_len if kv_len is None else kv_len
         key = self._key(q_len, kv_len, heads, device)
-        layout = self._layouts.get(key)
-        if layout is None:
-            q_len, kv_len, head_key, device_name, backend = key
-            if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
-                raise ValueError(
-                    f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
-                )
-            block = api._backend_module(backend).DEFAULT_BLOCK_SIZE
-            layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
+        with _CACHE_LOCK:  # one module may serve several threads; OrderedDict updates are not atomic
+            layout = self._layouts.get(key)
+            if layout is not None:
+                self._layouts.move_to_end(key)
+                return layout
+        q_len, kv_len, head_key, device_name, backend = key
+        if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
+            raise ValueError(
+                f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
+            )
+        block = api._backend_module(backend).DEFAULT_BLOCK_SIZE
+        layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
+        with _CACHE_LOCK:
             self._layouts[key] = layout
+            self._layouts.move_to_end(key)
             while len(self._layouts) > self.cache_size:
                 self._layouts.popitem(last=False)
-        else:
-            self._layouts.move_to_end(key)
         return layout
 
     def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False):

@@ -107,7 +107,12 @@ def _fwd_tile(
     v_ptrs = (
         v_base + n_start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
     )
-    if EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
+    if HAS_KEY_MASK:
+        # A padding key may hold garbage (NaN): load it as zeros so that no 0 * NaN reaches a dot.
+        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
+        k_t = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
         # [HEAD_DIM_PAD, BLOCK_N]
         k_t = tl.load(k_ptrs)
         # [BLOCK_N, HEAD_DIM_PAD]
@@ -122,10 +127,9 @@ def _fwd_tile(
             tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
         )
         if HAS_KEY_MASK:
-            visible = visible & (tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0)[None, :]
+            visible = visible & key_ok[None, :]
         s = tl.where(visible, s, float("-inf"))
     elif HAS_KEY_MASK:
-        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
         s = tl.where(key_ok[None, :], s, float("-inf"))
     elif not EVEN_N:
         s = tl.where((cols < kv_len)[None, :], s, float("-inf"))
@@ -485,14 +489,17 @@ def _bsattn_bwd_dkdv_kernel(
         + kv_head.to(tl.int64) * stride_vh
         + n_start.to(tl.int64) * stride_vn
     )
-    # [BLOCK_N, HEAD_DIM_PAD]
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=kv_mask, other=0.0)
     # Keys past kv_len are zero vectors whose rows are never stored, so only key_mask needs masking.
     if HAS_KEY_MASK:
         km_ok = tl.load(KeyMask + batch.to(tl.int64) * stride_kmb + cols, mask=cols < kv_len, other=0) != 0
+        # A padding key may hold garbage (NaN): it loads as zeros, so its dK, dV come out 0, not NaN.
+        load_mask = kv_mask & km_ok[:, None]
     else:
         km_ok = cols < kv_len
+        load_mask = kv_mask
+    # [BLOCK_N, HEAD_DIM_PAD]
+    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
+    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
 
@@ -594,7 +601,13 @@ def _bwd_dq_tile(
     v_ptrs = (
         v_base + n_start.to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
     )
-    if EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
+    if HAS_KEY_MASK:
+        # Padding keys load as zeros, whatever garbage they hold (see the forward step).
+        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
+        load_mask_t = (offs_d[:, None] < HEAD_DIM) & key_ok[None, :]
+        k_t = tl.load(k_ptrs, mask=load_mask_t, other=0.0)
+        v_t = tl.load(v_ptrs, mask=load_mask_t, other=0.0)
+    elif EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
         # [HEAD_DIM_PAD, BLOCK_N]
         k_t = tl.load(k_ptrs)
         v_t = tl.load(v_ptrs)
@@ -610,10 +623,9 @@ def _bwd_dq_tile(
             tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
         )
         if HAS_KEY_MASK:
-            visible = visible & (tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0)[None, :]
+            visible = visible & key_ok[None, :]
         p = tl.where(visible, p, 0.0)
     elif HAS_KEY_MASK:
-        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
         p = tl.where(key_ok[None, :], p, 0.0)
     elif not EVEN_N:
         p = tl.where((cols < kv_len)[None, :], p, 0.0)

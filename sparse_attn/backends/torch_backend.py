@@ -323,12 +323,17 @@ class _Problem:
         self.dtype = q.dtype
         self.frame = _frame(self.batch, self.hq, self.hkv, layout.num_heads)
         self.q = self.seq_blocks(q, self.bq)  # [B * Hq * nqb, bq * D]
+        self.key_bias = _key_bias(key_mask, self.hkv, self.nkb * self.bk, q.dtype)
+        if self.key_bias is not None:
+            # A padding key may hold garbage (NaN, inf): its -inf bias alone would give NaN scores and
+            # 0 * NaN in P @ V. Zeroing it (one copy, only when key_mask hides something) makes it inert.
+            real = key_mask.cpu()[:, None, :, None]
+            k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
         self.k = self.seq_blocks(k, self.bk)  # [B * Hkv * nkb, bk * D]
         self.v = self.seq_blocks(v, self.bk)
         self.kv_pad = self.nkb * self.bk
         self.tile_bias = _tile_bias(layout, q.dtype)
         self.tile_rows = layout.tile_masks().cpu().any(-1)  # [n_tiles, bq]: tile rows that see some key
-        self.key_bias = _key_bias(key_mask, self.hkv, self.kv_pad, q.dtype)
 
     def scratch(self, slot: str, shape, dtype) -> torch.Tensor:
         """An uninitialised tensor reused by every chunk and call of this thread (see `_thread_scratch`)."""
@@ -336,7 +341,9 @@ class _Problem:
         cache = _thread_scratch()
         buf = cache.get((slot, dtype))
         if buf is None or buf.numel() < size:
-            buf = cache[(slot, dtype)] = torch.empty(size, dtype=dtype)
+            # A normal tensor even under inference mode: later calls outside it update it in place.
+            with torch.inference_mode(False):
+                buf = cache[(slot, dtype)] = torch.empty(size, dtype=dtype)
         return buf[:size].view(shape)
 
     def gather(self, slot: str, src: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
@@ -348,8 +355,11 @@ class _Problem:
         """``[B, H, S, D]`` -> ``[B * H * nblocks, block * D]``, zero padded to whole blocks."""
         batch, heads, length, dim = t.shape
         pad = -length % block
-        t = F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous()
-        return t.view(batch * heads * ((length + pad) // block), block * dim)
+        if pad:  # one copy from any strides (F.pad keeps a channels_last memory format, which cannot view)
+            padded = t.new_zeros(batch, heads, length + pad, dim)
+            padded.narrow(2, 0, length).copy_(t)
+            t = padded
+        return t.contiguous().view(batch * heads * ((length + pad) // block), block * dim)
 
     def q_index(self, call: _Call) -> torch.Tensor:
         """Flat query-block index ``[X * hx * qrep]`` of the call's rows, in kernel order."""
@@ -594,9 +604,10 @@ def _get_pool(size: int) -> ThreadPoolExecutor:
         return _pool
 
 
-def _without_grad(fn, task):
-    # Grad mode is thread-local: the caller runs below autograd, a worker thread would not.
-    with torch.no_grad():
+def _without_grad(fn, task, inference: bool):
+    # Grad and inference modes are thread-local: the caller runs below autograd (and may be in inference
+    # mode, whose tensors other threads may not update in place); a worker thread would not be.
+    with torch.inference_mode(inference), torch.no_grad():
         return fn(task)
 
 
@@ -607,9 +618,10 @@ def _ordered_map(fn, tasks: list):
         yield from map(fn, tasks)
         return
     pool = _get_pool(workers)
+    inference = torch.is_inference_mode_enabled()
     pending = []
     for task in tasks:
-        pending.append(pool.submit(_without_grad, fn, task))
+        pending.append(pool.submit(_without_grad, fn, task, inference))
         if len(pending) > workers:
             yield pending.pop(0).result()
     for future in pending:

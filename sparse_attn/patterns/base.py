@@ -10,6 +10,7 @@ Every pattern answers two questions:
 from __future__ import annotations
 
 import numbers
+import threading
 from collections import OrderedDict
 
 import torch
@@ -18,6 +19,7 @@ from ._blockset import BlockSet, Geometry, combine
 
 #: Layouts each pattern keeps for reuse (per lengths, block size and device).
 LAYOUT_CACHE_SIZE = 8
+_LAYOUT_CACHE_LOCK = threading.Lock()
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:
@@ -93,13 +95,20 @@ class Pattern:
         # pattern and shapes again does not rebuild (or re-upload) the layout.
         cache = self.__dict__.setdefault("_layouts", OrderedDict())
         key = (q_len, kv_len, block_q, block_k, device)
-        if key not in cache:
-            g = Geometry(q_len, kv_len, block_q, block_k)
-            cache[key] = BlockLayout.from_block_set(self._blocks(g), g).to(device)
-            if len(cache) > LAYOUT_CACHE_SIZE:
+        with _LAYOUT_CACHE_LOCK:  # threads may share a pattern; OrderedDict updates are not atomic
+            layout = cache.get(key)
+            if layout is not None:
+                cache.move_to_end(key)
+                return layout
+        # Built outside the lock (it may take a while); a concurrent build of the same key is equal.
+        g = Geometry(q_len, kv_len, block_q, block_k)
+        layout = BlockLayout.from_block_set(self._blocks(g), g).to(device)
+        with _LAYOUT_CACHE_LOCK:
+            cache[key] = layout
+            cache.move_to_end(key)
+            while len(cache) > LAYOUT_CACHE_SIZE:
                 cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
+        return layout
 
     def _check_call(self, q_len, kv_len, heads):
         q_len = check_int("q_len", q_len, 1)
