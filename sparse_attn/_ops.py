@@ -113,6 +113,18 @@ def _backward(ctx, do, dlse):
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "sparse_attention supports first-order gradients only: differentiating its backward (double "
+        "backward, e.g. a gradient penalty or a Hessian-vector product through attention) is not "
+        "implemented. create_graph=True works as long as the graph is not differentiated through attention."
+    )
+
+
+# Without this, the second backward fails with torch's generic "no autograd formula" message.
+attention_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
 def attention(q, k, v, layout: BlockLayout, scale: float, key_mask, backend: str):
     """Differentiable ``(out, lse)`` through the custom ops."""
     tensors, ints = layout.flatten()

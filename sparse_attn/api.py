@@ -16,6 +16,8 @@ BACKENDS = ("auto", "triton", "torch")
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Head dims the Triton kernels take; the PyTorch backend takes any.
 TRITON_HEAD_DIMS = (16, 256)
+#: Largest |scale| for fp16/bf16/fp32 inputs: float32 scores then overflow only if |q . k| > 1.8e19.
+MAX_SCALE = 2.0**64
 
 
 def sparse_attention(
@@ -44,6 +46,8 @@ def sparse_attention(
     Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
     gets output 0 and lse -inf.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     backend = _resolve_backend(backend, q)
     scale = _check_inputs(q, k, v, key_mask, scale, backend)
     layout = _resolve_layout(pattern_or_layout, q, k, _backend_module(backend).DEFAULT_BLOCK_SIZE)
@@ -89,6 +93,9 @@ def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.is_meta:
+        # (torch.compile traces with fake tensors, which report their real device, not meta.)
+        raise ValueError("q, k and v must hold data (CPU or CUDA tensors), got meta tensors")
     batch, heads, _, head_dim = q.shape
     if k.shape != v.shape:
         raise ValueError(
@@ -119,6 +126,12 @@ def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
+    if q.dtype != torch.float64 and abs(scale) > MAX_SCALE:
+        # Scores are float32: beyond this, scale * q.k overflows (then NaN) for ordinary inputs.
+        raise ValueError(
+            f"|scale| must be <= 2**64 for {q.dtype} inputs (scores are computed in float32, whose range "
+            f"ends at 3.4e38), got {scale!r}"
+        )
     return float(scale)
 
 

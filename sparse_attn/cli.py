@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("-o", "--output", default="out/pattern.png", help="PNG path (default out/pattern.png)")
 
     bench = sub.add_parser("bench", help="run a benchmark script from the repository's bench/ folder")
-    bench.add_argument("name", choices=sorted(BENCH_SCRIPTS), help="which benchmark")
+    bench.add_argument("name", choices=sorted(BENCH_SCRIPTS), help="which benchmark (required)")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (e.g. --quick)")
 
     report = sub.add_parser("kernel-report", help="compile report of the Triton kernels (no GPU needed)")
@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["kernel-report", "--", *argv[1:]]
     elif argv[:1] == ["bench"] and len(argv) > 1 and argv[1] in BENCH_SCRIPTS:
         argv = ["bench", argv[1], "--", *argv[2:]]
+    if argv == ["bench"]:  # argparse would name the optional script arguments as required too
+        build_parser().error(
+            f"bench: the following argument is required: name ({', '.join(sorted(BENCH_SCRIPTS))})"
+        )
     args = build_parser().parse_args(argv)
     if args.command in ("bench", "kernel-report") and args.args[:1] == ["--"]:
         args.args = args.args[1:]
@@ -168,6 +172,9 @@ def _show(args) -> int:
     except SpecError as e:
         raise UsageError(str(e)) from e
     block_size = _parse_block_size(args.block_size)
+    for flag, value in (("--seq", args.seq), ("--kv-seq", args.kv_seq), ("--max-pixels", args.max_pixels)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
     from tqdm.auto import tqdm
 
     # Large BigBird-style patterns take seconds to build; the bar shows only on a terminal.

@@ -60,4 +60,11 @@ def _check(outs, lses):
             )
         if o.shape != outs[0].shape or o.dtype != outs[0].dtype or s.dtype != lses[0].dtype:
             raise ValueError(f"all shards must share shapes and dtypes; shard {i} differs from shard 0")
+    for i, s in enumerate(lses):
+        # -inf (no key in the shard) and finite values are lses; NaN or +inf would poison the merge. Checked
+        # eagerly only (a data-dependent branch would break a torch.compile graph).
+        if not torch.compiler.is_compiling() and bool((s.isnan() | s.isposinf()).any()):
+            raise ValueError(
+                f"lses[{i}] holds NaN or +inf; an lse is finite, or -inf for a query with no key"
+            )
     return outs, lses

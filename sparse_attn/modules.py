@@ -182,6 +182,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         pattern: Pattern | None = None,
         backend: str = "auto",
     ):
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise TypeError(f"num_heads must be a positive int, got {num_heads!r}")
         if add_bias_kv:
             raise ValueError(
                 "SparseMultiheadAttention does not support add_bias_kv=True (the appended bias key would sit "
@@ -460,6 +462,8 @@ def replace_attention(
     stay shared. `dropout` overrides the attention dropout of the new layers (nn.TransformerEncoderLayer's
     default is 0.1, which sparse attention cannot apply in training). Returns how many were replaced.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"replace_attention takes an nn.Module (a model), got {type(model).__name__}")
     if isinstance(model, nn.MultiheadAttention):
         raise TypeError(
             "replace_attention swaps children of a module; "

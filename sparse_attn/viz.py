@@ -297,10 +297,10 @@ def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
     img = render_layout(layout, head, max_pixels=max_pixels)
     q_len, kv_len = layout.q_len, layout.kv_len
     ratio = max(q_len, kv_len) / min(q_len, kv_len)
-    ax.imshow(
+    shown = ax.imshow(
         to_rgb(img),
         extent=(0, kv_len, q_len, 0),
-        interpolation="nearest" if max(img.full.shape) <= 256 else "antialiased",
+        interpolation="nearest",
         aspect="equal" if ratio <= 4 else "auto",
     )
     grid_note = _draw_block_grid(ax, layout) if show_grid else ""
@@ -322,7 +322,20 @@ def _draw_head(ax, layout, head, *, max_pixels, title, show_grid=True):
         f"computed density {img.computed_pairs / total:.4f} (visible pairs {img.visible_pairs / total:.4f})"
     )
     ax.set_title(f"{title}\n{info}" if title else info, fontsize=9)
+    _fit_to_axes(ax, shown, layout, head, img)
     return img
+
+
+def _fit_to_axes(ax, shown, layout, head, img) -> None:
+    """Re-render at most one image pixel per screen pixel of the laid-out axes (at the figure's dpi), so
+    that nothing is resampled away: a downsampling display would blend a thin global row into its
+    neighbours, while nearest-neighbour upsampling gives every rendered pixel at least one screen pixel."""
+    ax.figure.draw_without_rendering()
+    box = ax.get_window_extent()
+    # The data spans 1 / 1.024 of the axes (the margin around the sequence).
+    fit = max(1, int(min(box.width, box.height) / 1.024))
+    if max(img.full.shape) > fit:
+        shown.set_data(to_rgb(render_layout(layout, head, max_pixels=fit)))
 
 
 def _draw_block_grid(ax, layout, max_lines: int = 32) -> str:
@@ -338,7 +351,10 @@ def _draw_block_grid(ax, layout, max_lines: int = 32) -> str:
     style = {"colors": "0.45", "linewidth": 0.4, "alpha": 0.6}
     ax.hlines([b * bq for b in range(step, layout.num_q_blocks, step)], 0, kv_len, **style)
     ax.vlines([b * bk for b in range(step, layout.num_k_blocks, step)], 0, q_len, **style)
-    ax.add_patch(Rectangle((0, 0), kv_len, q_len, fill=False, edgecolor="0.25", linewidth=0.8))
+    # The frame sits in the margin around the sequence, not on its first row and column (global tokens).
+    pad_q, pad_k = 0.006 * q_len, 0.006 * kv_len
+    corner, size = (-pad_k, -pad_q), (kv_len + 2 * pad_k, q_len + 2 * pad_q)
+    ax.add_patch(Rectangle(corner, *size, fill=False, edgecolor="0.25", linewidth=0.8))
     return "" if step == 1 else f", grid every {step} blocks"
 
 

@@ -96,3 +96,14 @@ def test_xformers_biases_that_do_not_map_raise(xformers_bias):
         pattern_from_xformers(xformers_bias.BlockDiagonalMask.from_seqlens([3, 5]))
     with pytest.raises(ValueError, match="no exact"):
         pattern_from_xformers(xformers_bias.LowerTriangularMaskWithTensorBias(torch.zeros(4, 4)))
+
+
+@pytest.mark.parametrize("q_len", [1000, 4096])
+def test_from_flex_stores_each_distinct_tile_once(q_len):
+    layout = (sliding_window(128) | global_tokens(4)).layout(q_len, block_size=128)
+    back = from_flex(to_flex(layout))
+    # (Ours may hold a few equal tiles, at the ragged edge; a round trip never adds any.)
+    assert back.tiles.shape[0] <= layout.tiles.shape[0]
+    assert len(torch.unique(back.tiles.flatten(1), dim=0)) == back.tiles.shape[0]
+    assert torch.equal(back.to_dense(), layout.to_dense())
+    assert torch.equal(back.to_block_mask(), layout.to_block_mask())

@@ -228,3 +228,31 @@ def test_bad_input_is_named():
         viz.plot_pattern(per_head, 32, heads=[5])
     with pytest.raises(TypeError, match="non-empty dict"):
         viz.plot_density([sa.causal()], [64])
+
+
+@pytest.mark.parametrize("dpi", [100, 130])
+def test_figure_shows_every_global_row_and_column(dpi):
+    """4 global tokens among 4,096 (8 x 8 tokens a rendered pixel, then drawn smaller still): the figure's
+    pixels on a global row or column must show visible pairs, not read as masked or be covered."""
+    pattern = sa.sliding_window(128) | sa.global_tokens(4)
+    fig = viz.plot_pattern(pattern, 4096, block_size=128)
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3] / 255.0
+    ax = fig.axes[0]
+    height = rgb.shape[0]
+
+    def shows_visible(rows, cols):
+        """Whether any screen pixel over token rows [rows) x cols [cols) is drawn as a visible pair."""
+        (x0, y0), (x1, y1) = ax.transData.transform([(cols[0], rows[0]), (cols[1], rows[1])])
+        ys = range(int(height - y0), int(height - y1) + 1)
+        xs = range(int(x0), int(x1) + 1)
+        pixels = rgb[ys.start : ys.stop, xs.start : xs.stop].reshape(-1, 3)
+        # Dark orange (a visible pair in a partial block): red far above blue. Light orange (masked pairs),
+        # grey lines and blends of them with either do not pass.
+        return bool((pixels[:, 0] - pixels[:, 2] > 0.5).any())
+
+    far = range(600, 4096, 500)  # away from the window: partial blocks whose only visible pairs are global
+    assert all(shows_visible((0, 4), (j, j + 1)) for j in far)  # global rows
+    assert all(shows_visible((i, i + 1), (0, 4)) for i in far)  # global columns
+    assert not any(shows_visible((40, 90), (j, j + 1)) for j in far)  # masked rows of the same blocks

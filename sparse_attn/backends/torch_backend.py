@@ -34,7 +34,8 @@ Memory
 
 Threads
     Chunks (largest first) run on a small persistent pool of ``torch.get_num_threads()`` worker threads,
-    each running single-threaded kernels, with dK/dV added back in task order (deterministic). Set
+    each running single-threaded kernels, with dK/dV added back in task order (deterministic; chunk bounds
+    depend only on the machine's CPU count, so results are bitwise the same for any thread count). Set
     ``SPARSE_ATTN_TORCH_WORKERS=0`` to run them in the caller's thread with torch's intra-op threads.
 
 Devices: the fused kernel is CPU-only; tensors on another device are computed on CPU copies.
@@ -538,8 +539,10 @@ def _chunks(call: _Call, prob: _Problem, backward: bool):
     if backward:
         per_row += 2 * (call.full_len + part_keys) * dim
     size = max(1, get_chunk_size() // (prob.frame.hx * per_row))
-    # Enough tasks for the workers to share, but not so small that per-call overhead dominates.
-    size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * max(1, _workers())))))
+    # Enough tasks for the workers to share, but not so small that per-call overhead dominates. Counted
+    # from the machine's CPUs, not the worker or thread setting: chunk bounds fix the order in which dK/dV
+    # add up, so gradients are bitwise the same whatever the thread count or SPARSE_ATTN_TORCH_WORKERS.
+    size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * _CPUS))))
     for i in range(0, len(call.rows), size):
         # A strided run stays strided: its rows stay consecutive.
         yield call.subset(slice(i, i + size))
@@ -561,6 +564,7 @@ def _passes(layout: BlockLayout, prob: _Problem, backward: bool) -> list[list[_C
 # turns this off and runs the chunks in the caller's thread with torch's intra-op threads.
 WORKERS_ENV = "SPARSE_ATTN_TORCH_WORKERS"
 _MIN_TASK_ROWS = 8
+_CPUS = os.cpu_count() or 1
 _pool = None
 _pool_size = 0
 _pool_pid = 0

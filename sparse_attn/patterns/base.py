@@ -19,6 +19,8 @@ from ._blockset import BlockSet, Geometry, combine
 
 #: Layouts each pattern keeps for reuse (per lengths, block size and device).
 LAYOUT_CACHE_SIZE = 8
+#: Largest block_q * block_k a layout may have (a partial tile is a token mask of that many pairs).
+MAX_TILE_PAIRS = 1 << 22
 _LAYOUT_CACHE_LOCK = threading.Lock()
 
 
@@ -90,6 +92,12 @@ class Pattern:
 
         q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
         block_q, block_k = check_block_size(block_size)
+        if block_q * block_k > MAX_TILE_PAIRS:
+            # Checked before anything is allocated: partial tiles are block_q x block_k token masks.
+            raise ValueError(
+                f"block_size {block_q} x {block_k} gives tiles of {block_q * block_k:,} token pairs; at most "
+                f"{MAX_TILE_PAIRS:,} (e.g. 2048 x 2048) are supported, and the kernels use 64 to 128"
+            )
         device = torch.device("cpu") if device is None else torch.device(device)
         # Patterns are immutable, so a few recent layouts are kept: calling sparse_attention with the same
         # pattern and shapes again does not rebuild (or re-upload) the layout.
@@ -190,6 +198,10 @@ class PerHead(Pattern):
     """Head `h` uses ``patterns[h]``."""
 
     def __init__(self, patterns):
+        if isinstance(patterns, Pattern) or not hasattr(patterns, "__iter__"):
+            raise TypeError(
+                f"per_head takes a sequence of Patterns, one per head, got {type(patterns).__name__}"
+            )
         patterns = list(patterns)
         if not patterns:
             raise ValueError("per_head needs at least one pattern")

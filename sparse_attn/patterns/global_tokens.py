@@ -32,18 +32,21 @@ class GlobalTokens(Pattern):
         # positions must exist in the sequence.
         self.is_prefix = isinstance(n_or_positions, numbers.Integral) and not isinstance(n_or_positions, bool)
         if self.is_prefix:
-            positions = torch.arange(check_int("global_tokens n", n_or_positions, 0))
-        else:
-            try:
-                positions = torch.as_tensor(n_or_positions)
-            except (TypeError, ValueError) as e:
-                raise TypeError("global_tokens takes an int n or a sequence of int positions") from e
-            if positions.numel() == 0:
-                positions = positions.long()
-            if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dim() != 1:
-                raise TypeError("global_tokens positions must be a 1-D sequence of ints")
-            if len(positions) and int(positions.min()) < 0:
-                raise ValueError(f"global token positions must be >= 0, got {int(positions.min())}")
+            # Kept as n, not arange(n): only the first kv_len positions ever exist (n may be huge).
+            self.n = check_int("global_tokens n", n_or_positions, 0)
+            return
+        try:
+            positions = torch.as_tensor(n_or_positions)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            raise TypeError(
+                f"global_tokens takes an int n or a sequence of int positions, got {n_or_positions!r}"
+            ) from e
+        if positions.numel() == 0:
+            positions = positions.long()
+        if positions.dtype.is_floating_point or positions.dtype == torch.bool or positions.dim() != 1:
+            raise TypeError("global_tokens positions must be a 1-D sequence of ints")
+        if len(positions) and int(positions.min()) < 0:
+            raise ValueError(f"global token positions must be >= 0, got {int(positions.min())}")
         self.positions = torch.unique(positions.long().cpu())
 
     def _check_lengths(self, q_len, kv_len):
@@ -53,7 +56,7 @@ class GlobalTokens(Pattern):
             )
 
     def _positions(self, g):
-        return self.positions[: g.kv_len] if self.is_prefix else self.positions
+        return torch.arange(min(self.n, g.kv_len)) if self.is_prefix else self.positions
 
     def _visible(self, g, h, i, j):
         positions = self._positions(g)
@@ -85,7 +88,7 @@ class GlobalTokens(Pattern):
 
     def __repr__(self):
         if self.is_prefix:
-            return f"global_tokens({len(self.positions)})"
+            return f"global_tokens({self.n})"
         return f"global_tokens({self.positions.tolist()})"
 
 
