@@ -19,9 +19,9 @@ def randn(*shape, seed=0, dtype=torch.float32):
 # -- 1. inference mode -----------------------------------------------------------------------------------
 def test_inference_mode_with_several_worker_tasks(monkeypatch):
     """Worker threads must run in the caller's inference mode (an inference tensor cannot be updated in
-    place outside it). 8 heads x 1024 tokens split into many tasks; 2 workers even on a 1-core runner."""
+    place outside it). 4 heads x 1024 tokens split into many tasks; 2 workers even on a 1-core runner."""
     monkeypatch.setenv(torch_backend.WORKERS_ENV, "2")
-    q, k, v = (randn(1, 8, 1024, 32, seed=s) for s in range(3))
+    q, k, v = (randn(1, 4, 1024, 16, seed=s) for s in range(3))
     pattern = sa.longformer(128, 4)
     want = sa.sparse_attention(q, k, v, pattern, backend="torch")
     with torch.inference_mode():
@@ -111,8 +111,10 @@ def test_pattern_layout_cache_is_thread_safe():
 BACKENDS = ["torch", "triton"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("garbage", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize(
+    "backend, garbage",
+    [("torch", float("nan")), ("torch", float("inf")), ("torch", -float("inf")), ("triton", float("nan"))],
+)
 def test_garbage_in_masked_keys_and_values_changes_nothing(backend, garbage):
     q, k, v = (randn(2, 2, 128, 16, seed=s) for s in range(3))
     key_mask = torch.ones(2, 128, dtype=torch.bool)
@@ -272,7 +274,7 @@ def test_nan_in_every_hidden_key_changes_nothing(backend):
     gradients with NaN in every hidden key and value are bitwise those with clean ones."""
     gen = torch.Generator().manual_seed(12)
     atoms = [sa.causal(), sa.sliding_window(40), sa.global_tokens(3), sa.dilated(8, 8, 3)]
-    for trial in range(2 if backend == "triton" else 12):
+    for trial in range(1 if backend == "triton" else 12):
         pick = torch.randperm(len(atoms), generator=gen)[:2].tolist()
         pattern = atoms[pick[0]] | atoms[pick[1]] if trial % 2 else atoms[pick[0]] & atoms[pick[1]]
         q_len = int(torch.randint(1, 150, (), generator=gen))
