@@ -126,7 +126,7 @@ def run(quick: bool, repeats: int, threads: int, flex: bool, memory: bool) -> di
     from tqdm import tqdm
 
     import sparse_attn as sa
-    from sparse_attn.backends import torch_backend
+    from sparse_attn import backends
 
     torch.set_num_threads(threads)
     seq, heads, dim, window = (1024, 2, 64, 128) if quick else (8192, 8, 64, 256)
@@ -134,7 +134,7 @@ def run(quick: bool, repeats: int, threads: int, flex: bool, memory: bool) -> di
     big = (
         sa.bigbird(window=256, global_tokens=64, num_random_blocks=3) if not quick else sa.bigbird(64, 32, 2)
     )
-    block = torch_backend.DEFAULT_BLOCK_SIZE
+    block = backends.get("torch").default_block_size
     q, k, v = _inputs(seq, heads, dim, grad=True)
     sparse = lambda pattern: lambda: sa.sparse_attention(q, k, v, pattern, backend="torch")
     dense = lambda: F.scaled_dot_product_attention(q, k, v)

@@ -303,10 +303,10 @@ def _methods_for(case, seq, args, dtype):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import sparse_attn as sa
-    from sparse_attn.backends import triton_backend
+    from sparse_attn import backends
 
     pattern = case.pattern(seq)
-    layout = pattern.layout(seq, block_size=triton_backend.DEFAULT_BLOCK_SIZE, device="cuda")
+    layout = pattern.layout(seq, block_size=backends.get("triton").default_block_size, device="cuda")
     methods, notes = {}, {}
 
     def flash(is_causal):

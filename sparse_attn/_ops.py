@@ -2,29 +2,16 @@
 
 `torch.library.custom_op` makes attention one opaque node with a fake (meta) implementation, so
 `torch.compile(fullgraph=True)` traces through `sparse_attention` without a graph break, and the
-backward is registered once for every backend. A layout crosses as its tensors plus five ints.
-
-A backend module offers:
-- ``forward(q, k, v, layout, scale, key_mask) -> (out, lse)``, lse ``[B, Hq, Sq]`` in `lse_dtype(q.dtype)`;
-- ``backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask) -> (dq, dk, dv)``, where `dlse`
-  (the gradient flowing into lse, or None) enters as ``delta = rowsum(dO * O) - dlse``.
+backward is registered once for every backend. A layout crosses as its tensors plus five ints. What a
+backend module offers is described in `sparse_attn.backends`, whose registry maps the name to it.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import backends
 from .layout import BlockLayout
-
-
-def _backend(name: str):
-    if name == "torch":
-        from .backends import torch_backend
-
-        return torch_backend
-    from .backends import triton_backend
-
-    return triton_backend
 
 
 @torch.library.custom_op("sparse_attn::attention_fwd", mutates_args=())
@@ -39,7 +26,7 @@ def attention_fwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     layout = BlockLayout.unflatten(layout_tensors, layout_ints)
-    out, lse = _backend(backend).forward(q, k, v, layout, scale, key_mask)
+    out, lse = backends.get(backend).module.forward(q, k, v, layout, scale, key_mask)
     # Outputs are contiguous whatever q's strides: the fake impl below promises exactly that to torch.compile.
     return out.contiguous(), lse.contiguous()
 
@@ -47,12 +34,8 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _(q, k, v, layout_tensors, layout_ints, key_mask, scale, backend):
     batch, heads, q_len, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty(batch, heads, q_len, dtype=lse_dtype(q.dtype))
-
-
-def lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32, or float64 for float64 inputs (the PyTorch backend's gradcheck precision)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    lse_dtype = backends.get(backend).lse_dtype(q.dtype)
+    return q.new_empty(q.shape), q.new_empty(batch, heads, q_len, dtype=lse_dtype)
 
 
 @torch.library.custom_op("sparse_attn::attention_bwd", mutates_args=())
@@ -71,7 +54,7 @@ def attention_bwd(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = BlockLayout.unflatten(layout_tensors, layout_ints)
-    grads = _backend(backend).backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+    grads = backends.get(backend).module.backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
     return tuple(g.contiguous() for g in grads)
 
 

@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 
 import torch
 
-from . import _ops
+from . import _ops, backends
 from .layout import BlockLayout
 from .patterns import Pattern
-
-BACKENDS = ("auto", "triton", "torch")
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Head dims the Triton kernels take; the PyTorch backend takes any.
-TRITON_HEAD_DIMS = (16, 256)
-#: Largest |scale| for fp16/bf16/fp32 inputs: float32 scores then overflow only if |q . k| > 1.8e19.
-MAX_SCALE = 2.0**64
 
 
 def sparse_attention(
@@ -46,49 +38,24 @@ def sparse_attention(
     Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
     gets output 0 and lse -inf.
     """
-    if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
-    backend = _resolve_backend(backend, q)
-    scale = _check_inputs(q, k, v, key_mask, scale, backend)
-    layout = _resolve_layout(pattern_or_layout, q, k, _backend_module(backend).DEFAULT_BLOCK_SIZE)
-    out, lse = _ops.attention(q, k, v, layout, scale, key_mask, backend)
+    spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
+    scale = _check_inputs(q, k, v, key_mask, scale, spec)
+    layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)
+    out, lse = _ops.attention(q, k, v, layout, scale, key_mask, spec.name)
     return (out, lse) if return_lse else out
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
-    if backend == "triton" and isinstance(q, torch.Tensor) and not q.is_cuda:
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
-                "to run the kernels on the CPU through Triton's interpreter"
-            )
-    return backend
-
-
-def _backend_module(backend: str):
-    if backend == "torch":
-        from .backends import torch_backend
-
-        return torch_backend
-    from .backends import triton_backend
-
-    return triton_backend
-
-
-def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
+def _check_inputs(q, k, v, key_mask, scale, spec: backends.BackendSpec) -> float:
     """Validate shapes, dtypes and devices; return the scale to use."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [B, H, S, D], got shape {tuple(t.shape)}")
-    dtypes = SUPPORTED_DTYPES + ((torch.float64,) if backend == "torch" else ())
-    if q.dtype not in dtypes:
-        raise TypeError(f"q must be one of {[str(d) for d in dtypes]} for backend {backend!r}, got {q.dtype}")
+    if q.dtype not in spec.dtypes:
+        raise TypeError(
+            f"q must be one of {[str(d) for d in spec.dtypes]} for backend {spec.name!r}, got {q.dtype}"
+        )
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.device != q.device or v.device != q.device:
@@ -110,9 +77,9 @@ def _check_inputs(q, k, v, key_mask, scale, backend) -> float:
     if batch == 0 or heads == 0:
         # Empty batches or heads reach the backends' divisions (Hq=0 kills the process with SIGFPE).
         raise ValueError(f"batch size and query heads must be >= 1, got B={batch}, Hq={heads}")
-    lo, hi = TRITON_HEAD_DIMS
-    if backend == "triton" and not lo <= head_dim <= hi:
-        raise ValueError(f"the Triton backend supports head dims {lo} to {hi}, got {head_dim}")
+    if spec.head_dims is not None and not spec.head_dims[0] <= head_dim <= spec.head_dims[1]:
+        lo, hi = spec.head_dims
+        raise ValueError(f"{spec.label} supports head dims {lo} to {hi}, got {head_dim}")
     if head_dim == 0:
         raise ValueError("head dim must be >= 1")
     if key_mask is not None:

@@ -18,6 +18,8 @@ import runpy
 import sys
 from pathlib import Path
 
+from . import backends
+
 BENCH_SCRIPTS = {
     "cpu": "cpu_attention.py",
     "layout": "layout_build.py",
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=1)
     demo.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     demo.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    demo.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    demo.add_argument("--backend", choices=backends.names(), default=backends.AUTO)
     demo.add_argument("--repeats", type=int, default=3, help="timed runs per method (median reported)")
     demo.add_argument("-o", "--output", default="out/demo_pattern.png", help="where to save the picture")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import api
+from . import api, backends
 from .patterns import longformer
 from .reference import attention_reference
 
@@ -79,8 +79,8 @@ def run_demo(
     q, k, v = (
         torch.randn(batch, heads, seq, head_dim, generator=gen).to(device, torch_dtype) for _ in range(3)
     )
-    backend_name = api._resolve_backend(backend, q)
-    block_size = api._backend_module(backend_name).DEFAULT_BLOCK_SIZE
+    chosen = backends.resolve(backend, q.device)
+    backend_name, block_size = chosen.name, chosen.default_block_size
     # Warm up the code paths on a tiny case, so the time below is the build's own, not first-call set-up.
     pattern.layout(min(seq, 256), block_size=block_size)
     start = time.perf_counter()

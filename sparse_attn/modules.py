@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import api
+from . import backends
 from .api import sparse_attention
 from .layout import BlockLayout
 from .patterns import Pattern, causal
@@ -89,8 +89,7 @@ class SparseAttention(nn.Module):
         super().__init__()
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
-        if backend not in api.BACKENDS:
-            raise ValueError(f"backend must be one of {api.BACKENDS}, got {backend!r}")
+        backends.check_name(backend)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size must be an int >= 1, got {cache_size!r}")
         self.pattern, self.scale, self.backend, self.cache_size = pattern, scale, backend, cache_size
@@ -98,7 +97,10 @@ class SparseAttention(nn.Module):
 
     def _key(self, q_len: int, kv_len: int, heads: int, device) -> tuple:
         device = torch.device(device)
-        backend = self.backend if self.backend != "auto" else ("triton" if device.type == "cuda" else "torch")
+        # "auto" is resolved here so that the key names the backend (and its block size) actually used.
+        backend = (
+            self.backend if self.backend != backends.AUTO else backends.resolve(self.backend, device).name
+        )
         per_head = self.pattern.num_heads is not None
         return q_len, kv_len, heads if per_head else None, str(device), backend
 
@@ -106,19 +108,15 @@ class SparseAttention(nn.Module):
         """The layout for these sizes, built once and cached (least recently used ones are dropped)."""
         kv_len = q_len if kv_len is None else kv_len
         key = self._key(q_len, kv_len, heads, device)
-        with _CACHE_LOCK:  # one module may serve several threads; OrderedDict updates are not atomic
-            layout = self._layouts.get(key)
-            if layout is not None:
-                self._layouts.move_to_end(key)
-                return layout
-        q_len, kv_len, head_key, device_name, backend = key
-        if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
-            raise ValueError(
-                f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
-            )
-        block = api._backend_module(backend).DEFAULT_BLOCK_SIZE
-        layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
-        with _CACHE_LOCK:
+        layout = self._layouts.get(key)
+        if layout is None:
+            q_len, kv_len, head_key, device_name, backend = key
+            if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
+                raise ValueError(
+                    f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
+                )
+            block = backends.get(backend).default_block_size
+            layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
             self._layouts[key] = layout
             self._layouts.move_to_end(key)
             while len(self._layouts) > self.cache_size:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import sparse_attn as sa
+from sparse_attn import backends
 from sparse_attn.backends import torch_backend as tb
 from sparse_attn.layout import BlockLayout
 from sparse_attn.reference import attention_reference
@@ -82,7 +83,11 @@ def test_gathered_path_matches_strided_path(monkeypatch):
     """The copy-free strided K/V views give the same result as gathering every block."""
     q, k, v = inputs()
     pattern = sa.sliding_window(100)
-    calls = [c for calls in tb._plan(pattern.layout(300, block_size=tb.DEFAULT_BLOCK_SIZE)) for c in calls]
+    calls = [
+        c
+        for calls in tb._plan(pattern.layout(300, block_size=backends.get("torch").default_block_size))
+        for c in calls
+    ]
     assert any(c.step for c in calls), "the window should use strided views"
     strided = fwd_bwd(q, k, v, pattern)
     gather_everything(monkeypatch)

@@ -55,10 +55,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._ops import lse_dtype
 from ..layout import BlockLayout
+from . import get as _backend_spec
 
-DEFAULT_BLOCK_SIZE = 64
 CHUNK_ENV = "SPARSE_ATTN_TORCH_CHUNK"
 _DEFAULT_CHUNK = 1 << 25
 
@@ -640,7 +639,7 @@ def forward(q, k, v, layout, scale, key_mask):
     prob = _Problem(q, k, v, layout, scale, key_mask)
     rows_total = prob.batch * prob.hq * prob.nqb
     out = torch.zeros(rows_total, prob.bq * prob.dim, dtype=q.dtype)
-    lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=lse_dtype(q.dtype))
+    lse = torch.full((rows_total, prob.bq), float("-inf"), dtype=_backend_spec("torch").lse_dtype(q.dtype))
     for tasks in _passes(layout, prob, backward=False):
         for _ in _ordered_map(lambda chunk: _forward_rows(chunk, prob, out, lse), tasks):
             pass

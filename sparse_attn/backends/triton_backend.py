@@ -1,9 +1,10 @@
 """Triton backend: the block-sparse kernels in `sparse_attn.triton_kernels` (CUDA, or the interpreter on CPU).
 
-Triton is imported only here, on first use, so ``import sparse_attn`` works without it. The layout's block
-size must be a multiple of a kernel tile (32 or 64 rows/keys); `DEFAULT_BLOCK_SIZE` is what patterns are
-built with when the caller passes a `Pattern`. bfloat16 is refused under Triton's interpreter while its
-bf16 ``tl.dot`` is broken upstream (it would give garbage, silently).
+Triton is imported only here, on first use, so ``import sparse_attn`` works without it. What it takes
+(dtypes, head dims, block sizes) is registered in `sparse_attn.backends`; the layout's block size must be a
+multiple of a kernel tile (32 or 64 rows/keys), checked here against the shipped configs. bfloat16 is
+refused under Triton's interpreter while its bf16 ``tl.dot`` is broken upstream (it would give garbage,
+silently).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 
 import torch
 
-DEFAULT_BLOCK_SIZE = 64
 _MAX_GRID_Y = 65535
 
 
@@ -44,8 +44,7 @@ def _interpreter_bf16_dot_works() -> bool:
 
 
 def _check(q, layout) -> None:
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the Triton backend takes float16, bfloat16 or float32, got {q.dtype}")
+    """What only this backend knows (dtypes and head dims were checked against its registry entry)."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if q.dtype == torch.bfloat16 and interpreted and not _interpreter_bf16_dot_works():
         raise TypeError(
