@@ -19,7 +19,9 @@ FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 @pytest.fixture(autouse=True)
 def poisoned_outputs(monkeypatch):
-    monkeypatch.setattr(launch, "POISON_OUTPUTS", True)
+    """Every buffer the launchers allocate starts as NaN, so an element no kernel writes fails."""
+    allocate = launch.empty_buffer
+    monkeypatch.setattr(launch, "empty_buffer", lambda *args, **kw: allocate(*args, **kw).fill_(float("nan")))
 
 
 def make_qkv(b=1, hq=2, hkv=None, sq=200, skv=None, d=64, dtype=torch.float32, seed=0):
@@ -263,12 +265,8 @@ def test_batch_times_heads_beyond_the_cuda_grid_is_rejected():
 
 
 def test_poisoning_is_active_in_these_tests():
-    buffer = launch._empty((3,), like=torch.zeros(1))
+    buffer = launch.empty_buffer((3,), like=torch.zeros(1))
     assert buffer.isnan().all()
-
-
-def test_ordinary_tests_run_one_pinned_config():
-    assert launch.pinned()
 
 
 def sweep_cases():

@@ -34,17 +34,85 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+# -- loads and stores of one head's rows ---------------------------------------------------------------
+@triton.jit
+def _head_base(ptr, batch, head, stride_b, stride_h):
+    """Pointer to the first row of one (batch, head) of a ``[B, H, S, D]`` tensor (int64 offsets)."""
+    return ptr + batch.to(tl.int64) * stride_b + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _load_rows(
+    base, start, stride_row, stride_d, n_rows,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    EVEN: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """Rows ``[start, start + BLOCK)`` of one head: ``[BLOCK, HEAD_DIM_PAD]``, or ``[HEAD_DIM_PAD, BLOCK]``
+    when TRANSPOSED; 0 past `n_rows` and HEAD_DIM (no masks when EVEN and the head dim is a power of 2)."""
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    rows = start + offs
+    base = base + start.to(tl.int64) * stride_row
+    if TRANSPOSED:
+        ptrs = base + offs_d[:, None] * stride_d + offs[None, :] * stride_row
+        mask = (offs_d[:, None] < HEAD_DIM) & (rows[None, :] < n_rows)
+    else:
+        ptrs = base + offs[:, None] * stride_row + offs_d[None, :] * stride_d
+        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
+    if EVEN and HEAD_DIM == HEAD_DIM_PAD:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(
+    base, start, stride_row, stride_d, n_rows, value,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, EVEN: tl.constexpr,
+):  # fmt: skip
+    """Store `value` ``[BLOCK, HEAD_DIM_PAD]`` into rows ``[start, start + BLOCK)`` of one head."""
+    offs = tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    ptrs = base + start.to(tl.int64) * stride_row + offs[:, None] * stride_row + offs_d[None, :] * stride_d
+    value = value.to(base.dtype.element_ty)
+    if EVEN and HEAD_DIM == HEAD_DIM_PAD:
+        tl.store(ptrs, value)
+    else:
+        tl.store(ptrs, value, mask=((start + offs)[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+
+
+# -- the layout: walking a row (or column), and which keys of a tile are visible ------------------------
+@triton.jit
+def _walk_bounds(FullPtr, PartPtr, line, SUBS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Bounds of the flat loop over (entry, sub-tile) of one layout row (or column): its full blocks, or
+    its partial ones. A block spans SUBS kernel tiles; one flat loop, not a nested unrolled sub-tile loop,
+    because the unrolled one lets the scheduler overlap sub-tiles and doubles the live registers."""
+    if PARTIAL:
+        ptr = PartPtr + line
+    else:
+        ptr = FullPtr + line
+    return tl.load(ptr) * SUBS, tl.load(ptr + 1) * SUBS
+
+
+@triton.jit
+def _walk_step(FullIdx, PartIdx, PartTile, i, SUBS: tl.constexpr, PARTIAL: tl.constexpr):
+    """Step `i` of the flat loop: ``(block, sub-tile, tile id)`` (tile id 0 for a full block)."""
+    entry = i // SUBS
+    if PARTIAL:
+        block = tl.load(PartIdx + entry)
+        tile_id = tl.load(PartTile + entry)
+    else:
+        block = tl.load(FullIdx + entry)
+        tile_id = 0
+    return block, i % SUBS, tile_id
+
+
 @triton.jit
 def _tile_bits(
-    tiles_ptr,
-    tile_id,
-    rows,
-    col0,
-    BLOCK_N: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    WORDS: tl.constexpr,
-    TRANSPOSED: tl.constexpr,
-):
+    tiles_ptr, tile_id, rows, col0,
+    BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
     """Visibility of tile rows `rows` x columns ``col0 + arange(BLOCK_N)`` (col0 % 32 == 0): bool
     ``[len(rows), BLOCK_N]``, or ``[BLOCK_N, len(rows)]`` when TRANSPOSED.
 
@@ -68,71 +136,66 @@ def _tile_bits(
 
 
 @triton.jit
-def _fwd_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    k_base,
-    v_base,
-    km_base,
-    tiles_ptr,
-    tile_id,
-    n_start,
-    in_block_rows,
-    in_block_col0,
-    kv_len,
-    qk_scale,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    WORDS: tl.constexpr,
-    IS_PARTIAL: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """One online-softmax step of the forward pass over keys ``[n_start, n_start + BLOCK_N)``."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    cols = n_start + offs_n
-    k_ptrs = (
-        k_base + n_start.to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
-    )
-    v_ptrs = (
-        v_base + n_start.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    )
+def _real_keys(km_base, cols, kv_len, HAS_KEY_MASK: tl.constexpr):
+    """Keys `cols` that exist (< kv_len) and, with a key mask, are real (not padding)."""
     if HAS_KEY_MASK:
-        # A padding key may hold garbage (NaN): load it as zeros so that no 0 * NaN reaches a dot.
-        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
-        k_t = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & key_ok[None, :], other=0.0)
-        v = tl.load(v_ptrs, mask=key_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    elif EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
-        # [HEAD_DIM_PAD, BLOCK_N]
-        k_t = tl.load(k_ptrs)
-        # [BLOCK_N, HEAD_DIM_PAD]
-        v = tl.load(v_ptrs)
+        real = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
     else:
-        k_t = tl.load(k_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len), other=0.0)
-        v = tl.load(v_ptrs, mask=(cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        real = cols < kv_len
+    return real
+
+
+@triton.jit
+def _hide_invisible(
+    x, fill, tiles_ptr, tile_id, tile_rows, col0, real_keys,
+    BLOCK_N: tl.constexpr, LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, CHECK_BOUNDS: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """`x` (scores or probabilities, ``[rows, keys]`` or ``[keys, rows]`` when TRANSPOSED) with `fill`
+    wherever the pair is not visible: the partial tile's token mask, padding keys (`real_keys`, read only
+    with a key mask or CHECK_BOUNDS), and keys past the end when CHECK_BOUNDS (partial tiles carry their
+    own bounds). A full tile with neither costs nothing."""
+    if TRANSPOSED:
+        real = real_keys[:, None]
+    else:
+        real = real_keys[None, :]
+    if IS_PARTIAL:
+        visible = _tile_bits(tiles_ptr, tile_id, tile_rows, col0, BLOCK_N, LAYOUT_BQ, WORDS, TRANSPOSED)
+        if HAS_KEY_MASK:
+            visible = visible & real
+        x = tl.where(visible, x, fill)
+    elif HAS_KEY_MASK or CHECK_BOUNDS:
+        x = tl.where(real, x, fill)
+    return x
+
+
+# -- forward -------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(
+    acc, m_i, l_i, q,
+    k_base, stride_kn, stride_kd,
+    v_base, stride_vn, stride_vd,
+    km_base, tiles_ptr, tile_id, n_start, in_block_rows, in_block_col0, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step of the forward pass over keys ``[n_start, n_start + BLOCK_N)``."""
+    # [HEAD_DIM_PAD, BLOCK_N]
+    k_t = _load_rows(
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
+    )
+    # [BLOCK_N, HEAD_DIM_PAD]
+    v = _load_rows(
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, False
+    )
     # [BLOCK_M, BLOCK_N], log2 units
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    if IS_PARTIAL:
-        visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
-        )
-        if HAS_KEY_MASK:
-            visible = visible & key_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
-    elif HAS_KEY_MASK:
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-    elif not EVEN_N:
-        s = tl.where((cols < kv_len)[None, :], s, float("-inf"))
+    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
+    s = _hide_invisible(
+        s, float("-inf"), tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
+        BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
+    )  # fmt: skip
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN.
     m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -145,54 +208,19 @@ def _fwd_tile(
 
 @triton.jit
 def _bsattn_fwd_kernel(
-    Q,
-    K,
-    V,
-    Out,
+    Q, stride_qb, stride_qh, stride_qm, stride_qd,
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    Out, stride_ob, stride_oh, stride_om, stride_od,
     Lse,
-    KeyMask,
-    RowFullPtr,
-    RowFullIdx,
-    RowPartPtr,
-    RowPartIdx,
-    RowPartTile,
-    Tiles,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_kmb,
-    num_q_heads,
-    group,
-    q_len,
-    kv_len,
-    num_q_blocks,
-    qk_scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    LAYOUT_BK: tl.constexpr,
-    WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
-):
+    KeyMask, stride_kmb,
+    RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
+    num_q_heads, group, q_len, kv_len, num_q_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
     """Forward: out and natural-log lse of one query tile of one (batch, query head)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -200,104 +228,61 @@ def _bsattn_fwd_kernel(
     head = pid_bh % num_q_heads
     kv_head = head // group
     m_start = pid_m * BLOCK_M
-    q_block = m_start // LAYOUT_BQ
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rows = m_start + offs_m
-    in_block_rows = m_start % LAYOUT_BQ + offs_m
+    rows = m_start + tl.arange(0, BLOCK_M)
+    in_block_rows = m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M)
 
-    q_ptrs = (
-        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + m_start.to(tl.int64) * stride_qm
-    )
-    q_ptrs = q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q_mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     # [BLOCK_M, HEAD_DIM_PAD]
-    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
-        q = tl.load(q_ptrs)
-    else:
-        q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    q = _load_rows(
+        _head_base(Q, batch, head, stride_qb, stride_qh), m_start, stride_qm, stride_qd, q_len,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M, False,
+    )  # fmt: skip
+    k_base = _head_base(K, batch, kv_head, stride_kb, stride_kh)
+    v_base = _head_base(V, batch, kv_head, stride_vb, stride_vh)
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
-
-    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + q_block
-    # Key tiles per layout block. Each list is walked as one flat loop over (block, sub-tile): a nested,
-    # unrolled sub-tile loop lets the scheduler overlap sub-tiles and doubles the live registers.
-    subs = LAYOUT_BK // BLOCK_N
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    # Full blocks: no token mask.
-    lo = tl.load(RowFullPtr + layout_row)
-    hi = tl.load(RowFullPtr + layout_row + 1)
-    for i in range(lo * subs, hi * subs):
-        entry = i // subs
-        sub = i % subs
-        k_block = tl.load(RowFullIdx + entry)
-        acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, 0,
-            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-        )  # fmt: skip
-    # Partial blocks: the exact token mask from the packed tile.
-    lo = tl.load(RowPartPtr + layout_row)
-    hi = tl.load(RowPartPtr + layout_row + 1)
-    for i in range(lo * subs, hi * subs):
-        entry = i // subs
-        sub = i % subs
-        k_block = tl.load(RowPartIdx + entry)
-        tile_id = tl.load(RowPartTile + entry)
-        acc, m_i, l_i = _fwd_tile(
-            acc, m_i, l_i, q, k_base, v_base, km_base, Tiles, tile_id,
-            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-        )  # fmt: skip
+    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + m_start // LAYOUT_BQ
+    SUBS: tl.constexpr = LAYOUT_BK // BLOCK_N
+    # The full key blocks (no token mask), then the partial ones (the exact mask from the packed tile).
+    for PARTIAL in tl.static_range(2):
+        lo, hi = _walk_bounds(RowFullPtr, RowPartPtr, layout_row, SUBS, PARTIAL)
+        for i in range(lo, hi):
+            k_block, sub, tile_id = _walk_step(RowFullIdx, RowPartIdx, RowPartTile, i, SUBS, PARTIAL)
+            acc, m_i, l_i = _fwd_tile(
+                acc, m_i, l_i, q, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
+                km_base, Tiles, tile_id, k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N,
+                kv_len, qk_scale,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, PARTIAL, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+            )  # fmt: skip
 
     # Empty rows (l = 0): out 0, lse -inf.
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     lse = tl.where(has_key, (m_i + tl.math.log2(tl.where(has_key, l_i, 1.0))) * LN2, float("-inf"))
-    o_ptrs = (
-        Out
-        + batch.to(tl.int64) * stride_ob
-        + head.to(tl.int64) * stride_oh
-        + m_start.to(tl.int64) * stride_om
-    )
-    o_ptrs = o_ptrs + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     lse_ptrs = Lse + pid_bh.to(tl.int64) * q_len + rows
     if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
         tl.store(lse_ptrs, lse)
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty))
     else:
         tl.store(lse_ptrs, lse, mask=rows < q_len)
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=q_mask)
+    _store_rows(
+        _head_base(Out, batch, head, stride_ob, stride_oh), m_start, stride_om, stride_od, q_len, out,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M,
+    )  # fmt: skip
 
 
+# -- backward ------------------------------------------------------------------------------------------
 @triton.jit
 def _bsattn_bwd_preprocess(
-    Out,
-    DO,
+    Out, stride_ob, stride_oh, stride_om, stride_od,
+    DO, stride_dob, stride_doh, stride_dom, stride_dod,
     DLse,
     Lse,
     Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    num_q_heads,
-    q_len,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):
+    num_q_heads, q_len,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
     """delta = rowsum(dO * O) - dlse for one query tile (dlse ignored on rows with lse = -inf)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -306,9 +291,10 @@ def _bsattn_bwd_preprocess(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
     mask = (rows[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
-    o_ptrs = Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+    # Whole-row int64 offsets here (not _load_rows' int32 in-tile ones): fewer registers for this kernel.
+    o_ptrs = _head_base(Out, batch, head, stride_ob, stride_oh)
     o_ptrs = o_ptrs + rows.to(tl.int64)[:, None] * stride_om + offs_d[None, :] * stride_od
-    do_ptrs = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+    do_ptrs = _head_base(DO, batch, head, stride_dob, stride_doh)
     do_ptrs = do_ptrs + rows.to(tl.int64)[:, None] * stride_dom + offs_d[None, :] * stride_dod
     # [BLOCK_M, HEAD_DIM_PAD]
     o = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -324,59 +310,26 @@ def _bsattn_bwd_preprocess(
 
 @triton.jit
 def _bwd_dkdv_tile(
-    dk,
-    dv,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    km_ok,
-    tiles_ptr,
-    tile_id,
-    m_start,
-    in_block_row0,
-    in_block_col0,
-    q_len,
-    qk_scale,
-    stride_qm,
-    stride_qd,
-    stride_dom,
-    stride_dod,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    WORDS: tl.constexpr,
-    IS_PARTIAL: tl.constexpr,
-    MASK_KEYS: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    dk, dv, k, v,
+    q_base, stride_qm, stride_qd,
+    do_base, stride_dom, stride_dod,
+    lse_base, delta_base, real_keys, tiles_ptr, tile_id, m_start, in_block_row0, in_block_col0,
+    q_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulate dK, dV of one key tile over queries ``[m_start, m_start + BLOCK_M)`` (transposed math)."""
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rows = m_start + offs_m
+    rows = m_start + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    q_ptrs = (
-        q_base + m_start.to(tl.int64) * stride_qm + offs_d[:, None] * stride_qd + offs_m[None, :] * stride_qm
+    # [HEAD_DIM_PAD, BLOCK_M]
+    q_t = _load_rows(
+        q_base, m_start, stride_qm, stride_qd, q_len, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M, True
     )
-    do_ptrs = (
-        do_base
-        + m_start.to(tl.int64) * stride_dom
-        + offs_m[:, None] * stride_dom
-        + offs_d[None, :] * stride_dod
+    # [BLOCK_M, HEAD_DIM_PAD]
+    do = _load_rows(
+        do_base, m_start, stride_dom, stride_dod, q_len, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M, False
     )
-    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
-        # [HEAD_DIM_PAD, BLOCK_M]
-        q_t = tl.load(q_ptrs)
-        # [BLOCK_M, HEAD_DIM_PAD]
-        do = tl.load(do_ptrs)
-    else:
-        q_t = tl.load(q_ptrs, mask=(offs_d[:, None] < HEAD_DIM) & row_ok[None, :], other=0.0)
-        do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
     # Rows past q_len or with no visible key (lse = -inf): lse2 = +inf makes their probabilities 0.
     lse = tl.load(lse_base + rows, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
@@ -384,16 +337,11 @@ def _bwd_dkdv_tile(
     # [BLOCK_N, BLOCK_M]
     s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
     p_t = tl.math.exp2(s_t - lse2[None, :])
-    if IS_PARTIAL:
-        # [BLOCK_N, BLOCK_M]
-        visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_row0 + offs_m, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, True
-        )
-        if MASK_KEYS:
-            visible = visible & km_ok[:, None]
-        p_t = tl.where(visible, p_t, 0.0)
-    elif MASK_KEYS:
-        p_t = tl.where(km_ok[:, None], p_t, 0.0)
+    # Keys past kv_len are zero vectors whose dK/dV rows are never stored: no bounds check needed.
+    p_t = _hide_invisible(
+        p_t, 0.0, tiles_ptr, tile_id, in_block_row0 + tl.arange(0, BLOCK_M), in_block_col0, real_keys,
+        BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, False, True,
+    )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
@@ -404,231 +352,99 @@ def _bwd_dkdv_tile(
 
 @triton.jit
 def _bsattn_bwd_dkdv_kernel(
-    Q,
-    K,
-    V,
-    DO,
+    Q, stride_qb, stride_qh, stride_qm, stride_qd,
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    DO, stride_dob, stride_doh, stride_dom, stride_dod,
     Lse,
     Delta,
-    DK,
-    DV,
-    KeyMask,
-    ColFullPtr,
-    ColFullIdx,
-    ColPartPtr,
-    ColPartIdx,
-    ColPartTile,
-    Tiles,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dkb,
-    stride_dkh,
-    stride_dkn,
-    stride_dkd,
-    stride_dvb,
-    stride_dvh,
-    stride_dvn,
-    stride_dvd,
-    stride_kmb,
-    num_q_heads,
-    num_kv_heads,
-    group,
-    q_len,
-    kv_len,
-    num_k_blocks,
-    qk_scale,
-    scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    LAYOUT_BK: tl.constexpr,
-    WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
-):
+    DK, stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    DV, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    KeyMask, stride_kmb,
+    ColFullPtr, ColFullIdx, ColPartPtr, ColPartIdx, ColPartTile, Tiles,
+    num_q_heads, num_kv_heads, group, q_len, kv_len, num_k_blocks, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
     """dK, dV of one key tile of one (batch, kv head): walks the layout columns of its query heads."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // num_kv_heads
     kv_head = pid_bh % num_kv_heads
     n_start = pid_n * BLOCK_N
-    k_block = n_start // LAYOUT_BK
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    cols = n_start + offs_n
-    kv_mask = (cols[:, None] < kv_len) & (offs_d[None, :] < HEAD_DIM)
-
-    k_ptrs = (
-        K
-        + batch.to(tl.int64) * stride_kb
-        + kv_head.to(tl.int64) * stride_kh
-        + n_start.to(tl.int64) * stride_kn
-    )
-    v_ptrs = (
-        V
-        + batch.to(tl.int64) * stride_vb
-        + kv_head.to(tl.int64) * stride_vh
-        + n_start.to(tl.int64) * stride_vn
-    )
-    # Keys past kv_len are zero vectors whose rows are never stored, so only key_mask needs masking.
-    if HAS_KEY_MASK:
-        km_ok = tl.load(KeyMask + batch.to(tl.int64) * stride_kmb + cols, mask=cols < kv_len, other=0) != 0
-        # A padding key may hold garbage (NaN): it loads as zeros, so its dK, dV come out 0, not NaN.
-        load_mask = kv_mask & km_ok[:, None]
-    else:
-        km_ok = cols < kv_len
-        load_mask = kv_mask
+    k_base = _head_base(K, batch, kv_head, stride_kb, stride_kh)
+    v_base = _head_base(V, batch, kv_head, stride_vb, stride_vh)
     # [BLOCK_N, HEAD_DIM_PAD]
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=load_mask, other=0.0)
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=load_mask, other=0.0)
+    k = _load_rows(
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
+    )
+    v = _load_rows(
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
+    )
+    real = _real_keys(
+        KeyMask + batch.to(tl.int64) * stride_kmb, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK
+    )
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
 
-    # Query tiles per layout block, walked in one flat loop per list (see the forward kernel).
-    subs = LAYOUT_BQ // BLOCK_M
+    SUBS: tl.constexpr = LAYOUT_BQ // BLOCK_M
     for g in range(group):
         head = kv_head * group + g
-        q_base = Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
-        do_base = DO + batch.to(tl.int64) * stride_dob + head.to(tl.int64) * stride_doh
+        q_base = _head_base(Q, batch, head, stride_qb, stride_qh)
+        do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
         lse_base = Lse + (batch * num_q_heads + head).to(tl.int64) * q_len
         delta_base = Delta + (batch * num_q_heads + head).to(tl.int64) * q_len
-        layout_col = (head if PER_HEAD_LAYOUT else 0) * (num_k_blocks + 1) + k_block
-        lo = tl.load(ColFullPtr + layout_col)
-        hi = tl.load(ColFullPtr + layout_col + 1)
-        for i in range(lo * subs, hi * subs):
-            entry = i // subs
-            sub = i % subs
-            q_block = tl.load(ColFullIdx + entry)
-            dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, 0,
-                q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, False, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
-            )  # fmt: skip
-        lo = tl.load(ColPartPtr + layout_col)
-        hi = tl.load(ColPartPtr + layout_col + 1)
-        for i in range(lo * subs, hi * subs):
-            entry = i // subs
-            sub = i % subs
-            q_block = tl.load(ColPartIdx + entry)
-            tile_id = tl.load(ColPartTile + entry)
-            dk, dv = _bwd_dkdv_tile(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, km_ok, Tiles, tile_id,
-                q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
-                stride_qm, stride_qd, stride_dom, stride_dod,
-                HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS, True, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
-            )  # fmt: skip
+        layout_col = (head if PER_HEAD_LAYOUT else 0) * (num_k_blocks + 1) + n_start // LAYOUT_BK
+        for PARTIAL in tl.static_range(2):
+            lo, hi = _walk_bounds(ColFullPtr, ColPartPtr, layout_col, SUBS, PARTIAL)
+            for i in range(lo, hi):
+                q_block, sub, tile_id = _walk_step(ColFullIdx, ColPartIdx, ColPartTile, i, SUBS, PARTIAL)
+                dk, dv = _bwd_dkdv_tile(
+                    dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dom, stride_dod,
+                    lse_base, delta_base, real, Tiles, tile_id,
+                    q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
+                    HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS,
+                    PARTIAL, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
+                )  # fmt: skip
 
-    dk_ptrs = (
-        DK
-        + batch.to(tl.int64) * stride_dkb
-        + kv_head.to(tl.int64) * stride_dkh
-        + n_start.to(tl.int64) * stride_dkn
-    )
-    dv_ptrs = (
-        DV
-        + batch.to(tl.int64) * stride_dvb
-        + kv_head.to(tl.int64) * stride_dvh
-        + n_start.to(tl.int64) * stride_dvn
-    )
-    dk_ptrs = dk_ptrs + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = dv_ptrs + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
-    if EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
-        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty))
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty))
-    else:
-        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_rows(
+        _head_base(DK, batch, kv_head, stride_dkb, stride_dkh), n_start, stride_dkn, stride_dkd, kv_len,
+        dk * scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N,
+    )  # fmt: skip
+    _store_rows(
+        _head_base(DV, batch, kv_head, stride_dvb, stride_dvh), n_start, stride_dvn, stride_dvd, kv_len,
+        dv, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N,
+    )  # fmt: skip
 
 
 @triton.jit
 def _bwd_dq_tile(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    km_base,
-    tiles_ptr,
-    tile_id,
-    n_start,
-    in_block_rows,
-    in_block_col0,
-    kv_len,
-    qk_scale,
-    stride_kn,
-    stride_kd,
-    stride_vn,
-    stride_vd,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    WORDS: tl.constexpr,
-    IS_PARTIAL: tl.constexpr,
-    EVEN_N: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    dq, q, do, lse2, delta,
+    k_base, stride_kn, stride_kd,
+    v_base, stride_vn, stride_vd,
+    km_base, tiles_ptr, tile_id, n_start, in_block_rows, in_block_col0, kv_len, qk_scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
+    IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Accumulate dQ of one query tile over keys ``[n_start, n_start + BLOCK_N)``."""
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    cols = n_start + offs_n
-    k_ptrs = (
-        k_base + n_start.to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd + offs_n[None, :] * stride_kn
+    # [HEAD_DIM_PAD, BLOCK_N]
+    k_t = _load_rows(
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
     )
-    v_ptrs = (
-        v_base + n_start.to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd + offs_n[None, :] * stride_vn
+    v_t = _load_rows(
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
     )
-    if HAS_KEY_MASK:
-        # Padding keys load as zeros, whatever garbage they hold (see the forward step).
-        key_ok = tl.load(km_base + cols, mask=cols < kv_len, other=0) != 0
-        load_mask_t = (offs_d[:, None] < HEAD_DIM) & key_ok[None, :]
-        k_t = tl.load(k_ptrs, mask=load_mask_t, other=0.0)
-        v_t = tl.load(v_ptrs, mask=load_mask_t, other=0.0)
-    elif EVEN_N and HEAD_DIM == HEAD_DIM_PAD:
-        # [HEAD_DIM_PAD, BLOCK_N]
-        k_t = tl.load(k_ptrs)
-        v_t = tl.load(v_ptrs)
-    else:
-        load_mask_t = (offs_d[:, None] < HEAD_DIM) & (cols[None, :] < kv_len)
-        k_t = tl.load(k_ptrs, mask=load_mask_t, other=0.0)
-        v_t = tl.load(v_ptrs, mask=load_mask_t, other=0.0)
     # [BLOCK_M, BLOCK_N]
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
-    if IS_PARTIAL:
-        visible = _tile_bits(
-            tiles_ptr, tile_id, in_block_rows, in_block_col0, BLOCK_N, LAYOUT_BQ, WORDS, False
-        )
-        if HAS_KEY_MASK:
-            visible = visible & key_ok[None, :]
-        p = tl.where(visible, p, 0.0)
-    elif HAS_KEY_MASK:
-        p = tl.where(key_ok[None, :], p, 0.0)
-    elif not EVEN_N:
-        p = tl.where((cols < kv_len)[None, :], p, 0.0)
+    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
+    p = _hide_invisible(
+        p, 0.0, tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
+        BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
+    )  # fmt: skip
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
@@ -637,61 +453,21 @@ def _bwd_dq_tile(
 
 @triton.jit
 def _bsattn_bwd_dq_kernel(
-    Q,
-    K,
-    V,
-    DO,
+    Q, stride_qb, stride_qh, stride_qm, stride_qd,
+    K, stride_kb, stride_kh, stride_kn, stride_kd,
+    V, stride_vb, stride_vh, stride_vn, stride_vd,
+    DO, stride_dob, stride_doh, stride_dom, stride_dod,
     Lse,
     Delta,
-    DQ,
-    KeyMask,
-    RowFullPtr,
-    RowFullIdx,
-    RowPartPtr,
-    RowPartIdx,
-    RowPartTile,
-    Tiles,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
-    stride_dob,
-    stride_doh,
-    stride_dom,
-    stride_dod,
-    stride_dqb,
-    stride_dqh,
-    stride_dqm,
-    stride_dqd,
-    stride_kmb,
-    num_q_heads,
-    group,
-    q_len,
-    kv_len,
-    num_q_blocks,
-    qk_scale,
-    scale,
-    HEAD_DIM: tl.constexpr,
-    HEAD_DIM_PAD: tl.constexpr,
-    LAYOUT_BQ: tl.constexpr,
-    LAYOUT_BK: tl.constexpr,
-    WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    EVEN_M: tl.constexpr,
-    EVEN_N: tl.constexpr,
-):
+    DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    KeyMask, stride_kmb,
+    RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
+    num_q_heads, group, q_len, kv_len, num_q_blocks, qk_scale, scale,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
+    LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+):  # fmt: skip
     """dQ of one query tile of one (batch, query head): walks the layout row of its query block."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -699,76 +475,43 @@ def _bsattn_bwd_dq_kernel(
     head = pid_bh % num_q_heads
     kv_head = head // group
     m_start = pid_m * BLOCK_M
-    q_block = m_start // LAYOUT_BQ
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rows = m_start + offs_m
-    in_block_rows = m_start % LAYOUT_BQ + offs_m
+    rows = m_start + tl.arange(0, BLOCK_M)
+    in_block_rows = m_start % LAYOUT_BQ + tl.arange(0, BLOCK_M)
     row_ok = rows < q_len
-    q_mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
-    q_ptrs = (
-        Q + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh + m_start.to(tl.int64) * stride_qm
-    )
-    do_ptrs = (
-        DO
-        + batch.to(tl.int64) * stride_dob
-        + head.to(tl.int64) * stride_doh
-        + m_start.to(tl.int64) * stride_dom
-    )
     # [BLOCK_M, HEAD_DIM_PAD]
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
-    do = tl.load(
-        do_ptrs + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=q_mask, other=0.0
-    )
+    q = _load_rows(
+        _head_base(Q, batch, head, stride_qb, stride_qh), m_start, stride_qm, stride_qd, q_len,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, False,
+    )  # fmt: skip
+    do = _load_rows(
+        _head_base(DO, batch, head, stride_dob, stride_doh), m_start, stride_dom, stride_dod, q_len,
+        BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, False, False,
+    )  # fmt: skip
     row_base = pid_bh.to(tl.int64) * q_len
     lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("-inf"))
     # Rows with no visible key (lse = -inf): lse2 = +inf makes their probabilities 0, so dq = 0.
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
-    k_base = K + batch.to(tl.int64) * stride_kb + kv_head.to(tl.int64) * stride_kh
-    v_base = V + batch.to(tl.int64) * stride_vb + kv_head.to(tl.int64) * stride_vh
+    k_base = _head_base(K, batch, kv_head, stride_kb, stride_kh)
+    v_base = _head_base(V, batch, kv_head, stride_vb, stride_vh)
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + q_block
-    # Key tiles per layout block. Each list is walked as one flat loop over (block, sub-tile): a nested,
-    # unrolled sub-tile loop lets the scheduler overlap sub-tiles and doubles the live registers.
-    subs = LAYOUT_BK // BLOCK_N
-    lo = tl.load(RowFullPtr + layout_row)
-    hi = tl.load(RowFullPtr + layout_row + 1)
-    for i in range(lo * subs, hi * subs):
-        entry = i // subs
-        sub = i % subs
-        k_block = tl.load(RowFullIdx + entry)
-        dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, 0,
-            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, False, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-        )  # fmt: skip
-    lo = tl.load(RowPartPtr + layout_row)
-    hi = tl.load(RowPartPtr + layout_row + 1)
-    for i in range(lo * subs, hi * subs):
-        entry = i // subs
-        sub = i % subs
-        k_block = tl.load(RowPartIdx + entry)
-        tile_id = tl.load(RowPartTile + entry)
-        dq = _bwd_dq_tile(
-            dq, q, do, lse2, delta, k_base, v_base, km_base, Tiles, tile_id,
-            k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N, kv_len, qk_scale,
-            stride_kn, stride_kd, stride_vn, stride_vd,
-            HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, True, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
-        )  # fmt: skip
+    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + m_start // LAYOUT_BQ
+    SUBS: tl.constexpr = LAYOUT_BK // BLOCK_N
+    for PARTIAL in tl.static_range(2):
+        lo, hi = _walk_bounds(RowFullPtr, RowPartPtr, layout_row, SUBS, PARTIAL)
+        for i in range(lo, hi):
+            k_block, sub, tile_id = _walk_step(RowFullIdx, RowPartIdx, RowPartTile, i, SUBS, PARTIAL)
+            dq = _bwd_dq_tile(
+                dq, q, do, lse2, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
+                km_base, Tiles, tile_id, k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N,
+                kv_len, qk_scale,
+                HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, PARTIAL, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+            )  # fmt: skip
 
-    dq_ptrs = (
-        DQ
-        + batch.to(tl.int64) * stride_dqb
-        + head.to(tl.int64) * stride_dqh
-        + m_start.to(tl.int64) * stride_dqm
-    )
-    dq_ptrs = dq_ptrs + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
-    if EVEN_M and HEAD_DIM == HEAD_DIM_PAD:
-        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty))
-    else:
-        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    _store_rows(
+        _head_base(DQ, batch, head, stride_dqb, stride_dqh), m_start, stride_dqm, stride_dqd, q_len,
+        dq * scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M,
+    )  # fmt: skip

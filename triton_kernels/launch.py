@@ -26,8 +26,6 @@ from .bsattn import (
     _bsattn_fwd_kernel,
 )
 
-#: Fill every output buffer with NaN before the kernels write it (tests: an unwritten element then fails).
-POISON_OUTPUTS = False
 #: Run the first fitting config instead of autotuning.
 PIN_CONFIG = False
 PREPROCESS_BLOCK_M = 64
@@ -157,12 +155,9 @@ def _launch(name: str, grid, args: list, meta: dict, config: TileConfig | None, 
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
-def _empty(*shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """A fresh contiguous buffer; NaN-filled when `POISON_OUTPUTS`."""
-    out = torch.empty(*shape, dtype=dtype or like.dtype, device=like.device)
-    if POISON_OUTPUTS:
-        out.fill_(float("nan"))
-    return out
+def empty_buffer(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """A fresh contiguous buffer for a kernel to write (the tests wrap it to fill it with NaN first)."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
@@ -170,8 +165,9 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
 
 
-def _strides(t: torch.Tensor) -> list[int]:
-    return list(t.stride())
+def _with_strides(t: torch.Tensor) -> list:
+    """A tensor argument as the kernels take it: the pointer, then its four strides."""
+    return [t, *t.stride()]
 
 
 def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
@@ -189,13 +185,13 @@ def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
     }
 
 
-def _key_mask_arg(key_mask, q):
-    """uint8 ``[B, Skv]`` view of the key mask and its batch stride (a dummy pointer when absent)."""
+def _key_mask_arg(key_mask, q) -> list:
+    """uint8 ``[B, Skv]`` key mask and its batch stride (a dummy pointer when absent)."""
     if key_mask is None:
-        return q, 0
+        return [q, 0]
     # The kernels index keys with unit stride; `.to` alone keeps a transposed view's strides.
     km = key_mask.to(torch.uint8).contiguous()
-    return km, km.stride(0)
+    return [km, km.stride(0)]
 
 
 def _row_lists(layout):
@@ -213,11 +209,10 @@ def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConf
     """Forward: ``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq] float32)``."""
     batch, heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    out = _empty(q.shape, like=q)
-    lse = _empty((batch, heads, q_len), like=q, dtype=torch.float32)
-    km, stride_kmb = _key_mask_arg(key_mask, q)
-    args = [q, k, v, out, lse, km, *_row_lists(layout)]
-    args += _strides(q) + _strides(k) + _strides(v) + _strides(out) + [stride_kmb]
+    out = empty_buffer(q.shape, like=q)
+    lse = empty_buffer((batch, heads, q_len), like=q, dtype=torch.float32)
+    args = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(out), lse]
+    args += [*_key_mask_arg(key_mask, q), *_row_lists(layout)]
     args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E]
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
     _launch("fwd", grid, args, _common_meta(q, layout, key_mask), config, layout.block_q, layout.block_k)
@@ -233,29 +228,26 @@ def attention_bwd(
     kv_heads, kv_len = k.shape[1], k.shape[2]
     meta = _common_meta(q, layout, key_mask)
     lse = lse.float().contiguous()
-    delta = _empty((batch, heads, q_len), like=q, dtype=torch.float32)
+    delta = empty_buffer((batch, heads, q_len), like=q, dtype=torch.float32)
     has_dlse = dlse is not None
     dlse_arg = dlse.float().contiguous() if has_dlse else lse
     pre_grid = (triton.cdiv(q_len, PREPROCESS_BLOCK_M), batch * heads)
     _bsattn_bwd_preprocess[pre_grid](
-        out, do, dlse_arg, lse, delta, *_strides(out), *_strides(do), heads, q_len,
+        *_with_strides(out), *_with_strides(do), dlse_arg, lse, delta, heads, q_len,
         HEAD_DIM=head_dim, HEAD_DIM_PAD=meta["HEAD_DIM_PAD"], HAS_DLSE=has_dlse, BLOCK_M=PREPROCESS_BLOCK_M,
     )  # fmt: skip
 
-    km, stride_kmb = _key_mask_arg(key_mask, q)
-    dq = _empty(q.shape, like=q)
-    dk = _empty(k.shape, like=k)
-    dv = _empty(v.shape, like=v)
-    args = [q, k, v, do, lse, delta, dk, dv, km, *_col_lists(layout)]
-    args += (
-        _strides(q) + _strides(k) + _strides(v) + _strides(do) + _strides(dk) + _strides(dv) + [stride_kmb]
-    )
+    dq = empty_buffer(q.shape, like=q)
+    dk = empty_buffer(k.shape, like=k)
+    dv = empty_buffer(v.shape, like=v)
+    inputs = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(do), lse, delta]
+    key_mask_arg = _key_mask_arg(key_mask, q)
+    args = [*inputs, *_with_strides(dk), *_with_strides(dv), *key_mask_arg, *_col_lists(layout)]
     args += [heads, kv_heads, heads // kv_heads, q_len, kv_len, layout.num_k_blocks, scale * LOG2E, scale]
     grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
     _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
 
-    args = [q, k, v, do, lse, delta, dq, km, *_row_lists(layout)]
-    args += _strides(q) + _strides(k) + _strides(v) + _strides(do) + _strides(dq) + [stride_kmb]
+    args = [*inputs, *_with_strides(dq), *key_mask_arg, *_row_lists(layout)]
     args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E, scale]
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
     _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
