@@ -116,19 +116,9 @@ def random_cells(density: float, seq: int, seed: int = 0) -> torch.Tensor:
 def layout_to_flex_tensors(layout):
     """``(kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices)`` for `BlockMask.from_kv_blocks`,
     shaped ``[1, H, nqb]`` and ``[1, H, nqb, nkb]`` (int32), straight from the layout's row lists."""
-    out = []
-    for kind in ("part", "full"):
-        ptr = getattr(layout, f"row_{kind}_ptr").long()  # [H, nqb + 1], global offsets
-        idx = getattr(layout, f"row_{kind}_idx").long()
-        counts = ptr[:, 1:] - ptr[:, :-1]  # [H, nqb]
-        flat = counts.reshape(-1)
-        rows = torch.repeat_interleave(torch.arange(flat.numel(), device=idx.device), flat)
-        starts = ptr[:, :-1].reshape(-1)
-        pos = torch.arange(idx.numel(), device=idx.device) - torch.repeat_interleave(starts, flat)
-        indices = torch.zeros(flat.numel(), layout.num_k_blocks, dtype=torch.int32, device=idx.device)
-        indices[rows, pos] = idx.to(torch.int32)
-        out += [counts.to(torch.int32)[None], indices.view(1, layout.num_heads, layout.num_q_blocks, -1)]
-    return tuple(out)
+    from sparse_attn.interop import flex_rows
+
+    return (*flex_rows(layout, "part"), *flex_rows(layout, "full"))
 
 
 def flex_block_mask(layout, mask_mod):
@@ -398,7 +388,7 @@ def mask_rows(pattern, seq: int, start: int, rows: int) -> torch.Tensor:
     g = Geometry(seq, seq, 1, 1)
     i = torch.arange(start, start + rows)[None, :, None]
     j = torch.arange(seq)[None, None, :]
-    return pattern._visible(g, torch.zeros(1, 1, 1, dtype=torch.long), i, j)[0].expand(rows, seq)
+    return pattern.visible(g, torch.zeros(1, 1, 1, dtype=torch.long), i, j)[0].expand(rows, seq)
 
 
 def _inputs(seq, head_dim, dtype, args):

@@ -19,8 +19,8 @@ import torch
 
 from .layout import BlockLayout
 from .patterns import Pattern, block_sparse, causal, sliding_window
-from .patterns._blockset import BlockSet, from_candidates
-from .patterns.window import UNBOUNDED, _Band
+from .patterns.flex import FlexBlocks
+from .patterns.window import top_left_causal
 
 # -- FlexAttention -----------------------------------------------------------------------------------------
 
@@ -31,8 +31,8 @@ def to_flex(layout: BlockLayout):
 
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"to_flex expects a BlockLayout, got {type(layout).__name__}")
-    kv_num_blocks, kv_indices = _flex_rows(layout, "part")
-    full_num_blocks, full_indices = _flex_rows(layout, "full")
+    kv_num_blocks, kv_indices = flex_rows(layout, "part")
+    full_num_blocks, full_indices = flex_rows(layout, "full")
     return BlockMask.from_kv_blocks(
         kv_num_blocks,
         kv_indices,
@@ -44,17 +44,14 @@ def to_flex(layout: BlockLayout):
     )
 
 
-def _flex_rows(layout: BlockLayout, kind: str):
-    """Our CSR rows -> flex's ``num_blocks [1, H, nqb]`` and ``indices [1, H, nqb, nkb]`` (padded with 0)."""
+def flex_rows(layout: BlockLayout, kind: str):
+    """Our row lists -> flex's ``num_blocks [1, H, nqb]`` and ``indices [1, H, nqb, nkb]`` (int32, padded with 0)."""
     heads, nqb, nkb = layout.num_heads, layout.num_q_blocks, layout.num_k_blocks
     ptr = getattr(layout, f"row_{kind}_ptr").long()
-    idx = getattr(layout, f"row_{kind}_idx").long()
-    counts = ptr[:, 1:] - ptr[:, :-1]  # [H, nqb]
-    indices = torch.zeros(heads * nqb, nkb, dtype=torch.int32, device=layout.device)
-    row = torch.repeat_interleave(torch.arange(heads * nqb, device=layout.device), counts.reshape(-1))
-    slot = torch.arange(len(idx), device=layout.device) - (ptr[:, :-1].reshape(-1))[row]
-    indices[row, slot] = idx.to(torch.int32)
-    return counts.to(torch.int32)[None], indices.view(1, heads, nqb, nkb)
+    e = layout.entries(kind, device=layout.device)
+    indices = torch.zeros(heads, nqb, nkb, dtype=torch.int32, device=layout.device)
+    indices[e.head, e.q_block, e.slot] = e.k_block.to(torch.int32)
+    return (ptr[:, 1:] - ptr[:, :-1]).to(torch.int32)[None], indices[None]
 
 
 def _mask_mod(layout: BlockLayout):
@@ -64,8 +61,8 @@ def _mask_mod(layout: BlockLayout):
     # Per block: -2 empty, -1 full, else the tile id. Block-level, not token-level.
     block_tile = torch.full((heads, nqb, nkb), -2, dtype=torch.int64, device=layout.device)
     for kind in ("full", "part"):
-        h, qb, kb = (t.to(layout.device) for t in layout._row_entries(kind))
-        block_tile[h, qb, kb] = -1 if kind == "full" else layout.row_part_tile.long()
+        e = layout.entries(kind, device=layout.device)
+        block_tile[e.head, e.q_block, e.k_block] = -1 if kind == "full" else e.tile
     tiles = layout.tiles.long()
     if tiles.shape[0] == 0:
         tiles = torch.zeros(1, bq, -(-bk // 32), dtype=torch.int64, device=layout.device)
@@ -85,7 +82,7 @@ def _mask_mod(layout: BlockLayout):
 
 def from_flex(block_mask) -> BlockLayout:
     """Read a FlexAttention `BlockMask` (batch 1) into an exact `BlockLayout` with its block size."""
-    return _FlexPattern(block_mask).layout(
+    return FlexBlocks(block_mask).layout(
         block_mask.seq_lengths[0],
         block_mask.seq_lengths[1],
         block_size=tuple(block_mask.BLOCK_SIZE),
@@ -94,84 +91,7 @@ def from_flex(block_mask) -> BlockLayout:
     )
 
 
-class _FlexPattern(Pattern):
-    """A BlockMask seen as a pattern: its block lists, and its mask_mod inside partial blocks."""
-
-    def __init__(self, block_mask):
-        if block_mask.kv_num_blocks.shape[0] != 1:
-            raise ValueError(
-                f"from_flex reads batch-1 block masks, got batch {block_mask.kv_num_blocks.shape[0]}"
-            )
-        self.block_mask = block_mask
-        heads = block_mask.kv_num_blocks.shape[1]
-        self.num_heads = None if heads == 1 else heads
-
-    def _visible(self, g, h, i, j):
-        from torch.nn.attention.flex_attention import noop_mask
-
-        mask_mod = self.block_mask.mask_mod or noop_mask
-        h, i, j = torch.broadcast_tensors(h, i, j)
-        # Clamped: tokens past the sequence are masked by the caller; a mask_mod may index by position.
-        flat = [t.reshape(-1) for t in (h, i.clamp(max=g.q_len - 1), j.clamp(max=g.kv_len - 1))]
-        zero = torch.zeros((), dtype=torch.int64)
-        visible = torch.vmap(lambda hh, ii, jj: mask_mod(zero, hh, ii, jj))(*flat)
-        return visible.reshape(h.shape).bool()
-
-    def _blocks(self, g):
-        bm = self.block_mask
-        if tuple(bm.BLOCK_SIZE) != (g.block_q, g.block_k):
-            raise ValueError(
-                f"block size {(g.block_q, g.block_k)} differs from the BlockMask's {tuple(bm.BLOCK_SIZE)}"
-            )
-        heads = bm.kv_num_blocks.shape[1]
-        parts = []
-        for num, idx, full in (
-            (bm.kv_num_blocks, bm.kv_indices, False),
-            (bm.full_kv_num_blocks, bm.full_kv_indices, True),
-        ):
-            if num is None:
-                continue
-            num, idx = num[0].cpu().long(), idx[0].cpu().long()  # [H, nqb], [H, nqb, nkb_stored]
-            nqb = min(num.shape[1], g.num_q_blocks)
-            used = torch.arange(idx.shape[-1])[None, None, :] < num[:, :nqb, None]
-            h, qb, slot = torch.nonzero(used, as_tuple=True)
-            kb = idx[h, qb, slot]
-            keep = kb < g.num_k_blocks
-            parts.append((h[keep], qb[keep], kb[keep], torch.full((int(keep.sum()),), full)))
-        h, qb, kb, is_full = (torch.cat(t) for t in zip(*parts, strict=True))
-        key = (h * g.num_q_blocks + qb) * g.num_k_blocks + kb
-        return _shared_tiles(from_candidates(self, g, heads, h, qb, kb, is_full, key))
-
-
-def _shared_tiles(s: BlockSet) -> BlockSet:
-    """`s` with equal tiles stored once. A BlockMask says nothing about which partial blocks share a
-    mask, so each got its own tile; a window's diagonal blocks, for example, all share one."""
-    if s.tiles.shape[0] < 2:
-        return s
-    tiles, inverse = torch.unique(s.tiles.flatten(1), dim=0, return_inverse=True)
-    tile_id = torch.where(s.tile_id >= 0, inverse[s.tile_id.clamp(min=0)], s.tile_id)
-    return BlockSet(s.heads, s.key, tile_id, tiles.view(-1, *s.tiles.shape[1:]))
-
-
 # -- xformers --------------------------------------------------------------------------------------------
-
-
-class _TopLeftCausal(Pattern):
-    """Visible iff ``j <= i`` (row index): xformers' LowerTriangularMask, causal aligned top-left."""
-
-    def _band(self, g):
-        band = _Band()
-        band.lo, band.hi = g.offset, UNBOUNDED  # j <= i  <=>  qpos - j >= offset
-        return band
-
-    def _visible(self, g, h, i, j):
-        return self._band(g)._visible(g, h, i, j)
-
-    def _blocks(self, g):
-        return self._band(g)._blocks(g)
-
-    def __repr__(self):
-        return "top_left_causal()"
 
 
 def pattern_from_xformers(bias) -> Pattern:
@@ -187,7 +107,7 @@ def pattern_from_xformers(bias) -> Pattern:
 
     kind = type(bias).__name__
     if type(bias) is ab.LowerTriangularMask:
-        return _TopLeftCausal()
+        return top_left_causal()
     if type(bias) is ab.LowerTriangularFromBottomRightMask:
         return causal()
     if type(bias) is ab.LocalAttentionFromBottomRightMask:

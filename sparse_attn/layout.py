@@ -21,10 +21,12 @@ query heads.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from .patterns._blockset import FULL, BlockSet, Geometry
+from .geometry import FULL, BlockSet, Geometry
 
 _INDEX_FIELDS = (
     "row_full_ptr",
@@ -77,6 +79,16 @@ def _csr(group: torch.Tensor, n_groups: int, order_key: torch.Tensor):
     ptr = torch.zeros(n_groups + 1, dtype=torch.int64)
     ptr[1:] = torch.cumsum(counts, 0)
     return perm, ptr.to(torch.int32)
+
+
+class BlockEntries(NamedTuple):
+    """Kept blocks one by one (int64 tensors of one length): see `BlockLayout.entries`."""
+
+    head: torch.Tensor
+    q_block: torch.Tensor
+    k_block: torch.Tensor
+    slot: torch.Tensor  # position in its row (or column) list
+    tile: torch.Tensor | None  # tile ids of partial blocks; None for full ones
 
 
 class BlockLayout:
@@ -163,20 +175,33 @@ class BlockLayout:
         """Unpacked partial tiles, bool ``[n_tiles, block_q, block_k]`` (cached per layout)."""
         return self.cached("tile_masks", lambda: unpack_tiles(self.tiles, self.block_k))
 
-    def _row_entries(self, kind: str):
-        """(head, query block, key block) of the full or partial blocks, on the CPU."""
-        ptr = getattr(self, f"row_{kind}_ptr").cpu().long()
-        idx = getattr(self, f"row_{kind}_idx").cpu().long()
-        per_row = (ptr[:, 1:] - ptr[:, :-1]).reshape(-1)
-        row = torch.repeat_interleave(torch.arange(len(per_row)), per_row)
-        return row // self.num_q_blocks, row % self.num_q_blocks, idx
+    def entries(self, kind: str, order: str = "row", device=None) -> BlockEntries:
+        """Every full (``kind="full"``) or partial (``"part"``) block as int64 `BlockEntries`, in the order of
+        the row lists (``order="row"``, what the forward and dQ passes walk) or of the column lists
+        (``"col"``, the dK/dV pass), on `device` (default: the CPU). `slot` is an entry's position in its
+        row (column); `tile` its tile id (partial blocks only)."""
+        if kind not in ("full", "part") or order not in ("row", "col"):
+            raise ValueError(
+                f"kind must be 'full' or 'part' and order 'row' or 'col', got {kind!r}, {order!r}"
+            )
+        device = torch.device("cpu") if device is None else torch.device(device)
+        ptr = getattr(self, f"{order}_{kind}_ptr").to(device).long()  # [H, n + 1], global offsets
+        idx = getattr(self, f"{order}_{kind}_idx").to(device).long()
+        per_line = (ptr[:, 1:] - ptr[:, :-1]).reshape(-1)
+        line = torch.repeat_interleave(torch.arange(len(per_line), device=device), per_line)
+        slot = torch.arange(len(idx), device=device) - ptr[:, :-1].reshape(-1)[line]
+        n_lines = ptr.shape[1] - 1
+        head, pos = line // n_lines, line % n_lines
+        tile = getattr(self, f"{order}_part_tile").to(device).long() if kind == "part" else None
+        q_block, k_block = (pos, idx) if order == "row" else (idx, pos)
+        return BlockEntries(head, q_block, k_block, slot, tile)
 
     def to_block_mask(self) -> torch.Tensor:
         """int8 ``[H, nqb, nkb]``: 0 empty, 1 partial, 2 full."""
         out = torch.zeros(self.num_heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.int8)
         for kind, value in (("part", 1), ("full", 2)):
-            h, qb, kb = self._row_entries(kind)
-            out[h, qb, kb] = value
+            e = self.entries(kind)
+            out[e.head, e.q_block, e.k_block] = value
         return out.to(self.device)
 
     def to_dense(self) -> torch.Tensor:
@@ -184,11 +209,9 @@ class BlockLayout:
         bq, bk = self.block_q, self.block_k
         grid = torch.zeros(self.num_heads, self.num_q_blocks * bq, self.num_k_blocks * bk, dtype=torch.bool)
         view = grid.view(self.num_heads, self.num_q_blocks, bq, self.num_k_blocks, bk)
-        h, qb, kb = self._row_entries("full")
-        view[h, qb, :, kb, :] = True
-        h, qb, kb = self._row_entries("part")
-        tiles = self.tile_masks().cpu()[self.row_part_tile.cpu().long()]
-        view[h, qb, :, kb, :] = tiles
+        full, part = self.entries("full"), self.entries("part")
+        view[full.head, full.q_block, :, full.k_block, :] = True
+        view[part.head, part.q_block, :, part.k_block, :] = self.tile_masks().cpu()[part.tile]
         return grid[:, : self.q_len, : self.kv_len].to(self.device)
 
     def density(self) -> float:
@@ -196,8 +219,8 @@ class BlockLayout:
         g = self.geometry
         total = 0
         for kind in ("full", "part"):
-            _, qb, kb = self._row_entries(kind)
-            total += int((g.valid_rows(qb) * g.valid_cols(kb)).sum())
+            e = self.entries(kind)
+            total += int((g.valid_rows(e.q_block) * g.valid_cols(e.k_block)).sum())
         return total / (self.num_heads * self.q_len * self.kv_len)
 
     def to(self, device) -> BlockLayout:
@@ -233,8 +256,8 @@ class BlockLayout:
         rows, cols = -(-nqb // step_r), -(-nkb // step_c)
         kept = {}
         for kind in ("full", "part"):
-            h, qb, kb = self._row_entries(kind)
-            cell = (qb[h == 0] // step_r) * cols + kb[h == 0] // step_c
+            e = self.entries(kind)
+            cell = (e.q_block[e.head == 0] // step_r) * cols + e.k_block[e.head == 0] // step_c
             kept[kind] = torch.bincount(cell, minlength=rows * cols).view(rows, cols)
         blocks_r = (nqb - torch.arange(rows) * step_r).clamp(max=step_r)
         blocks_c = (nkb - torch.arange(cols) * step_c).clamp(max=step_c)

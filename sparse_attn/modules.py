@@ -14,8 +14,6 @@ pattern. A query that sees no key gets output 0 (nn gives NaN there).
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -23,52 +21,12 @@ from torch import nn
 
 from . import backends
 from .api import sparse_attention
+from .checks import check_int
 from .layout import BlockLayout
+from .layout_cache import LayoutCache
 from .patterns import Pattern, causal
-from .patterns._blockset import from_candidates
-from .patterns.window import UNBOUNDED, SlidingWindow
-
-#: Guards every module's layout cache (a lock per module would make modules impossible to deepcopy).
-_CACHE_LOCK = threading.Lock()
-
-
-def dense_pattern() -> Pattern:
-    """Every query sees every key (the pattern of ordinary attention)."""
-    return SlidingWindow(UNBOUNDED, UNBOUNDED)
-
-
-class TokenMask(Pattern):
-    """An explicit token mask as a pattern: visible iff ``mask[h, i, j]`` (row index i), O(S^2)."""
-
-    def __init__(self, mask: torch.Tensor):
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() not in (2, 3):
-            raise TypeError("TokenMask takes a bool tensor [q_len, kv_len] or [H, q_len, kv_len]")
-        self.num_heads = mask.shape[0] if mask.dim() == 3 else None
-        self.cells = (mask if mask.dim() == 3 else mask[None]).detach().cpu()
-
-    def _check_lengths(self, q_len, kv_len):
-        if tuple(self.cells.shape[1:]) != (q_len, kv_len):
-            raise ValueError(
-                f"mask of shape {tuple(self.cells.shape[1:])} does not fit q_len={q_len}, kv_len={kv_len}"
-            )
-
-    def _visible(self, g, h, i, j):
-        h = h if self.num_heads is not None else torch.zeros_like(h)
-        # Clamped: rows and keys past the sequence (padding of ragged tiles) are masked by the caller.
-        return self.cells[h, i.clamp(max=g.q_len - 1), j.clamp(max=g.kv_len - 1)]
-
-    def _blocks(self, g):
-        heads = self.cells.shape[0]
-        nqb, nkb = g.num_q_blocks, g.num_k_blocks
-        padded = torch.zeros(heads, nqb * g.block_q, nkb * g.block_k, dtype=torch.int32)
-        padded[:, : g.q_len, : g.kv_len] = self.cells
-        counts = padded.view(heads, nqb, g.block_q, nkb, g.block_k).sum((2, 4))
-        h, qb, kb = torch.nonzero(counts, as_tuple=True)
-        full = counts[h, qb, kb] == g.valid_rows(qb) * g.valid_cols(kb)
-        return from_candidates(self, g, heads, h, qb, kb, full, (h * nqb + qb) * nkb + kb)
-
-    def __repr__(self):
-        return f"TokenMask({tuple(self.cells.shape)})"
+from .patterns.token_mask import TokenMask
+from .patterns.window import dense
 
 
 class SparseAttention(nn.Module):
@@ -90,10 +48,9 @@ class SparseAttention(nn.Module):
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
         backends.check_name(backend)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int) or cache_size < 1:
-            raise ValueError(f"cache_size must be an int >= 1, got {cache_size!r}")
+        check_int("cache_size", cache_size, 1, wrong_type=ValueError)
         self.pattern, self.scale, self.backend, self.cache_size = pattern, scale, backend, cache_size
-        self._layouts: OrderedDict = OrderedDict()
+        self._layouts = LayoutCache(cache_size)
 
     def _key(self, q_len: int, kv_len: int, heads: int, device) -> tuple:
         device = torch.device(device)
@@ -108,20 +65,15 @@ class SparseAttention(nn.Module):
         """The layout for these sizes, built once and cached (least recently used ones are dropped)."""
         kv_len = q_len if kv_len is None else kv_len
         key = self._key(q_len, kv_len, heads, device)
-        layout = self._layouts.get(key)
-        if layout is None:
-            q_len, kv_len, head_key, device_name, backend = key
-            if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
-                raise ValueError(
-                    f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
-                )
-            block = backends.get(backend).default_block_size
-            layout = self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
-            self._layouts[key] = layout
-            self._layouts.move_to_end(key)
-            while len(self._layouts) > self.cache_size:
-                self._layouts.popitem(last=False)
-        return layout
+        return self._layouts.get(key, lambda: self._build(heads, *key))
+
+    def _build(self, heads, q_len, kv_len, head_key, device_name, backend) -> BlockLayout:
+        if self.pattern.num_heads is not None and self.pattern.num_heads != heads:
+            raise ValueError(
+                f"pattern defines {self.pattern.num_heads} heads, but the input has {heads} heads"
+            )
+        block = backends.get(backend).default_block_size
+        return self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
 
     def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False):
         """``sparse_attention(q, k, v, pattern, ...)`` with the cached layout."""
@@ -204,7 +156,7 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             device,
             dtype,
         )
-        pattern = dense_pattern() if pattern is None else pattern
+        pattern = dense() if pattern is None else pattern
         self.attention = SparseAttention(pattern, backend=backend)
         # is_causal=True uses this one, so both variants keep cached layouts (and compile without a break).
         self.causal_attention = SparseAttention(pattern & causal(), backend=backend)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check_int
 from .layout import BlockLayout, unpack_tiles
 from .patterns import Pattern
 
@@ -91,12 +92,9 @@ def _as_layout(pattern_or_layout, q_len, kv_len, block_size) -> BlockLayout:
 
 def _head_entries(layout: BlockLayout, kind: str, head: int):
     """(query block, key block, tile id or None) of one head's full or partial blocks."""
-    ptr = getattr(layout, f"row_{kind}_ptr")[head].long()
-    lo, hi = int(ptr[0]), int(ptr[-1])
-    qb = torch.repeat_interleave(torch.arange(layout.num_q_blocks), ptr[1:] - ptr[:-1])
-    kb = getattr(layout, f"row_{kind}_idx")[lo:hi].long()
-    tile = layout.row_part_tile[lo:hi].long() if kind == "part" else None
-    return qb, kb, tile
+    e = layout.entries(kind)
+    mine = e.head == head
+    return e.q_block[mine], e.k_block[mine], None if e.tile is None else e.tile[mine]
 
 
 def _axis_overlap(n_blocks: int, block: int, length: int, per_pixel: int):
@@ -194,8 +192,7 @@ def render_layout(layout: BlockLayout, head: int = 0, *, max_pixels: int = 1024)
     """Render one head of `layout` into at most ``max_pixels`` per axis, without an S x S mask."""
     if not isinstance(layout, BlockLayout):
         raise TypeError(f"render_layout expects a BlockLayout, got {type(layout).__name__}")
-    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+    check_int("max_pixels", max_pixels, 1, wrong_type=ValueError)
     if not 0 <= head < layout.num_heads:
         raise ValueError(f"head must be in [0, {layout.num_heads}), got {head}")
     layout = layout.to("cpu")
@@ -237,8 +234,8 @@ def _pixel_sizes(length: int, per_pixel: int, n: int) -> torch.Tensor:
 def visible_fraction(layout: BlockLayout) -> float:
     """Fraction of query-key pairs the pattern makes visible (the token density), from the layout alone."""
     g = layout.geometry
-    qb, kb, _ = _all_entries(layout, "full")
-    pairs = int((g.valid_rows(qb) * g.valid_cols(kb)).sum())
+    full = layout.entries("full")
+    pairs = int((g.valid_rows(full.q_block) * g.valid_cols(full.k_block)).sum())
     tiles = layout.tiles.cpu()
     # Unpacked a chunk at a time: all tiles at once can take hundreds of MB at 64k tokens.
     step = max(1, _CHUNK // (layout.block_q * layout.block_k))
@@ -251,12 +248,6 @@ def visible_fraction(layout: BlockLayout) -> float:
     )
     pairs += int(bits[layout.row_part_tile.cpu().long()].sum()) if layout.num_partial else 0
     return pairs / (layout.num_heads * layout.q_len * layout.kv_len)
-
-
-def _all_entries(layout, kind):
-    layout = layout.to("cpu")
-    parts = [_head_entries(layout, kind, h) for h in range(layout.num_heads)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), None
 
 
 def to_rgb(img: PatternImage, gamma: float = 0.5, floor: float = 0.6) -> np.ndarray:

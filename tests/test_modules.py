@@ -15,7 +15,8 @@ from sparse_attn import (
     sliding_window,
     sparse_attention,
 )
-from sparse_attn.modules import TokenMask, dense_pattern
+from sparse_attn.patterns.token_mask import TokenMask
+from sparse_attn.patterns.window import dense
 from sparse_attn.reference import attention_reference
 
 F64 = torch.float64
@@ -53,7 +54,7 @@ def _close(a, b):
 @pytest.mark.parametrize("dims", [dict(), dict(kdim=12, vdim=10), dict(bias=False)])
 def test_from_dense_with_dense_pattern_equals_nn(batch_first, dims):
     mha = _mha(batch_first=batch_first, **dims)
-    sparse = SparseMultiheadAttention.from_dense(mha, dense_pattern())
+    sparse = SparseMultiheadAttention.from_dense(mha, dense())
     q, k, v = _inputs(batch_first, kdim=dims.get("kdim", 16), vdim=dims.get("vdim", 16))
     kpm = _padding()
     float_kpm = torch.zeros(kpm.shape, dtype=F64).masked_fill(kpm, float("-inf"))
@@ -142,7 +143,7 @@ def _encoder(seed=0):
 @pytest.mark.parametrize("train", [True, False])
 def test_replace_attention_on_transformer_encoder_keeps_outputs(train):
     model, ref = _encoder(), _encoder()
-    assert replace_attention(model, dense_pattern()) == 2
+    assert replace_attention(model, dense()) == 2
     assert all(isinstance(layer.self_attn, SparseMultiheadAttention) for layer in model.layers)
     model.train(train)
     ref.train(train)

@@ -45,21 +45,25 @@ def _head_base(ptr, batch, head, stride_b, stride_h):
 def _load_rows(
     base, start, stride_row, stride_d, n_rows,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
-    EVEN: tl.constexpr, TRANSPOSED: tl.constexpr,
+    EVEN: tl.constexpr, TRANSPOSED: tl.constexpr, rows_ok=None, USE_ROWS_OK: tl.constexpr = False,
 ):  # fmt: skip
     """Rows ``[start, start + BLOCK)`` of one head: ``[BLOCK, HEAD_DIM_PAD]``, or ``[HEAD_DIM_PAD, BLOCK]``
-    when TRANSPOSED; 0 past `n_rows` and HEAD_DIM (no masks when EVEN and the head dim is a power of 2)."""
+    when TRANSPOSED; 0 past `n_rows` and HEAD_DIM (no masks when EVEN and the head dim is a power of 2).
+    With USE_ROWS_OK, the rows to load are `rows_ok` ``[BLOCK]`` instead (the others load as 0)."""
     offs = tl.arange(0, BLOCK)
     offs_d = tl.arange(0, HEAD_DIM_PAD)
-    rows = start + offs
+    if USE_ROWS_OK:
+        row_mask = rows_ok
+    else:
+        row_mask = start + offs < n_rows
     base = base + start.to(tl.int64) * stride_row
     if TRANSPOSED:
         ptrs = base + offs_d[:, None] * stride_d + offs[None, :] * stride_row
-        mask = (offs_d[:, None] < HEAD_DIM) & (rows[None, :] < n_rows)
+        mask = (offs_d[:, None] < HEAD_DIM) & row_mask[None, :]
     else:
         ptrs = base + offs[:, None] * stride_row + offs_d[None, :] * stride_d
-        mask = (rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    if EVEN and HEAD_DIM == HEAD_DIM_PAD:
+        mask = row_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+    if EVEN and HEAD_DIM == HEAD_DIM_PAD and not USE_ROWS_OK:
         tile = tl.load(ptrs)
     else:
         tile = tl.load(ptrs, mask=mask, other=0.0)
@@ -181,17 +185,20 @@ def _fwd_tile(
     IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of the forward pass over keys ``[n_start, n_start + BLOCK_N)``."""
+    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
+    # A padding key may hold garbage (NaN): with a key mask it loads as zeros, so no 0 * NaN reaches a dot.
     # [HEAD_DIM_PAD, BLOCK_N]
     k_t = _load_rows(
-        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
-    )
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
+        real, HAS_KEY_MASK,
+    )  # fmt: skip
     # [BLOCK_N, HEAD_DIM_PAD]
     v = _load_rows(
-        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, False
-    )
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, False,
+        real, HAS_KEY_MASK,
+    )  # fmt: skip
     # [BLOCK_M, BLOCK_N], log2 units
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
-    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
     s = _hide_invisible(
         s, float("-inf"), tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
@@ -376,15 +383,39 @@ def _bsattn_bwd_dkdv_kernel(
     n_start = pid_n * BLOCK_N
     k_base = _head_base(K, batch, kv_head, stride_kb, stride_kh)
     v_base = _head_base(V, batch, kv_head, stride_vb, stride_vh)
-    # [BLOCK_N, HEAD_DIM_PAD]
-    k = _load_rows(
-        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
-    )
-    v = _load_rows(
-        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
-    )
     real = _real_keys(
         KeyMask + batch.to(tl.int64) * stride_kmb, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK
+    )
+    # Only real keys load (past kv_len, and padding keys, which may hold garbage such as NaN, load as 0):
+    # their dK, dV rows come out 0 and those past kv_len are never stored.
+    # [BLOCK_N, HEAD_DIM_PAD]
+    k = _load_rows(
+        k_base,
+        n_start,
+        stride_kn,
+        stride_kd,
+        kv_len,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        False,
+        False,
+        real,
+        True,
+    )
+    v = _load_rows(
+        v_base,
+        n_start,
+        stride_vn,
+        stride_vd,
+        kv_len,
+        BLOCK_N,
+        HEAD_DIM,
+        HEAD_DIM_PAD,
+        False,
+        False,
+        real,
+        True,
     )
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
@@ -430,17 +461,20 @@ def _bwd_dq_tile(
     IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ of one query tile over keys ``[n_start, n_start + BLOCK_N)``."""
+    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
+    # Padding keys load as zeros, whatever garbage they hold (see the forward step).
     # [HEAD_DIM_PAD, BLOCK_N]
     k_t = _load_rows(
-        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
-    )
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
+        real, HAS_KEY_MASK,
+    )  # fmt: skip
     v_t = _load_rows(
-        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
-    )
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
+        real, HAS_KEY_MASK,
+    )  # fmt: skip
     # [BLOCK_M, BLOCK_N]
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
-    real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
     p = _hide_invisible(
         p, 0.0, tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..checks import check_int
 from ..layout import BlockLayout
 from . import get as _backend_spec
 
@@ -96,8 +97,7 @@ def release_scratch() -> None:
 
 def set_chunk_size(elements: int) -> None:
     """Bound the scratch memory of one chunk to about `elements` tensor elements (at least one row)."""
-    if isinstance(elements, bool) or not isinstance(elements, int) or elements < 1:
-        raise ValueError(f"chunk size must be a positive int (tensor elements), got {elements!r}")
+    elements = check_int("chunk size (tensor elements)", elements, 1, wrong_type=ValueError)
     global _chunk_size
     _chunk_size = elements
     release_scratch()

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from ..api import sparse_attention
-from ..modules import dense_pattern
 from ..patterns import Pattern, causal, sliding_window
+from ..patterns.window import dense
 
 DEFAULT_NAME = "sparse_attn"
 _PATTERN_ATTR = "sparse_attn_pattern"
@@ -61,7 +61,7 @@ class SparseMaskInfo:
         """Our pattern for this mask (padding aside)."""
         if self.causal:
             return causal() if self.window is None else sliding_window(self.window - 1, 0)
-        return dense_pattern() if self.window is None else sliding_window(self.window, self.window)
+        return dense() if self.window is None else sliding_window(self.window, self.window)
 
 
 def register(name: str = DEFAULT_NAME) -> str:

@@ -4,17 +4,21 @@ from .base import Pattern, per_head
 from .block_sparse import block_sparse, random_blocks
 from .compositions import bigbird, longformer
 from .global_tokens import global_tokens
-from .window import causal, dilated, sliding_window
+from .token_mask import TokenMask
+from .window import causal, dense, dilated, sliding_window, top_left_causal
 
 __all__ = [
     "Pattern",
+    "TokenMask",
     "bigbird",
     "block_sparse",
     "causal",
+    "dense",
     "dilated",
     "global_tokens",
     "longformer",
     "per_head",
     "random_blocks",
     "sliding_window",
+    "top_left_causal",
 ]

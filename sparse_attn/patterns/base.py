@@ -1,36 +1,31 @@
 """The `Pattern` base class: a token predicate plus an analytic enumeration of the blocks it keeps.
 
-Every pattern answers two questions:
-- `_visible(g, h, i, j)`: may query row `i` (absolute position ``i + g.offset``) of head `h` see key `j`?
-  Broadcasting tensors in, a bool tensor out. This is the token-level truth used by `mask()` and to fill
-  the few distinct partial tiles.
-- `_blocks(g)`: the kept blocks as a `BlockSet`, enumerated without an S x S mask.
+A new pattern subclasses `Pattern` and implements two public hooks (see CONTRIBUTING.md):
+- ``visible(g, h, i, j)``: may query row `i` (absolute position ``i + g.offset``) of head `h` see key `j`?
+  Broadcasting int64 tensors in, a bool tensor out. The token-level truth, used by `mask()` and to fill
+  the few distinct partial tiles (rows and keys past the sequence are masked by the caller).
+- ``blocks(g)``: the kept blocks as a `BlockSet` (`sparse_attn.geometry`), enumerated without an S x S
+  mask; `from_candidates` turns candidate blocks into one, exactly classified.
+
+and, optionally, ``check_lengths(q_len, kv_len)`` (raise ValueError for lengths it cannot apply to),
+``intersection(other)`` (one pattern equal to ``self & other``, or None) and, with
+``classifies_blocks = True``, ``blocks_among(g, other)`` (classify exactly the blocks of another set).
 """
 
 from __future__ import annotations
 
-import numbers
-import threading
-from collections import OrderedDict
-
 import torch
 
-from ._blockset import BlockSet, Geometry, combine
+from ..checks import check_int
+from ..geometry import BlockSet, Geometry
+from ..layout_cache import LayoutCache
+from ._blockset import combine
 
 #: Layouts each pattern keeps for reuse (per lengths, block size and device).
 LAYOUT_CACHE_SIZE = 8
 #: Largest block_q * block_k a layout may have (a partial tile is a token mask of that many pairs).
 MAX_TILE_PAIRS = 1 << 22
 _LAYOUT_CACHE_LOCK = threading.Lock()
-
-
-def check_int(name: str, value, minimum: int | None = None) -> int:
-    """`value` as an int, or a TypeError/ValueError naming `name` and what was expected."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def check_block_size(block_size) -> tuple[int, int]:
@@ -49,17 +44,19 @@ class Pattern:
     #: None for a pattern shared by all heads, else the number of heads it defines.
     num_heads: int | None = None
 
-    # -- what subclasses implement -------------------------------------------------------------------
-    def _visible(self, g: Geometry, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    # -- the hooks a pattern implements (see the module docstring) -----------------------------------
+    def visible(self, g: Geometry, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """May query row `i` of head `h` see key `j` (broadcasting tensors, bool result)?"""
         raise NotImplementedError
 
-    def _blocks(self, g: Geometry) -> BlockSet:
+    def blocks(self, g: Geometry) -> BlockSet:
+        """The kept blocks for geometry `g`, exactly classified, in time proportional to them."""
         raise NotImplementedError
 
-    def _check_lengths(self, q_len: int, kv_len: int) -> None:
+    def check_lengths(self, q_len: int, kv_len: int) -> None:
         """Raise ValueError if the pattern cannot apply to these lengths."""
 
-    def _intersection(self, other: Pattern) -> Pattern | None:
+    def intersection(self, other: Pattern) -> Pattern | None:
         """A single pattern equal to ``self & other`` when one exists (so that, say, causal & window
         enumerates only the window's blocks instead of all causal ones), else None."""
         return None
@@ -67,7 +64,7 @@ class Pattern:
     #: True if `_blocks_among` can classify any given blocks analytically (the diagonal bands).
     classifies_blocks = False
 
-    def _blocks_among(self, g: Geometry, other: BlockSet) -> BlockSet:
+    def blocks_among(self, g: Geometry, other: BlockSet) -> BlockSet:
         """The kept blocks among `other`'s (for ``self & other``), in time proportional to `other`."""
         raise NotImplementedError
 
@@ -79,7 +76,7 @@ class Pattern:
         h = torch.arange(heads or 1)[:, None, None]
         i = torch.arange(q_len)[None, :, None]
         j = torch.arange(kv_len)[None, None, :]
-        m = self._visible(g, h, i, j).expand(heads or 1, q_len, kv_len)
+        m = self.visible(g, h, i, j).expand(heads or 1, q_len, kv_len)
         m = m if heads is not None else m[0]
         return m.contiguous().to(device) if device is not None else m.contiguous()
 
@@ -101,22 +98,11 @@ class Pattern:
         device = torch.device("cpu") if device is None else torch.device(device)
         # Patterns are immutable, so a few recent layouts are kept: calling sparse_attention with the same
         # pattern and shapes again does not rebuild (or re-upload) the layout.
-        cache = self.__dict__.setdefault("_layouts", OrderedDict())
-        key = (q_len, kv_len, block_q, block_k, device)
-        with _LAYOUT_CACHE_LOCK:  # threads may share a pattern; OrderedDict updates are not atomic
-            layout = cache.get(key)
-            if layout is not None:
-                cache.move_to_end(key)
-                return layout
-        # Built outside the lock (it may take a while); a concurrent build of the same key is equal.
+        cache = self.__dict__.get("_layouts")
+        if cache is None:
+            cache = self.__dict__.setdefault("_layouts", LayoutCache(LAYOUT_CACHE_SIZE))
         g = Geometry(q_len, kv_len, block_q, block_k)
-        layout = BlockLayout.from_block_set(self._blocks(g), g).to(device)
-        with _LAYOUT_CACHE_LOCK:
-            cache[key] = layout
-            cache.move_to_end(key)
-            while len(cache) > LAYOUT_CACHE_SIZE:
-                cache.popitem(last=False)
-        return layout
+        return cache.get((g, device), lambda: BlockLayout.from_block_set(self.blocks(g), g).to(device))
 
     def _check_call(self, q_len, kv_len, heads):
         q_len = check_int("q_len", q_len, 1)
@@ -129,7 +115,7 @@ class Pattern:
                 )
         elif self.num_heads is not None:
             heads = self.num_heads
-        self._check_lengths(q_len, kv_len)
+        self.check_lengths(q_len, kv_len)
         return q_len, kv_len, heads
 
     def __or__(self, other: Pattern) -> Pattern:
@@ -153,9 +139,9 @@ class _Binary(Pattern):
         self.left, self.right = left, right
         self.num_heads = left.num_heads if left.num_heads is not None else right.num_heads
 
-    def _check_lengths(self, q_len, kv_len):
-        self.left._check_lengths(q_len, kv_len)
-        self.right._check_lengths(q_len, kv_len)
+    def check_lengths(self, q_len, kv_len):
+        self.left.check_lengths(q_len, kv_len)
+        self.right.check_lengths(q_len, kv_len)
 
     def __repr__(self):
         return f"({self.left!r} {self.symbol} {self.right!r})"
@@ -166,11 +152,11 @@ class Union(_Binary):
 
     symbol = "|"
 
-    def _visible(self, g, h, i, j):
-        return self.left._visible(g, h, i, j) | self.right._visible(g, h, i, j)
+    def visible(self, g, h, i, j):
+        return self.left.visible(g, h, i, j) | self.right.visible(g, h, i, j)
 
-    def _blocks(self, g):
-        return combine(self.left._blocks(g), self.right._blocks(g), g, "or")
+    def blocks(self, g):
+        return combine(self.left.blocks(g), self.right.blocks(g), g, "or")
 
 
 class Intersection(_Binary):
@@ -178,20 +164,20 @@ class Intersection(_Binary):
 
     symbol = "&"
 
-    def _visible(self, g, h, i, j):
-        return self.left._visible(g, h, i, j) & self.right._visible(g, h, i, j)
+    def visible(self, g, h, i, j):
+        return self.left.visible(g, h, i, j) & self.right.visible(g, h, i, j)
 
-    def _blocks(self, g):
-        simpler = self.left._intersection(self.right)
+    def blocks(self, g):
+        simpler = self.left.intersection(self.right)
         if simpler is not None:
-            return simpler._blocks(g)
+            return simpler.blocks(g)
         # A band (causal, a window) is classified only on the other side's blocks: causal & (window | globals)
         # then costs what the window and globals keep, not every causal block.
         for band, other in ((self.left, self.right), (self.right, self.left)):
             if band.classifies_blocks:
-                theirs = other._blocks(g)
-                return combine(band._blocks_among(g, theirs), theirs, g, "and")
-        return combine(self.left._blocks(g), self.right._blocks(g), g, "and")
+                theirs = other.blocks(g)
+                return combine(band.blocks_among(g, theirs), theirs, g, "and")
+        return combine(self.left.blocks(g), self.right.blocks(g), g, "and")
 
 
 class PerHead(Pattern):
@@ -213,19 +199,19 @@ class PerHead(Pattern):
         self.patterns = patterns
         self.num_heads = len(patterns)
 
-    def _check_lengths(self, q_len, kv_len):
+    def check_lengths(self, q_len, kv_len):
         for p in self.patterns:
-            p._check_lengths(q_len, kv_len)
+            p.check_lengths(q_len, kv_len)
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         out = None
         for k, p in enumerate(self.patterns):
-            part = p._visible(g, h, i, j) & (h == k)
+            part = p.visible(g, h, i, j) & (h == k)
             out = part if out is None else out | part
         return out
 
-    def _blocks(self, g):
-        sets = [p._blocks(g) for p in self.patterns]
+    def blocks(self, g):
+        sets = [p.blocks(g) for p in self.patterns]
         per_head = g.num_q_blocks * g.num_k_blocks
         keys, ids, tiles, base = [], [], [], 0
         for k, s in enumerate(sets):

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_int
 from ._blockset import from_candidates
-from .base import Pattern, check_block_size, check_int
+from .base import Pattern, check_block_size
 
 
 def _cells_to_blocks(pattern, g, heads, h, r, c, cell_q, cell_k, row_shift):
@@ -91,7 +92,7 @@ class BlockSparse(Pattern):
         if self.cells.dim() == 2:
             self.cells = self.cells[None]
 
-    def _check_lengths(self, q_len, kv_len):
+    def check_lengths(self, q_len, kv_len):
         need = (-(-q_len // self.cell_q), -(-kv_len // self.cell_k))
         have = tuple(self.cells.shape[1:])
         if have[0] < need[0] or have[1] < need[1]:
@@ -100,14 +101,14 @@ class BlockSparse(Pattern):
                 f"q_len={q_len}, kv_len={kv_len}: expected at least {need[0]}x{need[1]}"
             )
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         h = h if self.num_heads is not None else torch.zeros_like(h)
         # Clamped: rows and keys past the sequence (padding of ragged tiles) are masked by the caller.
         r = (i // self.cell_q).clamp(max=self.cells.shape[1] - 1)
         c = (j // self.cell_k).clamp(max=self.cells.shape[2] - 1)
         return self.cells[h, r, c]
 
-    def _blocks(self, g):
+    def blocks(self, g):
         nq, nk = -(-g.q_len // self.cell_q), -(-g.kv_len // self.cell_k)
         h, r, c = torch.nonzero(self.cells[:, :nq, :nk], as_tuple=True)
         return _cells_to_blocks(self, g, self.cells.shape[0], h, r, c, self.cell_q, self.cell_k, 0)
@@ -161,7 +162,7 @@ class RandomBlocks(Pattern):
         t_last = (g.kv_len - 1) // self.cell
         return t_first, t_last
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         t_first, t_last = self._position_blocks(g)
         chosen = self._choices(g, t_first, t_last)
         qpos = i + g.offset
@@ -171,7 +172,7 @@ class RandomBlocks(Pattern):
         hit = (chosen[h, t] == (j // self.cell)[..., None]).any(-1)
         return hit & (qpos >= 0)
 
-    def _blocks(self, g):
+    def blocks(self, g):
         t_first, t_last = self._position_blocks(g)
         chosen = self._choices(g, t_first, t_last)
         h, t, s = torch.nonzero(chosen >= 0, as_tuple=True)

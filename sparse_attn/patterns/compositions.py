@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Pattern, check_int
+from ..checks import check_int
+from .base import Pattern
 from .block_sparse import random_blocks
 from .global_tokens import global_tokens as _global_tokens
 from .window import dilated, sliding_window

@@ -6,8 +6,9 @@ import numbers
 
 import torch
 
+from ..checks import check_int
 from ._blockset import from_candidates
-from .base import Pattern, check_int
+from .base import Pattern
 
 
 def _offset_kinds(index: torch.Tensor, size: int, n_blocks: int):
@@ -49,7 +50,7 @@ class GlobalTokens(Pattern):
             raise ValueError(f"global token positions must be >= 0, got {int(positions.min())}")
         self.positions = torch.unique(positions.long().cpu())
 
-    def _check_lengths(self, q_len, kv_len):
+    def check_lengths(self, q_len, kv_len):
         if not self.is_prefix and len(self.positions) and int(self.positions[-1]) >= kv_len:
             raise ValueError(
                 f"global token position {int(self.positions[-1])} is out of range for kv_len={kv_len}"
@@ -58,11 +59,11 @@ class GlobalTokens(Pattern):
     def _positions(self, g):
         return torch.arange(min(self.n, g.kv_len)) if self.is_prefix else self.positions
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         positions = self._positions(g)
         return torch.isin(i + g.offset, positions) | torch.isin(j, positions)
 
-    def _blocks(self, g):
+    def blocks(self, g):
         nqb, nkb = g.num_q_blocks, g.num_k_blocks
         positions = self._positions(g)
         rows = positions - g.offset

@@ -1,4 +1,4 @@
-"""Diagonal-band patterns: `sliding_window`, `dilated` and `causal`.
+"""Diagonal-band patterns: `sliding_window`, `dilated`, `causal`, and `dense` and `top_left_causal`.
 
 All three see key `j` from query position `qpos` according to ``d = qpos - j`` alone, so every row of
 query blocks keeps one contiguous run of key blocks, and a tile's mask depends only on the ``d`` at its
@@ -11,8 +11,9 @@ import math
 
 import torch
 
+from ..checks import check_int
 from ._blockset import from_candidates
-from .base import Pattern, check_int
+from .base import Pattern
 
 # Stands in for an unbounded window side; far beyond any sequence length, far from int64 overflow.
 UNBOUNDED = 1 << 40
@@ -31,26 +32,26 @@ class _Band(Pattern):
     hi: int
     dilation: int = 1
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         d = i + g.offset - j
         visible = (d >= self.lo) & (d <= self.hi)
         if self.dilation > 1:
             visible &= d % self.dilation == 0
         return visible
 
-    def _intersection(self, other):
+    def intersection(self, other):
         if not isinstance(other, _Band):
             return None
-        return _BandIntersection(
+        return Band(
             max(self.lo, other.lo), min(self.hi, other.hi), _bounded(math.lcm(self.dilation, other.dilation))
         )
 
     classifies_blocks = True
 
-    def _blocks(self, g):
+    def blocks(self, g):
         return self._classify(g, *_band_candidates(g, self.lo, self.hi))
 
-    def _blocks_among(self, g, other):
+    def blocks_among(self, g, other):
         key = torch.unique(other.key % (g.num_q_blocks * g.num_k_blocks))
         return self._classify(g, key // g.num_k_blocks, key % g.num_k_blocks)
 
@@ -84,8 +85,9 @@ def _band_candidates(g, lo, hi):
     return rows, kb
 
 
-class _BandIntersection(_Band):
-    """The band two bands share: tighter bounds, and the least common multiple of their dilations."""
+class Band(_Band):
+    """A band with explicit bounds: the band two bands share (tighter bounds, the least common multiple
+    of their dilations), or one that depends on the lengths (`TopLeftCausal`)."""
 
     def __init__(self, lo: int, hi: int, dilation: int):
         self.lo, self.hi, self.dilation = lo, hi, dilation
@@ -121,6 +123,30 @@ class Causal(_Band):
         return "causal()"
 
 
+class Dense(_Band):
+    lo, hi = -UNBOUNDED, UNBOUNDED
+
+    def __repr__(self):
+        return "dense()"
+
+
+class TopLeftCausal(Pattern):
+    """Visible iff ``j <= i`` (row index, not position): causal aligned top-left (xformers'
+    LowerTriangularMask). Its band depends on the lengths: ``qpos - j >= offset``."""
+
+    def _band(self, g) -> _Band:
+        return Band(g.offset, UNBOUNDED, 1)
+
+    def visible(self, g, h, i, j):
+        return self._band(g).visible(g, h, i, j)
+
+    def blocks(self, g):
+        return self._band(g).blocks(g)
+
+    def __repr__(self):
+        return "top_left_causal()"
+
+
 def sliding_window(left: int, right: int | None = None) -> Pattern:
     """Visible iff ``-right <= qpos - j <= left``; `right` defaults to `left`."""
     return SlidingWindow(left, right)
@@ -134,3 +160,13 @@ def dilated(left: int, right: int | None = None, dilation: int = 2) -> Pattern:
 def causal() -> Pattern:
     """Visible iff ``j <= qpos``."""
     return Causal()
+
+
+def dense() -> Pattern:
+    """Every query sees every key (the pattern of ordinary attention)."""
+    return Dense()
+
+
+def top_left_causal() -> Pattern:
+    """Visible iff ``j <= i`` with i the query *row* (causal aligned top-left, not bottom-right)."""
+    return TopLeftCausal()

@@ -1,0 +1,37 @@
+"""`LayoutCache`: the one bounded, thread-safe cache of built layouts (patterns and modules both use it)."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+
+class LayoutCache:
+    """The `size` most recently used entries, built on demand; safe to use from several threads."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, build):
+        """The entry for `key`, built with ``build()`` on a miss (outside the lock: builds may be slow)."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+        value = build()
+        with self._lock:
+            # Another thread may have built it meanwhile: keep the first, so every caller sees one object.
+            value = self._entries.setdefault(key, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
