@@ -46,6 +46,20 @@ def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
     return out.to(outs[0].dtype), lse
 
 
+def merge_pair(out1, lse1, out2, lse2, out, lse):
+    """Merge two segments over disjoint keys into `out` and `lse` (which may alias a segment: every element
+    is read before it is written), in place and without autograd; returns ``(out, lse)``. The PyTorch
+    backend's inner step: the weight of segment 2 is ``exp(lse2 - lse) = sigmoid(lse2 - lse1)``."""
+    # NaN only when both segments are empty (-inf): weight 0 then, and both outputs are 0.
+    w2 = torch.sigmoid(lse2 - lse1).nan_to_num_(0.0).unsqueeze(-1)
+    torch.logaddexp(lse1, lse2, out=lse)
+    if out1.dtype in (torch.float32, torch.float64):
+        torch.lerp(out1, out2, w2.to(out1.dtype), out=out)
+    else:
+        out.copy_(torch.lerp(out1.float(), out2.float(), w2.float()))
+    return out, lse
+
+
 def _check(outs, lses):
     outs, lses = list(outs), list(lses)
     if not outs or len(outs) != len(lses):

@@ -18,6 +18,7 @@ import torch
 import sparse_attn as sa
 from sparse_attn import backends
 from sparse_attn.backends import torch_backend as tb
+from sparse_attn.backends.torch_backend import planning
 from sparse_attn.layout import BlockLayout
 from sparse_attn.reference import attention_reference
 
@@ -75,7 +76,7 @@ def gather_everything(monkeypatch):
     monkeypatch.setattr(
         tb,
         "_split_runs",
-        lambda rows, full, part, tiles, n, merge: [tb._Call(rows, full, part, tiles, n, 0, merge)],
+        lambda rows, full, part, tiles, n, merge: [tb.Call(rows, full, part, tiles, n, 0, merge)],
     )
 
 
@@ -85,7 +86,7 @@ def test_gathered_path_matches_strided_path(monkeypatch):
     pattern = sa.sliding_window(100)
     calls = [
         c
-        for calls in tb._plan(pattern.layout(300, block_size=backends.get("torch").default_block_size))
+        for calls in tb.plan(pattern.layout(300, block_size=backends.get("torch").default_block_size))
         for c in calls
     ]
     assert any(c.step for c in calls), "the window should use strided views"
@@ -110,7 +111,7 @@ def test_band_pass_matches_gathering(name, masked, monkeypatch, restore_chunk_si
     same forward and gradients as gathering every block, with the band path really taken."""
     seq, block = 1030, 32
     layout = BANDED[name].layout(seq, block_size=block)
-    band_calls, _ = tb._plan(layout)
+    band_calls, _ = tb.plan(layout)
     assert band_calls and all(c.step > 0 and c.part.shape[1] == 0 for c in band_calls)
     assert sum(len(c.rows) for c in band_calls) > layout.num_q_blocks // 2
     q, k, v = inputs(b=2, hq=2, hkv=1 if name != "per-head" else 2, sq=seq, d=16)
@@ -120,7 +121,7 @@ def test_band_pass_matches_gathering(name, masked, monkeypatch, restore_chunk_si
     tb.set_chunk_size(1 << 15)  # several chunks per call
     banded = fwd_bwd(q, k, v, layout, key_mask=key_mask)
     gather_everything(monkeypatch)
-    passes = tb._passes(layout, tb._Problem(q, k, v, layout, 1.0, None), False)
+    passes = tb.passes(layout, tb.Problem(q, k, v, layout, 1.0, None), False)
     assert len(passes) == 1 and not any(c.step for c in passes[0])
     gathered = fwd_bwd(q, k, v, layout, key_mask=key_mask)
     for a, b in zip(banded, gathered, strict=True):
@@ -239,7 +240,7 @@ def test_worker_threads_match_single_thread_and_are_deterministic(monkeypatch, r
     pattern = sa.bigbird(window=100, global_tokens=16, num_random_blocks=2, block_size=64)
     monkeypatch.setenv(tb.WORKERS_ENV, "2")
     layout = pattern.layout(1100, block_size=64)
-    passes = tb._passes(layout, tb._Problem(q, k, v, layout, 0.1, None), True)
+    passes = tb.passes(layout, tb.Problem(q, k, v, layout, 0.1, None), True)
     assert sum(map(len, passes)) > 4
     pooled = fwd_bwd(q, k, v, pattern)
     again = fwd_bwd(q, k, v, pattern)
@@ -288,8 +289,8 @@ def test_plan_is_made_once_per_layout(monkeypatch):
     layout = sa.longformer(70, global_tokens=32).layout(1030, block_size=32)
     q, k, v = inputs(sq=1030, d=16)
     calls = []
-    plan = tb._plan
-    monkeypatch.setattr(tb, "_plan", lambda lay: calls.append(lay) or plan(lay))
+    plan = planning.plan
+    monkeypatch.setattr(planning, "plan", lambda lay: calls.append(lay) or plan(lay))
     first = fwd_bwd(q, k, v, layout)
     second = fwd_bwd(q, k, v, layout)
     assert len(calls) == 1  # the ops rebuild the layout from its tensors; the plan is shared

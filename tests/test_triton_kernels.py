@@ -8,13 +8,12 @@ Every output buffer is poisoned with NaN before the kernels write it, so an unwr
 import pytest
 import torch
 import torch.nn.functional as F
+from reference_check import assert_close_to_reference, loss_of  # noqa: E402
 
 import sparse_attn as sa
 from sparse_attn.reference import attention_reference
 
 launch = pytest.importorskip("sparse_attn.triton_kernels.launch")
-
-FLOORS = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +29,6 @@ def make_qkv(b=1, hq=2, hkv=None, sq=200, skv=None, d=64, dtype=torch.float32, s
     hkv = hq if hkv is None else hkv
     shapes = [(b, hq, sq, d), (b, hkv, skv, d), (b, hkv, skv, d)]
     return [torch.randn(s, generator=g).to(dtype) for s in shapes]
-
-
-def loss_of(out, lse, seed=1):
-    """A random linear loss of out and of the finite lse, so dO and dlse are both exercised."""
-    g = torch.Generator().manual_seed(seed)
-    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
-    finite_lse = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
-    return (out.double() * w_out).sum() + (finite_lse.double() * w_lse).sum()
 
 
 def run(fn, q, k, v, dtype):
@@ -57,26 +47,13 @@ def reference_fn(pattern, **kwargs):
     return lambda q, k, v: attention_reference(q, k, v, pattern, **kwargs)
 
 
-def max_err(got, truth):
-    """Max abs error; -inf entries (empty-row lse) must match exactly and are then left out."""
-    got, truth = got.double(), truth.double()
-    inf = truth.isinf()
-    assert torch.equal(got.isinf() & inf, inf), "-inf entries differ"
-    return (got - truth).masked_fill(inf, 0).abs().max().item() if got.numel() else 0.0
-
-
 def check_against_reference(q, k, v, pattern, dtype=torch.float32, **kwargs):
     """Triton fwd + grads vs the float64 truth, within 2x the reference's own error in `dtype` (+ floor)."""
     q, k, v = (t.to(dtype) for t in (q, k, v))
     got = run(triton_fn(pattern, **kwargs), q, k, v, dtype)
     truth = run(reference_fn(pattern, **kwargs), q, k, v, torch.float64)
     plain = run(reference_fn(pattern, **kwargs), q, k, v, dtype)
-    names = ("out", "lse", "dq", "dk", "dv")
-    for name, g, t, p in zip(names, got, truth, plain, strict=True):
-        assert not g.isnan().any(), f"{name} has NaN"
-        assert g.dtype == (torch.float32 if name == "lse" else dtype), name
-        err, allowed = max_err(g, t), 2 * max_err(p, t) + FLOORS[dtype]
-        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_close_to_reference(got, truth, plain, dtype)
     return got
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..api import sparse_attention
+from ..merge import merge_attention
 from ..patterns import Pattern, causal, sliding_window
 from ..patterns.window import dense
 
@@ -226,8 +227,9 @@ def _with_sinks(query, key, value, pattern, scaling, key_mask, sinks):
     if sinks.dim() != 1 or sinks.shape[0] != heads:
         raise ValueError(f"s_aux (attention sinks) must be [num_heads={heads}], got {tuple(sinks.shape)}")
     out, lse = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask, return_lse=True)
-    share = torch.sigmoid(lse - sinks.to(lse.device, torch.float32)[None, :, None])  # [B, H, Sq]
-    return (out * share[..., None]).to(out.dtype)
+    # The sink is one more segment, of one key whose value is 0: merged through the logsumexps.
+    sink_lse = sinks.to(lse.device, lse.dtype)[None, :, None].expand_as(lse)  # [B, H, Sq]
+    return merge_attention([out, torch.zeros_like(out)], [lse, sink_lse])[0]
 
 
 def _mask_info(module, query, key, attention_mask, is_causal, sliding_window) -> SparseMaskInfo:
