@@ -383,7 +383,7 @@ def _materialised_bias(pattern, seq, dtype):
 
 def mask_rows(pattern, seq: int, start: int, rows: int) -> torch.Tensor:
     """Rows ``start .. start + rows`` of a shared pattern's S x S token mask (Sq == Skv), bool on the CPU."""
-    from sparse_attn.patterns._blockset import Geometry
+    from sparse_attn.geometry import Geometry
 
     g = Geometry(seq, seq, 1, 1)
     i = torch.arange(start, start + rows)[None, :, None]

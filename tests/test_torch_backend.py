@@ -72,7 +72,7 @@ def test_chunk_size_changes_nothing(name, restore_chunk_size):
 def gather_everything(monkeypatch):
     """Turn off every copy-free path: no band pass, no strided runs; each row's blocks are gathered."""
     monkeypatch.setattr(BlockLayout, "cached", lambda self, key, compute: compute())  # plans made anew
-    monkeypatch.setattr(tb, "_MIN_RUN", 10**9)
+    monkeypatch.setattr(planning, "_MIN_RUN", 10**9)
     monkeypatch.setattr(
         tb,
         "_split_runs",
