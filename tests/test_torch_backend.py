@@ -74,7 +74,7 @@ def gather_everything(monkeypatch):
     monkeypatch.setattr(BlockLayout, "cached", lambda self, key, compute: compute())  # plans made anew
     monkeypatch.setattr(planning, "_MIN_RUN", 10**9)
     monkeypatch.setattr(
-        tb,
+        planning,
         "_split_runs",
         lambda rows, full, part, tiles, n, merge: [tb.Call(rows, full, part, tiles, n, 0, merge)],
     )
