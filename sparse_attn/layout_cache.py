@@ -29,6 +29,11 @@ class LayoutCache:
                 self._entries.popitem(last=False)
         return value
 
+    def __iter__(self):
+        """The keys, least recently used first (a snapshot)."""
+        with self._lock:
+            return iter(list(self._entries))
+
     def __len__(self) -> int:
         return len(self._entries)
 
