@@ -11,6 +11,9 @@ from . import _ops, backends
 from .layout import BlockLayout
 from .patterns import Pattern
 
+#: Largest |scale| for fp16/bf16/fp32 inputs: float32 scores then overflow only if |q . k| > 1.8e19.
+MAX_SCALE = 2.0**64
+
 
 def sparse_attention(
     q: torch.Tensor,
@@ -38,6 +41,8 @@ def sparse_attention(
     Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
     gets output 0 and lse -inf.
     """
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = _check_inputs(q, k, v, key_mask, scale, spec)
     layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)

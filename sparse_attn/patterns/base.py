@@ -25,7 +25,6 @@ from ._blockset import combine
 LAYOUT_CACHE_SIZE = 8
 #: Largest block_q * block_k a layout may have (a partial tile is a token mask of that many pairs).
 MAX_TILE_PAIRS = 1 << 22
-_LAYOUT_CACHE_LOCK = threading.Lock()
 
 
 def check_block_size(block_size) -> tuple[int, int]:

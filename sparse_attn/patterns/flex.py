@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..geometry import BlockSet
 from ._blockset import from_candidates
 from .base import Pattern
 
@@ -54,4 +55,14 @@ class FlexBlocks(Pattern):
             parts.append((h[keep], qb[keep], kb[keep], torch.full((int(keep.sum()),), full)))
         h, qb, kb, is_full = (torch.cat(t) for t in zip(*parts, strict=True))
         key = (h * g.num_q_blocks + qb) * g.num_k_blocks + kb
-        return from_candidates(self, g, heads, h, qb, kb, is_full, key)
+        return _shared_tiles(from_candidates(self, g, heads, h, qb, kb, is_full, key))
+
+
+def _shared_tiles(s: BlockSet) -> BlockSet:
+    """`s` with equal tiles stored once. A BlockMask says nothing about which partial blocks share a
+    mask, so each got its own tile; a window's diagonal blocks, for example, all share one."""
+    if s.tiles.shape[0] < 2:
+        return s
+    tiles, inverse = torch.unique(s.tiles.flatten(1), dim=0, return_inverse=True)
+    tile_id = torch.where(s.tile_id >= 0, inverse[s.tile_id.clamp(min=0)], s.tile_id)
+    return BlockSet(s.heads, s.key, tile_id, tiles.view(-1, *s.tiles.shape[1:]))

@@ -35,7 +35,8 @@ Memory
 
 Threads
     Chunks (largest first) run on a small persistent pool of ``torch.get_num_threads()`` worker threads,
-    each running single-threaded kernels, with dK/dV added back in task order (deterministic). Set
+    each running single-threaded kernels, with dK/dV added back in task order (deterministic; chunk bounds
+    depend only on the machine's CPU count, so results are bitwise the same for any thread count). Set
     ``SPARSE_ATTN_TORCH_WORKERS=0`` to run them in the caller's thread with torch's intra-op threads.
 
 Devices: the fused kernel is CPU-only; tensors on another device are computed on CPU copies.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -9,13 +10,13 @@ import torch
 
 from ...layout import BlockLayout
 from .memory import get_chunk_size
-from .pool import worker_count
 
 if TYPE_CHECKING:
     from .views import Problem
 
 #: Fewest rows worth a task of their own (see `chunks`).
 _MIN_TASK_ROWS = 8
+_CPUS = os.cpu_count() or 1
 #: Shortest run of rows worth a strided (copy-free) K/V view instead of a gather.
 _MIN_RUN = 8
 
@@ -205,8 +206,10 @@ def chunks(call: Call, problem: Problem, backward: bool):
     if backward:
         per_row += 2 * (call.full_len + part_keys) * dim
     size = max(1, get_chunk_size() // (problem.frame.kernel_heads * per_row))
-    # Enough tasks for the workers to share, but not so small that per-call overhead dominates.
-    size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * max(1, worker_count())))))
+    # Enough tasks for the workers to share, but not so small that per-call overhead dominates. Counted
+    # from the machine's CPUs, not the worker or thread setting: chunk bounds fix the order in which dK/dV
+    # add up, so gradients are bitwise the same whatever the thread count or SPARSE_ATTN_TORCH_WORKERS.
+    size = min(size, max(_MIN_TASK_ROWS, -(-len(call.rows) // (2 * _CPUS))))
     for i in range(0, len(call.rows), size):
         # A strided run stays strided: its rows stay consecutive.
         yield call.subset(slice(i, i + size))
