@@ -29,6 +29,15 @@ class LayoutCache:
                 self._entries.popitem(last=False)
         return value
 
+    # Copies and pickles (deepcopy of a model holding a module) get a fresh lock; a lock cannot be copied.
+    def __getstate__(self) -> dict:
+        with self._lock:
+            return {"size": self.size, "_entries": OrderedDict(self._entries)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def __iter__(self):
         """The keys, least recently used first (a snapshot)."""
         with self._lock:
