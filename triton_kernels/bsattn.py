@@ -186,12 +186,12 @@ def _fwd_tile(
 ):  # fmt: skip
     """One online-softmax step of the forward pass over keys ``[n_start, n_start + BLOCK_N)``."""
     real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
-    # A padding key may hold garbage (NaN): with a key mask it loads as zeros, so no 0 * NaN reaches a dot.
+    # A padding key may hold garbage (NaN, inf). Its scores need no care (hidden below by a select, which
+    # drops NaN too), but its V row must not feed 0 * NaN into p @ v: it loads as zeros with a key mask.
     # [HEAD_DIM_PAD, BLOCK_N]
     k_t = _load_rows(
-        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
-        real, HAS_KEY_MASK,
-    )  # fmt: skip
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
+    )
     # [BLOCK_N, HEAD_DIM_PAD]
     v = _load_rows(
         v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, False,
@@ -386,36 +386,15 @@ def _bsattn_bwd_dkdv_kernel(
     real = _real_keys(
         KeyMask + batch.to(tl.int64) * stride_kmb, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK
     )
-    # Only real keys load (past kv_len, and padding keys, which may hold garbage such as NaN, load as 0):
-    # their dK, dV rows come out 0 and those past kv_len are never stored.
+    # Keys past kv_len load as 0 (their dK, dV rows are never stored). A padding key may hold garbage
+    # (NaN, inf): its p row is hidden (so its dV row is 0), and the NaN its K/V rows give stays in its own
+    # dK row, zeroed at the end.
     # [BLOCK_N, HEAD_DIM_PAD]
     k = _load_rows(
-        k_base,
-        n_start,
-        stride_kn,
-        stride_kd,
-        kv_len,
-        BLOCK_N,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        False,
-        False,
-        real,
-        True,
+        k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
     )
     v = _load_rows(
-        v_base,
-        n_start,
-        stride_vn,
-        stride_vd,
-        kv_len,
-        BLOCK_N,
-        HEAD_DIM,
-        HEAD_DIM_PAD,
-        False,
-        False,
-        real,
-        True,
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, False, False
     )
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PAD], tl.float32)
@@ -440,6 +419,8 @@ def _bsattn_bwd_dkdv_kernel(
                     PARTIAL, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
                 )  # fmt: skip
 
+    if HAS_KEY_MASK:
+        dk = tl.where(real[:, None], dk, 0.0)
     _store_rows(
         _head_base(DK, batch, kv_head, stride_dkb, stride_dkh), n_start, stride_dkn, stride_dkd, kv_len,
         dk * scale, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N,
@@ -462,25 +443,25 @@ def _bwd_dq_tile(
 ):  # fmt: skip
     """Accumulate dQ of one query tile over keys ``[n_start, n_start + BLOCK_N)``."""
     real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
-    # Padding keys load as zeros, whatever garbage they hold (see the forward step).
+    # A padding key may hold garbage (NaN, inf): its ds column is hidden by a select after the product
+    # (which drops NaN from its scores and from dO @ V^T alike), and its K row loads as zeros with a key
+    # mask so that ds @ K sees no 0 * NaN.
     # [HEAD_DIM_PAD, BLOCK_N]
     k_t = _load_rows(
         k_base, n_start, stride_kn, stride_kd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
         real, HAS_KEY_MASK,
     )  # fmt: skip
     v_t = _load_rows(
-        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True,
-        real, HAS_KEY_MASK,
-    )  # fmt: skip
+        v_base, n_start, stride_vn, stride_vd, kv_len, BLOCK_N, HEAD_DIM, HEAD_DIM_PAD, EVEN_N, True
+    )
     # [BLOCK_M, BLOCK_N]
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
     p = tl.math.exp2(s - lse2[:, None])
-    p = _hide_invisible(
-        p, 0.0, tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
+    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
+    ds = _hide_invisible(
+        p * (dp - delta[:, None]), 0.0, tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
     )  # fmt: skip
-    dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     return dq
 
