@@ -25,6 +25,7 @@ BENCH_SCRIPTS = {
     "layout": "layout_build.py",
     "kernels": "gpu_kernels.py",
     "interp": "interp_proportionality.py",
+    "documents": "documents.py",
 }
 #: Set this to a folder holding the bench scripts to run them from outside a repository checkout.
 BENCH_DIR_ENV = "SPARSE_ATTN_BENCH_DIR"

@@ -246,12 +246,31 @@ def attention_bwd(
     inputs = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(do), lse, delta]
     key_mask_arg = _key_mask_arg(key_mask, q)
     args = [*inputs, *_with_strides(dk), *_with_strides(dv), *key_mask_arg, *_col_lists(layout)]
-    args += [heads, kv_heads, heads // kv_heads, q_len, kv_len, layout.num_k_blocks, layout.num_heads, scale * LOG2E, scale]
+    args += [
+        heads,
+        kv_heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        layout.num_k_blocks,
+        layout.num_heads,
+        scale * LOG2E,
+        scale,
+    ]
     grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
     _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
 
     args = [*inputs, *_with_strides(dq), *key_mask_arg, *_row_lists(layout)]
-    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, layout.num_heads, scale * LOG2E, scale]
+    args += [
+        heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        layout.num_q_blocks,
+        layout.num_heads,
+        scale * LOG2E,
+        scale,
+    ]
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
     _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
     return dq, dk, dv
