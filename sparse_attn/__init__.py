@@ -10,6 +10,7 @@ from .patterns import (
     block_sparse,
     causal,
     dilated,
+    documents,
     global_tokens,
     longformer,
     per_head,
@@ -17,6 +18,7 @@ from .patterns import (
     sliding_window,
 )
 from .reference import attention_reference
+from .varlen import sparse_attention_varlen
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "block_sparse",
     "causal",
     "dilated",
+    "documents",
     "global_tokens",
     "longformer",
     "merge_attention",
@@ -38,4 +41,5 @@ __all__ = [
     "replace_attention",
     "sliding_window",
     "sparse_attention",
+    "sparse_attention_varlen",
 ]

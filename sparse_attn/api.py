@@ -114,7 +114,16 @@ def _resolve_layout(pattern_or_layout, q, k, block_size) -> BlockLayout:
         per_head = pattern_or_layout.num_heads is not None
         if per_head and pattern_or_layout.num_heads != heads:
             raise ValueError(f"pattern defines {pattern_or_layout.num_heads} heads, but q has {heads} heads")
+        batch = pattern_or_layout.batch_size
+        if batch not in (None, 1, q.shape[0]):
+            raise ValueError(
+                f"pattern was built for {batch} batch elements, but q has batch size {q.shape[0]}"
+            )
         args = (pattern_or_layout, q_len, kv_len, block_size, heads if per_head else None, str(q.device))
+        if pattern_or_layout.from_data and torch.compiler.is_compiling():
+            # A layout from data (document ids) must not become a trace-time constant: it is built eagerly,
+            # outside the graph (one graph break; pass a prebuilt BlockLayout for fullgraph=True).
+            return _build_layout_eagerly(*args)
         if torch.compiler.is_compiling():
             # Layout building is data-dependent host code: torch.compile runs it at trace time and the
             # layout enters the graph as constants (no graph break; a new length recompiles).
@@ -132,11 +141,21 @@ def _resolve_layout(pattern_or_layout, q, k, block_size) -> BlockLayout:
         )
     if layout.num_heads not in (1, heads):
         raise ValueError(f"layout has {layout.num_heads} heads; expected 1 (shared) or {heads} (query heads)")
+    if layout.batch not in (None, 1, q.shape[0]):
+        raise ValueError(
+            f"layout has {layout.batch} batch elements; expected a shared layout or batch size {q.shape[0]}"
+        )
     return layout.to(q.device)
 
 
 def _build_layout(pattern, q_len, kv_len, block_size, heads, device) -> BlockLayout:
     return pattern.layout(q_len, kv_len, block_size=block_size, heads=heads, device=device)
+
+
+def _build_layout_eagerly(*args) -> BlockLayout:
+    """`_build_layout` outside the graph being traced (a graph break). Wrapped here, while compiling, so
+    that importing sparse_attn does not import torch._dynamo."""
+    return torch.compiler.disable(_build_layout)(*args)
 
 
 def _constant_at_trace_time(fn):

@@ -25,6 +25,7 @@ BENCH_SCRIPTS = {
     "layout": "layout_build.py",
     "kernels": "gpu_kernels.py",
     "interp": "interp_proportionality.py",
+    "documents": "documents.py",
 }
 #: Set this to a folder holding the bench scripts to run them from outside a repository checkout.
 BENCH_DIR_ENV = "SPARSE_ATTN_BENCH_DIR"
@@ -61,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     show.add_argument("spec", help="pattern spec (quote it: & and | are shell operators)")
-    show.add_argument("--seq", type=int, required=True, help="query length")
+    show.add_argument(
+        "--seq", type=int, default=None, help="query length (default: the documents' total for doc:...)"
+    )
     show.add_argument("--kv-seq", type=int, default=None, help="key length (default: --seq)")
     show.add_argument("--block-size", default="128", help="block size: N or BQxBK (default 128)")
     show.add_argument("--heads", default=None, help="heads to draw for per-head patterns, e.g. 0,2")
@@ -161,6 +164,20 @@ def _parse_heads(text):
         raise UsageError(f"--heads must be head indices like 0 or 0,2,3, got {text!r}") from None
 
 
+def _documents_length(pattern) -> int:
+    """The sequence length a spec's documents cover (a spec without documents needs --seq)."""
+    from .patterns.documents import Documents
+
+    todo = [pattern]
+    while todo:
+        p = todo.pop()
+        if isinstance(p, Documents):
+            return p.ids.shape[-1]
+        todo += [getattr(p, a) for a in ("left", "right", "docs") if hasattr(p, a)]
+        todo += list(getattr(p, "patterns", []))
+    raise UsageError("--seq is required (the spec has no doc:... documents to take the length from)")
+
+
 def _show(args) -> int:
     from .spec import SpecError, parse_spec
 
@@ -182,6 +199,8 @@ def _show(args) -> int:
     # Large BigBird-style patterns take seconds to build; the bar shows only on a terminal.
     steps = tqdm(total=3, desc="show: building the layout", disable=None, leave=False)
     try:
+        if args.seq is None:
+            args.seq = _documents_length(pattern)
         layout = pattern.layout(args.seq, args.kv_seq, block_size=block_size)
         steps.update()
         steps.set_description("show: drawing")

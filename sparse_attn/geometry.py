@@ -2,8 +2,8 @@
 `sparse_attn.patterns` (which build `BlockSet`s) and `sparse_attn.layout` (which compresses one into a
 `BlockLayout`). It imports neither.
 
-A `BlockSet` holds the sorted linear keys ``(head * nqb + qb) * nkb + kb`` of the kept (head, query block,
-key block) triples, each with a tile id: `FULL` for a full block, otherwise an index into `tiles`, the token
+A `BlockSet` holds the sorted linear keys ``(seq * nqb + qb) * nkb + kb`` of the kept (layout sequence,
+query block, key block) triples (sequence ``b * heads + h``; see `sparse_attn.layout`), each with a tile id: `FULL` for a full block, otherwise an index into `tiles`, the token
 masks of the partial blocks (deduplicated: equal tiles are stored once).
 """
 
@@ -53,29 +53,48 @@ class Geometry:
         return rows, cols, (rows < self.q_len) & (cols < self.kv_len)
 
 
+@dataclass(frozen=True)
+class ElementGeometry(Geometry):
+    """A `Geometry` that also names one batch element (token masks of per-batch, data-dependent patterns)."""
+
+    batch_index: int = 0
+
+
 @dataclass
 class BlockSet:
-    """Kept blocks of one pattern node, sorted by key ``(head * nqb + qb) * nkb + kb``."""
+    """Kept blocks of one pattern node, sorted by key ``(seq * nqb + qb) * nkb + kb``, where the layout
+    sequence is ``seq = b * heads + h`` (b = 0 when the set is shared by the batch)."""
 
     heads: int  # 1 means the same blocks for every head
     key: torch.Tensor  # int64 [n], sorted, unique
     tile_id: torch.Tensor  # int64 [n], FULL or an index into tiles
     tiles: torch.Tensor  # bool [m, bq, bk], False outside the valid region
+    batch: int | None = None  # None: shared by every batch element; else one set per element
 
     def split_key(self, g: Geometry):
-        """(head, query block, key block) of every kept block."""
+        """(layout sequence, query block, key block) of every kept block."""
         nqb, nkb = g.num_q_blocks, g.num_k_blocks
         return self.key // (nqb * nkb), (self.key // nkb) % nqb, self.key % nkb
 
     def with_heads(self, heads: int, g: Geometry) -> BlockSet:
         """The same blocks repeated for `heads` heads (only from a shared set)."""
-        if self.heads == heads:
+        return self.expand(self.batch, heads, g)
+
+    def expand(self, batch: int | None, heads: int, g: Geometry) -> BlockSet:
+        """The same blocks for `batch` elements and `heads` heads (from a set shared by either or both)."""
+        if (self.batch, self.heads) == (batch, heads):
             return self
-        per_head = g.num_q_blocks * g.num_k_blocks
-        offsets = torch.arange(heads, dtype=torch.int64)[:, None] * per_head
-        return BlockSet(
-            heads,
-            (offsets + self.key[None, :]).reshape(-1),
-            self.tile_id.repeat(heads),
-            self.tiles,
-        )
+        per_seq = g.num_q_blocks * g.num_k_blocks
+        seq = self.key // per_seq
+        counts = torch.bincount(seq, minlength=(self.batch or 1) * self.heads)
+        starts = torch.cumsum(counts, 0) - counts
+        zero = torch.zeros(1, 1, dtype=torch.long)
+        b = torch.arange(batch or 1)[:, None] if (self.batch or 1) > 1 else zero
+        h = torch.arange(heads)[None, :] if self.heads > 1 else zero
+        source = (b * self.heads + h).expand(batch or 1, heads).reshape(-1)  # per target sequence
+        n = counts[source]
+        target = torch.repeat_interleave(torch.arange(len(source)), n)
+        within = torch.arange(len(target)) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        entry = starts[source][target] + within
+        key = target * per_seq + self.key[entry] % per_seq
+        return BlockSet(heads, key, self.tile_id[entry], self.tiles, batch)

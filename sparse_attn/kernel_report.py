@@ -2,8 +2,8 @@
 
 ``python -m sparse_attn kernel-report [--json PATH]`` compiles the block-sparse kernels for sm_80 and sm_90a
 (``triton.compile(ASTSource(...), target=GPUTarget(...))``; no GPU needed), fp16 and bf16, head dims 64 and
-128, every shipped config, in every variant the launcher can produce: the 16 combinations of the
-EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT flags (ptxas allocates registers for each variant on its own,
+128, every shipped config, in every variant the launcher can produce: the 32 combinations of the
+EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT/PER_BATCH_LAYOUT flags (ptxas allocates registers for each variant on its own,
 so a config clean in one variant can spill in another). From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
 (``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions (HMMA on
 sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores
@@ -39,7 +39,7 @@ KERNELS = {
     "_bsattn_bwd_preprocess": None,
 }
 #: The constexpr flags the launcher sets per call; the three main kernels are compiled for every combination.
-VARIANT_FLAGS = ("EVEN_M", "EVEN_N", "HAS_KEY_MASK", "PER_HEAD_LAYOUT")
+VARIANT_FLAGS = ("EVEN_M", "EVEN_N", "HAS_KEY_MASK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT")
 PREPROCESS_FLAGS = {"HAS_DLSE": True}
 RECORD_KEYS = (
     "kernel",
@@ -54,7 +54,9 @@ RECORD_KEYS = (
     "shared_bytes",
     "tensor_core_instructions",
 )
-_INT_SCALARS = ("num_q_heads", "num_kv_heads", "group", "q_len", "kv_len", "num_q_blocks", "num_k_blocks")
+_INT_SCALARS = (
+    "num_q_heads", "num_kv_heads", "group", "q_len", "kv_len", "num_q_blocks", "num_k_blocks", "layout_heads"
+)  # fmt: skip
 _DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
 _FP32_POINTERS = ("Lse", "Delta", "DLse")
 
@@ -64,7 +66,8 @@ def variants(kernel: str) -> list[dict]:
     if KERNELS[kernel] is None:
         return [PREPROCESS_FLAGS]
     return [
-        dict(zip(VARIANT_FLAGS, bits, strict=True)) for bits in itertools.product((False, True), repeat=4)
+        dict(zip(VARIANT_FLAGS, bits, strict=True))
+        for bits in itertools.product((False, True), repeat=len(VARIANT_FLAGS))
     ]
 
 

@@ -1,26 +1,40 @@
 """`BlockLayout`: the one data structure that crosses from patterns to kernels.
 
-Every (query block, key block) pair of every layout head is exactly one of:
+Every (query block, key block) pair of every layout sequence is exactly one of:
 - empty: skipped by every pass;
 - partial: a token mask applies inside it (``tiles[tile_id]``, bit-packed);
 - full: every real query-key pair in it is visible; no mask work.
 
+Layout sequences. A layout has ``L = (batch or 1) * num_heads`` layout sequences, sequence
+``l = b * num_heads + h`` for batch element b and head h:
+- ``num_heads`` is 1 when every head has the same layout (it then applies to all query heads) or the number
+  of query heads;
+- ``batch`` is None for a layout shared by the whole batch (every layout built from lengths alone), or the
+  number of batch elements for a layout built from data (`documents`, varlen, content-selected blocks),
+  one layout per element. ``to_block_mask()`` / ``to_dense()`` then have a leading ``[B]`` dimension.
+A kernel program of batch element b and query head h walks sequence
+``(b if batch else 0) * num_heads + (h if num_heads > 1 else 0)``.
+
 Storage (all int32, on `device`):
-- ``row_full_ptr``/``row_part_ptr`` ``[H, nqb + 1]`` index ``row_full_idx`` (key blocks) and
+- ``row_full_ptr``/``row_part_ptr`` ``[L, nqb + 1]`` index ``row_full_idx`` (key blocks) and
   ``row_part_idx``/``row_part_tile`` (key blocks and their tile ids): the forward and dQ passes walk
-  query-block rows. Offsets are global (head h's rows continue where head h-1's stop); key blocks ascend.
-- ``col_full_ptr``/``col_part_ptr`` ``[H, nkb + 1]`` index ``col_full_idx``/``col_part_idx`` (query blocks)
+  query-block rows. Offsets are global (sequence l's rows continue where sequence l-1's stop); key blocks
+  ascend within a row.
+- ``col_full_ptr``/``col_part_ptr`` ``[L, nkb + 1]`` index ``col_full_idx``/``col_part_idx`` (query blocks)
   and ``col_part_tile``: the dK/dV pass walks key-block columns. Query blocks ascend.
 - ``tiles`` ``[n_tiles, block_q, ceil(block_k / 32)]``: bit ``c % 32`` of word ``c // 32`` of row ``r`` says
   whether row ``r`` may see column ``c`` of the tile. Bits outside the real sequence are 0. Distinct partial
-  tiles are stored once and shared by every block that has them.
+  tiles are stored once and shared by every block (of every sequence) that has them.
 
-`H` is 1 when every head has the same layout (it then applies to all query heads) or the number of
-query heads.
+Kernels read entries ``[ptr[l, r], ptr[l, r + 1])`` only, so the index arrays may be longer than the last
+offset (unused trailing entries): a layout selected on the device with fixed-size outputs (k blocks per
+row, fewer where fewer qualify) is valid as ``ptr = cumsum(counts)`` over padded ``[L * n * k]`` entry
+arrays, with no host synchronisation. `num_full` / `num_partial` count the entries in use.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import torch
@@ -48,17 +62,22 @@ _DERIVED = WeakIdKeyDictionary()  # a layout's row_full_ptr -> what derives from
 def pack_tiles(tiles: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """bool ``[m, bq, bk]`` -> int32 ``[m, bq, ceil(bk / 32)]``, bit c % 32 of word c // 32.
 
-    Works `chunk` tiles at a time in int32, so the bit planes stay small."""
+    Packs bytes (8 columns each, uint8: a quarter of int32 bit planes) and reads every 4 as one
+    little-endian int32 word; works `chunk` tiles at a time."""
     m, bq, bk = tiles.shape
     words = -(-bk // 32)
-    shifts = torch.arange(32, dtype=torch.int32)
-    out = torch.empty(m, bq, words, dtype=torch.int32)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    out = torch.empty(m, bq, words * 4, dtype=torch.uint8)
     for s in range(0, m, chunk):
-        bits = torch.zeros(len(tiles[s : s + chunk]), bq, words * 32, dtype=torch.int32)
-        bits[:, :, :bk] = tiles[s : s + chunk]
-        # Distinct powers of two sum to their OR; 1 << 31 is int32's sign bit, so the sum cannot overflow.
-        out[s : s + chunk] = (bits.view(-1, bq, words, 32) << shifts).sum(-1, dtype=torch.int32)
-    return out
+        part = tiles[s : s + chunk]
+        if bk != words * 32:
+            part = torch.nn.functional.pad(part, (0, words * 32 - bk))
+        bits = part.reshape(len(part), bq, words * 4, 8).view(torch.uint8)
+        # Distinct powers of two sum to their OR, and at most 255: no overflow in uint8.
+        out[s : s + chunk] = (bits << shifts).sum(-1, dtype=torch.uint8)
+    if sys.byteorder != "little":
+        out = out.view(m, bq, words, 4).flip(-1).contiguous().view(m, bq, words * 4)
+    return out.view(torch.int32).view(m, bq, words)
 
 
 def unpack_tiles(packed: torch.Tensor, block_k: int, chunk: int = 4096) -> torch.Tensor:
@@ -92,49 +111,111 @@ class BlockEntries(NamedTuple):
 
 
 class BlockLayout:
-    """Exact block classification of a pattern for one (q_len, kv_len, block size, heads)."""
+    """Exact block classification of a pattern for one (q_len, kv_len, block size, heads[, batch])."""
 
-    def __init__(self, geometry: Geometry, num_heads: int, **fields: torch.Tensor):
+    def __init__(self, geometry: Geometry, num_heads: int, batch: int | None = None, **fields: torch.Tensor):
         self.geometry = geometry
         self.num_heads = num_heads
+        #: None: one layout shared by the batch; else one layout per batch element.
+        self.batch = batch
         for name in _INDEX_FIELDS:
             setattr(self, name, fields[name])
+
+    @property
+    def num_sequences(self) -> int:
+        """Layout sequences L = (batch or 1) * num_heads (see the module docstring)."""
+        return (self.batch or 1) * self.num_heads
 
     # -- construction ---------------------------------------------------------------------------------
     @classmethod
     def from_block_set(cls, s: BlockSet, g: Geometry) -> BlockLayout:
         h, qb, kb = s.split_key(g)
+        n_seq = (s.batch or 1) * s.heads
         is_full = s.tile_id == FULL
-        fields = {"tiles": pack_tiles(s.tiles)}
+        packed = getattr(s, "packed_tiles", None)  # builders that make their tiles packed (documents)
+        fields = {"tiles": pack_tiles(s.tiles) if packed is None else packed}
         for kind, sel in (("full", is_full), ("part", ~is_full)):
             hh, qq, kk, tt = h[sel], qb[sel], kb[sel], s.tile_id[sel]
-            perm, fields[f"row_{kind}_ptr"] = _csr(hh * g.num_q_blocks + qq, s.heads * g.num_q_blocks, kk)
+            perm, fields[f"row_{kind}_ptr"] = _csr(hh * g.num_q_blocks + qq, n_seq * g.num_q_blocks, kk)
             fields[f"row_{kind}_idx"] = kk[perm].to(torch.int32)
             if kind == "part":
                 fields["row_part_tile"] = tt[perm].to(torch.int32)
-            perm, fields[f"col_{kind}_ptr"] = _csr(hh * g.num_k_blocks + kk, s.heads * g.num_k_blocks, qq)
+            perm, fields[f"col_{kind}_ptr"] = _csr(hh * g.num_k_blocks + kk, n_seq * g.num_k_blocks, qq)
             fields[f"col_{kind}_idx"] = qq[perm].to(torch.int32)
             if kind == "part":
                 fields["col_part_tile"] = tt[perm].to(torch.int32)
         for side, n in (("row", g.num_q_blocks), ("col", g.num_k_blocks)):
             for kind in ("full", "part"):
-                # Per-head rows of n + 1 offsets; head h's last offset is head h + 1's first.
-                starts = torch.arange(s.heads)[:, None] * n + torch.arange(n + 1)[None, :]
+                # Per-sequence rows of n + 1 offsets; sequence l's last offset is sequence l + 1's first.
+                starts = torch.arange(n_seq)[:, None] * n + torch.arange(n + 1)[None, :]
                 fields[f"{side}_{kind}_ptr"] = fields[f"{side}_{kind}_ptr"][starts]
-        return cls(g, s.heads, **fields)
+        return cls(g, s.heads, s.batch, **fields)
 
     def flatten(self) -> tuple[list[torch.Tensor], list[int]]:
         """Tensors and ints that `unflatten` turns back into this layout (custom ops take no objects)."""
         g = self.geometry
-        ints = [g.q_len, g.kv_len, g.block_q, g.block_k, self.num_heads]
+        ints = [g.q_len, g.kv_len, g.block_q, g.block_k, self.num_heads, self.batch or 0]
         return [getattr(self, name) for name in _INDEX_FIELDS], ints
 
     @classmethod
     def unflatten(cls, tensors: list[torch.Tensor], ints: list[int]) -> BlockLayout:
-        q_len, kv_len, block_q, block_k, heads = ints
+        q_len, kv_len, block_q, block_k, heads, batch = ints
         return cls(
-            Geometry(q_len, kv_len, block_q, block_k), heads, **dict(zip(_INDEX_FIELDS, tensors, strict=True))
+            Geometry(q_len, kv_len, block_q, block_k),
+            heads,
+            batch or None,
+            **dict(zip(_INDEX_FIELDS, tensors, strict=True)),
         )
+
+    @classmethod
+    def stack(cls, layouts: list[BlockLayout]) -> BlockLayout:
+        """One per-batch layout from unbatched layouts of the same geometry and heads, element b = layouts[b]."""
+        if not layouts:
+            raise ValueError("stack needs at least one layout")
+        first = layouts[0]
+        for other in layouts:
+            if not isinstance(other, BlockLayout) or other.batch is not None:
+                raise TypeError("stack takes unbatched BlockLayouts")
+            if (other.geometry, other.num_heads) != (first.geometry, first.num_heads):
+                raise ValueError("stack needs layouts of one geometry (lengths, block size) and head count")
+        parts = [layout.to("cpu") for layout in layouts]
+        tile_base = [0]
+        for layout in parts:
+            tile_base.append(tile_base[-1] + layout.tiles.shape[0])
+        fields = {"tiles": torch.cat([layout.tiles for layout in parts])}
+        for name in ("row_full", "row_part", "col_full", "col_part"):
+            ptrs, idxs, tiles, base = [], [], [], 0
+            for layout, tile0 in zip(parts, tile_base, strict=False):
+                ptr = getattr(layout, f"{name}_ptr").long()
+                used = int(ptr[-1, -1])
+                ptrs.append(ptr + base)
+                idxs.append(getattr(layout, f"{name}_idx")[:used])
+                if name.endswith("part"):
+                    tiles.append(getattr(layout, f"{name}_tile")[:used] + tile0)
+                base += used
+            fields[f"{name}_ptr"] = torch.cat(ptrs).to(torch.int32)
+            fields[f"{name}_idx"] = torch.cat(idxs).to(torch.int32)
+            if tiles:
+                fields[f"{name}_tile"] = torch.cat(tiles).to(torch.int32)
+        out = cls(first.geometry, first.num_heads, len(layouts), **fields)
+        return out.to(first.device)
+
+    def batch_element(self, b: int) -> BlockLayout:
+        """The unbatched layout of batch element `b` (self for a layout shared by the batch)."""
+        if self.batch is None:
+            return self
+        if not 0 <= b < self.batch:
+            raise ValueError(f"batch element must be in [0, {self.batch}), got {b}")
+        seqs = slice(b * self.num_heads, (b + 1) * self.num_heads)
+        fields = {"tiles": self.tiles}
+        for name in ("row_full", "row_part", "col_full", "col_part"):
+            ptr = getattr(self, f"{name}_ptr")[seqs]
+            lo, hi = int(ptr[0, 0]), int(ptr[-1, -1])
+            fields[f"{name}_ptr"] = ptr - lo
+            fields[f"{name}_idx"] = getattr(self, f"{name}_idx")[lo:hi]
+            if name.endswith("part"):
+                fields[f"{name}_tile"] = getattr(self, f"{name}_tile")[lo:hi]
+        return BlockLayout(self.geometry, self.num_heads, None, **fields)
 
     # -- geometry -------------------------------------------------------------------------------------
     q_len = property(lambda self: self.geometry.q_len)
@@ -154,11 +235,11 @@ class BlockLayout:
 
     @property
     def num_full(self) -> int:
-        return self.row_full_idx.numel()
+        return int(self.row_full_ptr[-1, -1])
 
     @property
     def num_partial(self) -> int:
-        return self.row_part_idx.numel()
+        return int(self.row_part_ptr[-1, -1])
 
     # -- views ----------------------------------------------------------------------------------------
     def cached(self, key, compute):
@@ -179,40 +260,47 @@ class BlockLayout:
         """Every full (``kind="full"``) or partial (``"part"``) block as int64 `BlockEntries`, in the order of
         the row lists (``order="row"``, what the forward and dQ passes walk) or of the column lists
         (``"col"``, the dK/dV pass), on `device` (default: the CPU). `slot` is an entry's position in its
-        row (column); `tile` its tile id (partial blocks only)."""
+        row (column); `tile` its tile id (partial blocks only); `head` the layout sequence
+        (``b * num_heads + h`` for a per-batch layout)."""
         if kind not in ("full", "part") or order not in ("row", "col"):
             raise ValueError(
                 f"kind must be 'full' or 'part' and order 'row' or 'col', got {kind!r}, {order!r}"
             )
         device = torch.device("cpu") if device is None else torch.device(device)
-        ptr = getattr(self, f"{order}_{kind}_ptr").to(device).long()  # [H, n + 1], global offsets
-        idx = getattr(self, f"{order}_{kind}_idx").to(device).long()
+        ptr = getattr(self, f"{order}_{kind}_ptr").to(device).long()  # [L, n + 1], global offsets
+        # Index arrays may hold unused entries past the last offset (see the module docstring).
+        lo, hi = int(ptr[0, 0]), int(ptr[-1, -1])
+        idx = getattr(self, f"{order}_{kind}_idx")[lo:hi].to(device).long()
         per_line = (ptr[:, 1:] - ptr[:, :-1]).reshape(-1)
         line = torch.repeat_interleave(torch.arange(len(per_line), device=device), per_line)
-        slot = torch.arange(len(idx), device=device) - ptr[:, :-1].reshape(-1)[line]
+        slot = torch.arange(lo, hi, device=device) - ptr[:, :-1].reshape(-1)[line]
         n_lines = ptr.shape[1] - 1
         head, pos = line // n_lines, line % n_lines
-        tile = getattr(self, f"{order}_part_tile").to(device).long() if kind == "part" else None
+        tile = getattr(self, f"{order}_part_tile")[lo:hi].to(device).long() if kind == "part" else None
         q_block, k_block = (pos, idx) if order == "row" else (idx, pos)
         return BlockEntries(head, q_block, k_block, slot, tile)
 
+    def _with_batch_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """``[L, ...]`` -> ``[B, H, ...]`` for a per-batch layout, unchanged (``[H, ...]``) otherwise."""
+        return t if self.batch is None else t.view(self.batch, self.num_heads, *t.shape[1:])
+
     def to_block_mask(self) -> torch.Tensor:
-        """int8 ``[H, nqb, nkb]``: 0 empty, 1 partial, 2 full."""
-        out = torch.zeros(self.num_heads, self.num_q_blocks, self.num_k_blocks, dtype=torch.int8)
+        """int8 ``[H, nqb, nkb]`` (``[B, H, nqb, nkb]`` per batch): 0 empty, 1 partial, 2 full."""
+        out = torch.zeros(self.num_sequences, self.num_q_blocks, self.num_k_blocks, dtype=torch.int8)
         for kind, value in (("part", 1), ("full", 2)):
             e = self.entries(kind)
             out[e.head, e.q_block, e.k_block] = value
-        return out.to(self.device)
+        return self._with_batch_dim(out).to(self.device)
 
     def to_dense(self) -> torch.Tensor:
-        """Token mask bool ``[H, q_len, kv_len]``. O(S^2): small sizes only."""
-        bq, bk = self.block_q, self.block_k
-        grid = torch.zeros(self.num_heads, self.num_q_blocks * bq, self.num_k_blocks * bk, dtype=torch.bool)
-        view = grid.view(self.num_heads, self.num_q_blocks, bq, self.num_k_blocks, bk)
+        """Token mask bool ``[H, q_len, kv_len]`` (``[B, H, ...]`` per batch). O(S^2): small sizes only."""
+        bq, bk, n_seq = self.block_q, self.block_k, self.num_sequences
+        grid = torch.zeros(n_seq, self.num_q_blocks * bq, self.num_k_blocks * bk, dtype=torch.bool)
+        view = grid.view(n_seq, self.num_q_blocks, bq, self.num_k_blocks, bk)
         full, part = self.entries("full"), self.entries("part")
         view[full.head, full.q_block, :, full.k_block, :] = True
         view[part.head, part.q_block, :, part.k_block, :] = self.tile_masks().cpu()[part.tile]
-        return grid[:, : self.q_len, : self.kv_len].to(self.device)
+        return self._with_batch_dim(grid[:, : self.q_len, : self.kv_len]).to(self.device)
 
     def density(self) -> float:
         """Fraction of query-key pairs the kernels compute (real pairs in kept blocks)."""
@@ -221,7 +309,7 @@ class BlockLayout:
         for kind in ("full", "part"):
             e = self.entries(kind)
             total += int((g.valid_rows(e.q_block) * g.valid_cols(e.k_block)).sum())
-        return total / (self.num_heads * self.q_len * self.kv_len)
+        return total / (self.num_sequences * self.q_len * self.kv_len)
 
     def to(self, device) -> BlockLayout:
         """The same layout with its tensors on `device` (self if already there)."""
@@ -231,16 +319,17 @@ class BlockLayout:
 
         def move():
             moved = {name: getattr(self, name).to(device) for name in _INDEX_FIELDS}
-            return BlockLayout(self.geometry, self.num_heads, **moved)
+            return BlockLayout(self.geometry, self.num_heads, self.batch, **moved)
 
         # Kept, so that passing a CPU layout with GPU tensors uploads it once, not on every call.
         return self.cached(("to", str(device)), move)
 
     def __repr__(self) -> str:
-        n_blocks = self.num_heads * self.num_q_blocks * self.num_k_blocks
+        n_blocks = self.num_sequences * self.num_q_blocks * self.num_k_blocks
+        batch = "" if self.batch is None else f"batch={self.batch}, "
         head = (
             f"BlockLayout(q_len={self.q_len}, kv_len={self.kv_len}, block_size={self.block_size}, "
-            f"heads={self.num_heads}, grid={self.num_q_blocks}x{self.num_k_blocks}, full={self.num_full}, "
+            f"{batch}heads={self.num_heads}, grid={self.num_q_blocks}x{self.num_k_blocks}, full={self.num_full}, "
             f"partial={self.num_partial}, empty={n_blocks - self.num_full - self.num_partial}, "
             f"tiles={self.tiles.shape[0]}, density={self.density():.4f}, device={self.device})"
         )
@@ -265,4 +354,5 @@ class BlockLayout:
         grid = torch.where(kept["full"] + kept["part"] == 0, 0, grid)
         lines = ["".join(_CLASS_CHARS[c] for c in row) for row in grid.tolist()]
         scale = f" (each character {step_r}x{step_c} blocks)" if step_r * step_c > 1 else ""
-        return f"head 0{scale}:\n" + "\n".join(lines)
+        first = "head 0" if self.batch is None else "batch element 0, head 0"
+        return f"{first}{scale}:\n" + "\n".join(lines)

@@ -24,9 +24,10 @@ from .api import sparse_attention
 from .checks import check_int
 from .layout import BlockLayout
 from .layout_cache import LayoutCache
-from .patterns import Pattern, causal
+from .patterns import Pattern, causal, documents
 from .patterns.token_mask import TokenMask
 from .patterns.window import dense
+from .reference import dense_mask
 
 
 class SparseAttention(nn.Module):
@@ -38,7 +39,9 @@ class SparseAttention(nn.Module):
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `sparse_attention`).
         cache_size: how many layouts to keep (least recently used ones are dropped).
 
-    ``forward(q, k, v, key_mask=None, return_lse=False)`` takes SDPA's layout ``[B, H, S, D]``.
+    ``forward(q, k, v, key_mask=None, return_lse=False, document_ids=None)`` takes SDPA's layout
+    ``[B, H, S, D]``. `document_ids` (int ``[Skv]`` or ``[B, Skv]``, non-decreasing: packed documents) keeps
+    this call's documents apart: ``documents(document_ids) & pattern``, built for the call (not cached).
     """
 
     def __init__(
@@ -75,11 +78,13 @@ class SparseAttention(nn.Module):
         block = backends.get(backend).default_block_size
         return self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
 
-    def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False):
+    def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False, document_ids=None):
         """``sparse_attention(q, k, v, pattern, ...)`` with the cached layout."""
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
-        if torch.compiler.is_compiling():
+        if document_ids is not None:
+            layout = documents(document_ids) & self.pattern
+        elif torch.compiler.is_compiling():
             # sparse_attention builds (or fetches) the pattern's layout at trace time, as graph constants.
             layout = self.pattern
         else:
@@ -209,7 +214,11 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         attn_mask=None,
         average_attn_weights=True,
         is_causal=False,
+        *,
+        document_ids=None,
     ):
+        """nn.MultiheadAttention's forward; `document_ids` (int ``[S]`` or ``[N, S]`` over the keys,
+        non-decreasing) keeps packed documents apart in this call (``documents(document_ids) & pattern``)."""
         if self.training and self.dropout > 0:
             raise ValueError(
                 f"SparseMultiheadAttention cannot apply attention dropout ({self.dropout}) in training: "
@@ -235,8 +244,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         attention = (
             self.causal_attention if causal_mask or (is_causal and allowed is None) else self.attention
         )
-        out, lse = self._attend(q, k, v, attention, key_mask, allowed)
-        pattern = attention.pattern
+        out, lse = self._attend(q, k, v, attention, key_mask, allowed, document_ids)
+        pattern = attention.pattern if document_ids is None else documents(document_ids) & attention.pattern
         out = self.out_proj(out.transpose(1, 2).reshape(batch, q_len, self.embed_dim))
         weights = None
         if need_weights:
@@ -296,10 +305,12 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             split(F.linear(v_in, w_v, b_v)),
         )
 
-    def _attend(self, q, k, v, attention, key_mask, allowed):
+    def _attend(self, q, k, v, attention, key_mask, allowed, document_ids=None):
         pattern, backend = attention.pattern, attention.backend
         if allowed is None:
-            return attention(q, k, v, key_mask, return_lse=True)
+            return attention(q, k, v, key_mask, return_lse=True, document_ids=document_ids)
+        if document_ids is not None:
+            pattern = documents(document_ids) & pattern
         if torch.compiler.is_compiling():
             # Without fullgraph, torch.compile runs this frame eagerly instead (a graph break).
             raise ValueError(
@@ -316,11 +327,14 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         outs, lses = [], []
         for b in range(allowed.shape[0]):
             rows = slice(b, b + 1)
+            row_pattern = pattern
+            if document_ids is not None and document_ids.dim() == 2:
+                row_pattern = documents(document_ids[b]) & attention.pattern
             out, lse = sparse_attention(
                 q[rows],
                 k[rows],
                 v[rows],
-                pattern & TokenMask(allowed[b]),
+                row_pattern & TokenMask(allowed[b]),
                 key_mask=None if key_mask is None else key_mask[rows],
                 return_lse=True,
                 backend=backend,
@@ -333,10 +347,8 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
         """Attention probabilities ``[N, H, L, S]`` (or head-averaged ``[N, L, S]``) from the kernel's lse."""
         batch, heads, q_len, head_dim = q.shape
         kv_len = k.shape[2]
-        per_head = pattern.num_heads is not None
-        visible = pattern.mask(q_len, kv_len, heads=heads if per_head else None, device=q.device)
-        visible = visible if per_head else visible[None]
-        visible = visible[None]  # [1, H|1, L, S]
+        visible = dense_mask(pattern, q_len, kv_len, heads, q.device)
+        visible = visible if visible.dim() == 4 else visible[None]  # [B|1, H|1, L, S]
         if allowed is not None:
             visible = visible & allowed
         if key_mask is not None:

@@ -12,7 +12,8 @@ import torch
 
 
 def dense_mask(pattern_or_mask, q_len: int, kv_len: int, heads: int, device) -> torch.Tensor:
-    """A bool ``[H or 1, q_len, kv_len]`` mask from a Pattern, a BlockLayout, a bool tensor or None."""
+    """A bool ``[H or 1, q_len, kv_len]`` mask from a Pattern, a BlockLayout, a bool tensor or None;
+    ``[B, H or 1, q_len, kv_len]`` for per-batch ones (a per-batch pattern or layout, a 4-D tensor)."""
     from .layout import BlockLayout
     from .patterns import Pattern
 
@@ -21,15 +22,20 @@ def dense_mask(pattern_or_mask, q_len: int, kv_len: int, heads: int, device) -> 
     if isinstance(pattern_or_mask, Pattern):
         per_head = pattern_or_mask.num_heads is not None
         m = pattern_or_mask.mask(q_len, kv_len, heads=heads if per_head else None)
+        if pattern_or_mask.batch_size is not None and not per_head:
+            m = m[:, None]
     elif isinstance(pattern_or_mask, BlockLayout):
         m = pattern_or_mask.to_dense()
     else:
         m = torch.as_tensor(pattern_or_mask)
     if m.dtype != torch.bool:
         raise TypeError(f"mask must be bool, got {m.dtype}")
-    m = m if m.dim() == 3 else m[None]
-    if m.shape[-2:] != (q_len, kv_len) or m.shape[0] not in (1, heads):
-        raise ValueError(f"mask of shape {tuple(m.shape)} does not fit [{heads} or 1, {q_len}, {kv_len}]")
+    m = m if m.dim() >= 3 else m[None]
+    if m.dim() > 4 or m.shape[-2:] != (q_len, kv_len) or m.shape[-3] not in (1, heads):
+        raise ValueError(
+            f"mask of shape {tuple(m.shape)} does not fit [B, {heads} or 1, {q_len}, {kv_len}] or "
+            f"[{heads} or 1, {q_len}, {kv_len}]"
+        )
     return m.to(device)
 
 
@@ -44,7 +50,8 @@ def attention_reference(q, k, v, mask=None, *, scale=None, key_mask=None):
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    visible = dense_mask(mask, q_len, kv_len, heads, q.device)[None]  # [1, H|1, Sq, Skv]
+    visible = dense_mask(mask, q_len, kv_len, heads, q.device)
+    visible = visible if visible.dim() == 4 else visible[None]  # [B|1, H|1, Sq, Skv]
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :].to(q.device)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale

@@ -16,9 +16,11 @@ Atoms (positional arguments in this order; any of them also as key=value):
     random:N[:BLOCK[:SEED]]              random_blocks(N, BLOCK, seed=SEED)
     longformer:WINDOW[:GLOBAL[:DILATION]]
     bigbird[:WINDOW[:GLOBAL[:RANDOM[:BLOCK[:SEED]]]]]
+    doc:L0,L1,...                        documents(ids) of packed documents of these lengths (their sum is
+                                         the sequence length)
 
 Examples: ``window:128+global:4``, ``dilated:64:2&causal``, ``(window:256|random:2:64)&causal``,
-``per_head(window:64, dilated:32:2, dilated:16:4)``.
+``per_head(window:64, dilated:32:2, dilated:16:4)``, ``doc:100,300,50,574&causal``.
 """
 
 from __future__ import annotations
@@ -54,6 +56,15 @@ def _longformer(window, global_tokens=1, dilation=1):
     return P.longformer(window, global_tokens, dilation=dilation)
 
 
+def _documents(lengths):
+    import torch
+
+    lengths = torch.as_tensor([lengths] if isinstance(lengths, int) else lengths)
+    if bool((lengths < 1).any()):
+        raise ValueError(f"document lengths must be >= 1, got {lengths.tolist()}")
+    return P.documents(torch.repeat_interleave(torch.arange(len(lengths)), lengths))
+
+
 def _bigbird(window=192, global_tokens=64, num_random_blocks=3, block_size=64, seed=0):
     return P.bigbird(window, global_tokens, num_random_blocks, block_size=block_size, seed=seed)
 
@@ -69,6 +80,8 @@ SPEC_ATOMS = {
     "random": (_random, ("num_blocks", "block_size", "seed"), 1),
     "random_blocks": (_random, ("num_blocks", "block_size", "seed"), 1),
     "longformer": (_longformer, ("window", "global_tokens", "dilation"), 1),
+    "doc": (_documents, ("lengths",), 1),
+    "documents": (_documents, ("lengths",), 1),
     "bigbird": (_bigbird, ("window", "global_tokens", "num_random_blocks", "block_size", "seed"), 0),
 }
 
@@ -204,8 +217,10 @@ class _Parser:
             if key not in params:
                 self.error(f"{name} has no argument {key!r}; it takes {', '.join(params) or 'none'}", pos)
         values = [int(v) for v in text.split(",")]
-        if len(values) > 1 and name not in ("global", "global_tokens"):
-            self.error(f"{name}: a list of values is only allowed for global positions", pos)
+        if len(values) > 1 and name not in ("global", "global_tokens", "doc", "documents"):
+            self.error(
+                f"{name}: a list of values is only allowed for global positions and document lengths", pos
+            )
         return key, values if len(values) > 1 else values[0]
 
 

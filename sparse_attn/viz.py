@@ -73,8 +73,13 @@ class PatternImage:
 
 
 # -- rendering ------------------------------------------------------------------------------------------
-def _as_layout(pattern_or_layout, q_len, kv_len, block_size) -> BlockLayout:
-    """The CPU layout to draw: the given one (checked against q_len/kv_len), or the pattern's."""
+def _as_layout(pattern_or_layout, q_len, kv_len, block_size, batch: int = 0) -> BlockLayout:
+    """The CPU layout to draw: the given one (checked against q_len/kv_len), or the pattern's; of a
+    per-batch layout (packed documents per batch element), batch element `batch`."""
+    return _layout_to_draw(pattern_or_layout, q_len, kv_len, block_size).batch_element(batch)
+
+
+def _layout_to_draw(pattern_or_layout, q_len, kv_len, block_size) -> BlockLayout:
     if isinstance(pattern_or_layout, BlockLayout):
         layout = pattern_or_layout.to("cpu")
         if q_len is not None and q_len != layout.q_len or kv_len is not None and kv_len != layout.kv_len:
@@ -397,15 +402,17 @@ def plot_pattern(
     max_pixels: int = 512,
     title: str | None = None,
     legend: bool = True,
+    batch: int = 0,
 ):
     """Draw the token mask with the block grid over it; returns the matplotlib Figure.
 
     Empty, partial and full blocks are coloured apart (see the module docstring); the title gives the
     lengths, block size and density. `heads` picks which heads of a per-head pattern to draw (an index or
     a list; default all): several heads give a grid (`plot_heads`), one head draws on `ax` if given.
-    Works at any length: at most `max_pixels` per axis are rendered, never an S x S mask.
+    Works at any length: at most `max_pixels` per axis are rendered, never an S x S mask. A per-batch
+    pattern or layout (`documents` with ``[B, S]`` ids) draws batch element `batch`.
     """
-    layout = _as_layout(pattern_or_layout, q_len, kv_len, block_size)
+    layout = _as_layout(pattern_or_layout, q_len, kv_len, block_size, batch)
     chosen = _heads_to_draw(layout, heads)
     title = _describe(pattern_or_layout) if title is None else title
     if len(chosen) > 1:

@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
-from sparse_attn import causal, global_tokens, sliding_window  # noqa: E402
+from sparse_attn import causal, dilated, global_tokens, sliding_window  # noqa: E402
 from sparse_attn.integrations import transformers as sa_hf  # noqa: E402
 
 NAME = sa_hf.register()
@@ -147,10 +147,6 @@ def test_unsupported_masks_and_dropout_raise_clear_errors():
     model = _model("llama")
     model.set_attn_implementation(NAME)
     ids, mask = _batch()
-    # Packed sequences (position ids restart, no attention mask) need a block-diagonal mask we do not express.
-    packed = torch.cat([torch.arange(10), torch.arange(PROMPT - 10)])[None].expand(2, -1)
-    with pytest.raises(ValueError, match="cannot express"):
-        model(input_ids=ids, position_ids=packed, use_cache=False)
     with pytest.raises(TypeError, match="2-D padding mask"):
         model(input_ids=ids, attention_mask=torch.ones(2, 1, PROMPT, PROMPT, dtype=torch.bool))
     model.config.attention_dropout = 0.1
@@ -283,3 +279,85 @@ def test_mask_alignment_is_required_only_where_it_matters():
     padding[0, 7:] = False
     info = sa_hf.sparse_mask(2, 4, 9, mask_function=mu.bidirectional_mask_function, attention_mask=padding)
     assert not info.causal and info.window is None and torch.equal(info.key_mask, padding)
+
+
+# -- padding-free (packed) batches -------------------------------------------------------------------------
+PACKED_LENGTHS = [7, 1, 13, 9]  # a one-token document, and documents longer than Mistral's window
+
+
+def _packed_documents():
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, VOCAB, (n,), generator=g) for n in PACKED_LENGTHS]
+    positions = torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]
+    cu = torch.tensor([0, *PACKED_LENGTHS]).cumsum(0).to(torch.int32)
+    return docs, torch.cat(docs)[None], positions, cu
+
+
+def _logits_and_grads(model, runs):
+    """Per-document logits, and the parameter gradients of a fixed random linear loss of all of them."""
+    model.zero_grad()
+    logits = torch.cat([run() for run in runs], 1)
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(4))
+    (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize(
+    "kind, packing", [("llama", "position_ids"), ("mistral", "position_ids"), ("mistral", "cu_seq_lens")]
+)
+def test_packed_batch_equals_each_document_alone(kind, packing):
+    """A padding-free batch (as DataCollatorWithFlattening makes it) keeps its documents apart exactly:
+    per document, the logits and the parameter gradients of running it alone (through sdpa)."""
+    model = _model(kind).train()
+    docs, ids, positions, cu = _packed_documents()
+    model.set_attn_implementation("sdpa")
+    want = _logits_and_grads(
+        model, [lambda d=d: model(input_ids=d[None], use_cache=False).logits for d in docs]
+    )
+    model.set_attn_implementation(NAME)
+    if packing == "position_ids":
+        kwargs = {"position_ids": positions}
+    else:  # the flash-attention kwargs alone (positions for the rotary embedding only)
+        kwargs = {
+            "position_ids": positions,
+            "cu_seq_lens_q": cu,
+            "cu_seq_lens_k": cu,
+            "max_length_q": 13,
+            "max_length_k": 13,
+        }
+        model.set_attn_implementation("sparse_attn_spy")
+        CALLS.clear()
+    got = _logits_and_grads(model, [lambda: model(input_ids=ids, use_cache=False, **kwargs).logits])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert got[1].keys() == want[1].keys()
+    for name, g in want[1].items():
+        torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    # Without the packing information the documents would mix: the check above can fail.
+    model.set_attn_implementation(NAME)
+    mixed = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits
+    assert not torch.allclose(mixed.detach(), want[0], atol=1e-3)
+
+
+def test_packed_batch_with_a_custom_pattern_keeps_documents_apart():
+    model = _model("llama").eval()
+    docs, ids, positions, _ = _packed_documents()
+    # Bands (causal, windows, dilated windows) apply within every document; position-based parts (global
+    # tokens) would count positions of the packed sequence.
+    pattern = causal() & (sliding_window(1, 0) | dilated(4, 0, dilation=2))
+    sa_hf.set_pattern(model, pattern)
+    model.set_attn_implementation(NAME)
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        # Each document alone, with the pattern's mask as a dense sdpa mask (positions restart per document).
+        model.set_attn_implementation("sdpa")
+        want = torch.cat(
+            [
+                model(
+                    input_ids=d[None], attention_mask=pattern.mask(len(d))[None, None], use_cache=False
+                ).logits
+                for d in docs
+            ],
+            1,
+        )
+    sa_hf.set_pattern(model, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -23,6 +23,9 @@ Assumptions and limits
   ``key_mask`` (per batch) is applied to every tile when ``HAS_KEY_MASK``.
 - Tiles are at least 32 keys wide and start at multiples of 32 (one packed word per 32 columns).
 - A query row with no visible key gets out 0 and lse -inf; the running max is guarded so nothing is NaN.
+- The layout sequence of (batch b, query head h) is ``(b * layout_heads if PER_BATCH_LAYOUT else 0) +
+  (h if PER_HEAD_LAYOUT else 0)`` (see `sparse_attn.layout`); a layout shared by the batch compiles to
+  exactly the code it had before per-batch layouts existed.
 - ``lse``/``delta`` are contiguous fp32 ``[B, Hq, Sq]``; ``key_mask`` is uint8 ``[B, Skv]`` (batch stride given).
 """
 
@@ -222,10 +225,10 @@ def _bsattn_fwd_kernel(
     Lse,
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
-    num_q_heads, group, q_len, kv_len, num_q_blocks, qk_scale,
+    num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """Forward: out and natural-log lse of one query tile of one (batch, query head)."""
@@ -250,7 +253,8 @@ def _bsattn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + m_start // LAYOUT_BQ
+    layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
+    layout_row = layout_seq * (num_q_blocks + 1) + m_start // LAYOUT_BQ
     SUBS: tl.constexpr = LAYOUT_BK // BLOCK_N
     # The full key blocks (no token mask), then the partial ones (the exact mask from the packed tile).
     for PARTIAL in tl.static_range(2):
@@ -369,10 +373,10 @@ def _bsattn_bwd_dkdv_kernel(
     DV, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     KeyMask, stride_kmb,
     ColFullPtr, ColFullIdx, ColPartPtr, ColPartIdx, ColPartTile, Tiles,
-    num_q_heads, num_kv_heads, group, q_len, kv_len, num_k_blocks, qk_scale, scale,
+    num_q_heads, num_kv_heads, group, q_len, kv_len, num_k_blocks, layout_heads, qk_scale, scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key tile of one (batch, kv head): walks the layout columns of its query heads."""
@@ -406,7 +410,8 @@ def _bsattn_bwd_dkdv_kernel(
         do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
         lse_base = Lse + (batch * num_q_heads + head).to(tl.int64) * q_len
         delta_base = Delta + (batch * num_q_heads + head).to(tl.int64) * q_len
-        layout_col = (head if PER_HEAD_LAYOUT else 0) * (num_k_blocks + 1) + n_start // LAYOUT_BK
+        layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
+        layout_col = layout_seq * (num_k_blocks + 1) + n_start // LAYOUT_BK
         for PARTIAL in tl.static_range(2):
             lo, hi = _walk_bounds(ColFullPtr, ColPartPtr, layout_col, SUBS, PARTIAL)
             for i in range(lo, hi):
@@ -477,10 +482,10 @@ def _bsattn_bwd_dq_kernel(
     DQ, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
-    num_q_heads, group, q_len, kv_len, num_q_blocks, qk_scale, scale,
+    num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale, scale,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
-    PER_HEAD_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query tile of one (batch, query head): walks the layout row of its query block."""
@@ -513,7 +518,8 @@ def _bsattn_bwd_dq_kernel(
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
 
-    layout_row = (head if PER_HEAD_LAYOUT else 0) * (num_q_blocks + 1) + m_start // LAYOUT_BQ
+    layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
+    layout_row = layout_seq * (num_q_blocks + 1) + m_start // LAYOUT_BQ
     SUBS: tl.constexpr = LAYOUT_BK // BLOCK_N
     for PARTIAL in tl.static_range(2):
         lo, hi = _walk_bounds(RowFullPtr, RowPartPtr, layout_row, SUBS, PARTIAL)

@@ -120,7 +120,9 @@ _KERNELS = {
     "dkdv": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
     "dq": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
 }
-_AUTOTUNE_KEY = ["HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION"]
+_AUTOTUNE_KEY = [
+    "HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION"
+]  # fmt: skip
 _autotuned: dict = {}
 
 
@@ -179,6 +181,7 @@ def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
         "LAYOUT_BK": layout.block_k,
         "WORDS": -(-layout.block_k // 32),
         "PER_HEAD_LAYOUT": layout.num_heads > 1,
+        "PER_BATCH_LAYOUT": layout.batch is not None and layout.batch > 1,
         "HAS_KEY_MASK": key_mask is not None,
         # fp32 stays exact fp32 math (no TF32) so it matches the fp32 reference.
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
@@ -213,7 +216,7 @@ def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConf
     lse = empty_buffer((batch, heads, q_len), like=q, dtype=torch.float32)
     args = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(out), lse]
     args += [*_key_mask_arg(key_mask, q), *_row_lists(layout)]
-    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E]
+    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, layout.num_heads, scale * LOG2E]
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
     _launch("fwd", grid, args, _common_meta(q, layout, key_mask), config, layout.block_q, layout.block_k)
     return out, lse
@@ -243,12 +246,31 @@ def attention_bwd(
     inputs = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(do), lse, delta]
     key_mask_arg = _key_mask_arg(key_mask, q)
     args = [*inputs, *_with_strides(dk), *_with_strides(dv), *key_mask_arg, *_col_lists(layout)]
-    args += [heads, kv_heads, heads // kv_heads, q_len, kv_len, layout.num_k_blocks, scale * LOG2E, scale]
+    args += [
+        heads,
+        kv_heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        layout.num_k_blocks,
+        layout.num_heads,
+        scale * LOG2E,
+        scale,
+    ]
     grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
     _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
 
     args = [*inputs, *_with_strides(dq), *key_mask_arg, *_row_lists(layout)]
-    args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, scale * LOG2E, scale]
+    args += [
+        heads,
+        heads // kv_heads,
+        q_len,
+        kv_len,
+        layout.num_q_blocks,
+        layout.num_heads,
+        scale * LOG2E,
+        scale,
+    ]
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
     _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
     return dq, dk, dv

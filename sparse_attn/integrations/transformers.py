@@ -10,9 +10,17 @@
 So Llama-, Mistral- and Qwen2-style models keep their own semantics (causal, ``config.sliding_window``,
 left or right padding, GQA, prefill and KV-cache decoding with the default `DynamicCache`) without an
 S x S mask; so do GPT-OSS-style attention sinks (``s_aux``) and bidirectional encoder and cross-attention
-(Bart-style). A mask the integration cannot express exactly (packed sequences, custom mask overlays,
-chunked attention, static caches) or an additive bias (T5's ``position_bias``, ALiBi) raises a clear
-error instead of being dropped.
+(Bart-style). A mask the integration cannot express exactly (custom mask overlays, chunked attention,
+static caches) or an additive bias (T5's ``position_bias``, ALiBi) raises a clear error instead of being
+dropped.
+
+Padding-free (packed) batches, as `DataCollatorWithFlattening` makes them, keep their documents apart
+exactly, as ``flash_attention_2`` does: ``position_ids`` that restart at 0 (transformers then asks for a
+packed-sequence mask; we use `documents` of its sequence indices, composed with the model's pattern or the
+one `set_pattern` set), or the ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments alone (batch of one;
+run through `sparse_attention_varlen`, so the pattern must be a band: causal or a sliding window). A
+pattern set by `set_pattern` is intersected with the documents: its bands (causal, windows) apply within
+every document, while position-based parts (``global_tokens``) count positions of the packed sequence.
 
 Window convention: transformers' ``sliding_window=W`` lets query position q see key k iff
 ``0 <= q - k < W``, which is ours ``causal() & sliding_window(W - 1, 0)``.
@@ -31,8 +39,9 @@ import torch
 
 from ..api import sparse_attention
 from ..merge import merge_attention
-from ..patterns import Pattern, causal, sliding_window
+from ..patterns import Pattern, causal, documents, sliding_window
 from ..patterns.window import dense
+from ..varlen import sparse_attention_varlen
 
 DEFAULT_NAME = "sparse_attn"
 _PATTERN_ATTR = "sparse_attn_pattern"
@@ -53,13 +62,33 @@ class SparseMaskInfo:
     causal: bool
     #: transformers' sliding window W (``q - k < W``), or None.
     window: int | None
+    #: Packed sequences: int ``[B, S]`` sequence index of every position (transformers' packed sequence
+    #: mask, from position ids that restart), or None.
+    packed: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # Patterns composed with the packing, one per base pattern: every layer reuses their layouts.
+        self._composed = {}
 
     def contiguous(self) -> SparseMaskInfo:
         """generate() calls ``.contiguous()`` on prepared masks; this one has nothing to reorder."""
         return self
 
-    def pattern(self) -> Pattern:
-        """Our pattern for this mask (padding aside)."""
+    def pattern(self, base: Pattern | None = None) -> Pattern:
+        """Our pattern for this mask (padding aside): `base` (default: the model's own), within each
+        packed sequence if there are any."""
+        if base is None:
+            if "own" not in self._composed:
+                self._composed["own"] = self.base_pattern()
+            base = self._composed["own"]
+        if self.packed is None:
+            return base
+        if id(base) not in self._composed:
+            self._composed[id(base)] = (base, documents(self.packed) & base)
+        return self._composed[id(base)][1]
+
+    def base_pattern(self) -> Pattern:
+        """The model's own pattern: causal, a window, or everything."""
         if self.causal:
             return causal() if self.window is None else sliding_window(self.window - 1, 0)
         return dense() if self.window is None else sliding_window(self.window, self.window)
@@ -106,6 +135,7 @@ def sparse_mask(
     **kwargs,
 ) -> SparseMaskInfo:
     """transformers mask function: the padding mask and the mask's kind, never an S x S mask."""
+    mask_function, packed = _unpack_packed_sequences(mask_function)
     is_causal, window = _mask_kind(mask_function)
     q_offset = int(q_offset)
     # Bottom-right alignment matters only for causal and windowed masks; a plain bidirectional one (encoders,
@@ -127,7 +157,32 @@ def sparse_mask(
             # As transformers does: keys past the given mask count as padding.
             padding = torch.nn.functional.pad(padding, (0, missing))
         key_mask = padding[:, kv_offset : kv_offset + kv_length]
-    return SparseMaskInfo(key_mask, q_length, kv_length, is_causal, window)
+    if packed is not None and tuple(packed.shape[-1:]) != (kv_length,):
+        raise ValueError(f"packed sequence indices {tuple(packed.shape)} do not cover kv_length={kv_length}")
+    return SparseMaskInfo(key_mask, q_length, kv_length, is_causal, window, packed)
+
+
+def _unpack_packed_sequences(mask_function):
+    """(the model's mask function, packed sequence indices ``[B, S]``) of transformers' packed-sequence
+    mask ``and_masks(remap_positions_for_packed_sequence(f, position_ids), packed_sequence_mask_function(
+    indices))``; ``(mask_function, None)`` for any other mask. Within one packed sequence positions are
+    consecutive, so ``f`` on the remapped positions is ``f`` on the packed ones."""
+    parts = _closure(mask_function).get("mask_functions")
+    if not (
+        getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2
+    ):
+        return mask_function, None
+    remapped, packed = parts
+    if not (
+        getattr(remapped, "__qualname__", "").startswith("remap_positions_for_packed_sequence.")
+        and getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function.")
+    ):
+        return mask_function, None
+    indices = _closure(packed).get("packed_sequence_mask")
+    inner = _closure(remapped).get("mask_function")
+    if not isinstance(indices, torch.Tensor) or inner is None:
+        return mask_function, None
+    return inner, indices
 
 
 def _mask_kind(mask_function) -> tuple[bool, int | None]:
@@ -158,7 +213,7 @@ def _mask_kind(mask_function) -> tuple[bool, int | None]:
     raise ValueError(
         f"sparse_attn cannot express this model's mask function "
         f"{getattr(mask_function, '__qualname__', mask_function)} "
-        "exactly (packed sequences, custom or/and mask overlays and chunked attention are not supported); "
+        "exactly (custom or/and mask overlays and chunked attention are not supported); "
         "use attn_implementation='sdpa' for this model"
     )
 
@@ -207,14 +262,36 @@ def sparse_attention_forward(
             f"mask was built for q_length={info.q_length}, kv_length={info.kv_length}, but the layer has "
             f"{query.shape[2]} queries and {key.shape[2]} keys"
         )
-    pattern = getattr(module, _PATTERN_ATTR, None) or info.pattern()
+    pattern = info.pattern(getattr(module, _PATTERN_ATTR, None))
     key_mask = None if info.key_mask is None else info.key_mask.to(query.device)
     sinks = kwargs.get("s_aux")
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if info.packed is None and (cu_q is not None or cu_k is not None):
+        return _varlen_forward(query, key, value, pattern, scaling, key_mask, sinks, cu_q, cu_k), None
     if sinks is None:
         out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask)
     else:
         out = _with_sinks(query, key, value, pattern, scaling, key_mask, sinks)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _varlen_forward(query, key, value, pattern, scaling, key_mask, sinks, cu_q, cu_k):
+    """Packed sequences given as ``cu_seq_lens_q/k`` (batch of one): `sparse_attention_varlen`."""
+    cu_q = cu_k if cu_q is None else cu_q
+    cu_k = cu_q if cu_k is None else cu_k
+    if query.shape[0] != 1:
+        raise ValueError(
+            f"cu_seq_lens_q/k describe a packed batch of one sequence, got batch size {query.shape[0]}"
+        )
+    if key_mask is not None and not bool(key_mask.all()):
+        raise ValueError(
+            "cu_seq_lens_q/k and a padding mask together are not supported: a packed batch has no padding"
+        )
+    if sinks is not None:
+        raise ValueError("attention sinks (s_aux) with cu_seq_lens_q/k are not supported")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = sparse_attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), pattern, scale=scaling)
+    return out[None].contiguous()
 
 
 def _with_sinks(query, key, value, pattern, scaling, key_mask, sinks):

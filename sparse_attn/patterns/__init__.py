@@ -3,6 +3,7 @@
 from .base import Pattern, per_head
 from .block_sparse import block_sparse, random_blocks
 from .compositions import bigbird, longformer
+from .documents import documents
 from .global_tokens import global_tokens
 from .token_mask import TokenMask
 from .window import causal, dense, dilated, sliding_window, top_left_causal
@@ -15,6 +16,7 @@ __all__ = [
     "causal",
     "dense",
     "dilated",
+    "documents",
     "global_tokens",
     "longformer",
     "per_head",

@@ -67,14 +67,24 @@ def _reclassify(s: BlockSet, g: Geometry, tile_qb, tile_kb) -> BlockSet:
     drop = has_tile & is_empty[tid]
     tile_id = torch.where(has_tile, new_id[tid], s.tile_id)
     keep = ~drop
-    return BlockSet(s.heads, s.key[keep], tile_id[keep], s.tiles[keep_tile])
+    return BlockSet(s.heads, s.key[keep], tile_id[keep], s.tiles[keep_tile], s.batch)
+
+
+def common_batch(a: int | None, b: int | None) -> int | None:
+    """The batch of a combination of sets (or patterns) with batches `a` and `b` (None: shared)."""
+    if a is not None and b is not None and a != b and 1 not in (a, b):
+        raise ValueError(f"cannot combine patterns built for {a} and {b} batch elements")
+    if a is None or b is None:
+        return a if b is None else b
+    return max(a, b)
 
 
 def _broadcast_heads(a: BlockSet, b: BlockSet, g: Geometry):
     if a.heads != b.heads and 1 not in (a.heads, b.heads):
         raise ValueError(f"cannot combine patterns with {a.heads} and {b.heads} heads")
     heads = max(a.heads, b.heads)
-    return a.with_heads(heads, g), b.with_heads(heads, g), heads
+    batch = common_batch(a.batch, b.batch)
+    return a.expand(batch, heads, g), b.expand(batch, heads, g), heads
 
 
 def combine(a: BlockSet, b: BlockSet, g: Geometry, op: str) -> BlockSet:
@@ -102,7 +112,7 @@ def combine(a: BlockSet, b: BlockSet, g: Geometry, op: str) -> BlockSet:
         tile_id = torch.where(full, FULL, torch.where(ta == FULL, tb, ta))
     both_partial = keep & (ta >= 0) & (tb >= 0)
     keys, tile_id, ta, tb, both_partial = (t[keep] for t in (keys, tile_id, ta, tb, both_partial))
-    result = BlockSet(heads, keys, tile_id, tiles)
+    result = BlockSet(heads, keys, tile_id, tiles, a.batch)
     return _merge_partial_pairs(result, g, ta, tb, both_partial, op)
 
 

@@ -14,12 +14,14 @@ and, optionally, ``check_lengths(q_len, kv_len)`` (raise ValueError for lengths 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..checks import check_int
-from ..geometry import BlockSet, Geometry
+from ..geometry import BlockSet, ElementGeometry, Geometry
 from ..layout_cache import LayoutCache
-from ._blockset import combine
+from ._blockset import combine, common_batch
 
 #: Layouts each pattern keeps for reuse (per lengths, block size and device).
 LAYOUT_CACHE_SIZE = 8
@@ -42,6 +44,11 @@ class Pattern:
 
     #: None for a pattern shared by all heads, else the number of heads it defines.
     num_heads: int | None = None
+    #: None for a pattern shared by the batch (every pattern of lengths alone), else the number of batch
+    #: elements its data defines (`documents` with ``[B, S]`` ids): its layouts are then per batch.
+    batch_size: int | None = None
+    #: True when the layout depends on data (document ids), not on lengths alone.
+    from_data: bool = False
 
     # -- the hooks a pattern implements (see the module docstring) -----------------------------------
     def visible(self, g: Geometry, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -69,14 +76,24 @@ class Pattern:
 
     # -- public API ----------------------------------------------------------------------------------
     def mask(self, q_len: int, kv_len: int | None = None, *, heads: int | None = None, device=None):
-        """Token-level truth, bool ``[q_len, kv_len]`` (``[H, q_len, kv_len]`` with heads). O(S^2): tests and plots only."""
+        """Token-level truth, bool ``[q_len, kv_len]`` (``[H, q_len, kv_len]`` with heads; a leading ``[B]`` for a
+        per-batch pattern). O(S^2): tests and plots only."""
         q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
-        g = Geometry(q_len, kv_len, 1, 1)
         h = torch.arange(heads or 1)[:, None, None]
         i = torch.arange(q_len)[None, :, None]
         j = torch.arange(kv_len)[None, None, :]
-        m = self.visible(g, h, i, j).expand(heads or 1, q_len, kv_len)
-        m = m if heads is not None else m[0]
+
+        def element(b: int) -> torch.Tensor:
+            g = ElementGeometry(q_len, kv_len, 1, 1, batch_index=b)
+            m = self.visible(g, h, i, j).expand(heads or 1, q_len, kv_len)
+            return m if heads is not None else m[0]
+
+        # A per-batch pattern gives [B, ...]: one mask per batch element.
+        m = (
+            element(0)
+            if self.batch_size is None
+            else torch.stack([element(b) for b in range(self.batch_size)])
+        )
         return m.contiguous().to(device) if device is not None else m.contiguous()
 
     def layout(self, q_len: int, kv_len: int | None = None, *, block_size=128, heads=None, device=None):
@@ -137,6 +154,8 @@ class _Binary(Pattern):
             )
         self.left, self.right = left, right
         self.num_heads = left.num_heads if left.num_heads is not None else right.num_heads
+        self.batch_size = common_batch(left.batch_size, right.batch_size)
+        self.from_data = left.from_data or right.from_data
 
     def check_lengths(self, q_len, kv_len):
         self.left.check_lengths(q_len, kv_len)
@@ -168,6 +187,8 @@ class Intersection(_Binary):
 
     def blocks(self, g):
         simpler = self.left.intersection(self.right)
+        if simpler is None:
+            simpler = self.right.intersection(self.left)
         if simpler is not None:
             return simpler.blocks(g)
         # A band (causal, a window) is classified only on the other side's blocks: causal & (window | globals)
@@ -197,6 +218,8 @@ class PerHead(Pattern):
                 raise ValueError(f"per_head items must be shared patterns; item {k} is already per-head")
         self.patterns = patterns
         self.num_heads = len(patterns)
+        self.batch_size = functools.reduce(common_batch, (p.batch_size for p in patterns))
+        self.from_data = any(p.from_data for p in patterns)
 
     def check_lengths(self, q_len, kv_len):
         for p in self.patterns:
@@ -211,14 +234,19 @@ class PerHead(Pattern):
 
     def blocks(self, g):
         sets = [p.blocks(g) for p in self.patterns]
-        per_head = g.num_q_blocks * g.num_k_blocks
+        batch = functools.reduce(common_batch, (s.batch for s in sets))
+        sets = [s.expand(batch, 1, g) for s in sets]
+        per_seq, heads = g.num_q_blocks * g.num_k_blocks, len(sets)
         keys, ids, tiles, base = [], [], [], 0
         for k, s in enumerate(sets):
-            keys.append(s.key + k * per_head)
+            # Sequence b of head k's set becomes sequence b * heads + k.
+            keys.append((s.key // per_seq * heads + k) * per_seq + s.key % per_seq)
             ids.append(torch.where(s.tile_id >= 0, s.tile_id + base, s.tile_id))
             tiles.append(s.tiles)
             base += s.tiles.shape[0]
-        return BlockSet(len(sets), torch.cat(keys), torch.cat(ids), torch.cat(tiles))
+        key, tile_id = torch.cat(keys), torch.cat(ids)
+        order = torch.argsort(key) if batch is not None else slice(None)
+        return BlockSet(heads, key[order], tile_id[order], torch.cat(tiles), batch)
 
     def __repr__(self):
         return f"per_head([{', '.join(map(repr, self.patterns))}])"

@@ -58,9 +58,10 @@ def plan(layout: BlockLayout) -> list[list[Call]]:
     """
     nqb, nkb, bk = layout.num_q_blocks, layout.num_k_blocks, layout.block_k
     full_ptr, part_ptr = _row_ptr(layout.row_full_ptr), _row_ptr(layout.row_part_ptr)
-    full_idx = layout.row_full_idx.cpu().long()
-    part_idx = layout.row_part_idx.cpu().long()
-    part_tile = layout.row_part_tile.cpu().long()
+    # Index arrays may hold unused entries past the last offset (see `sparse_attn.layout`).
+    full_idx = layout.row_full_idx.cpu().long()[: int(full_ptr[-1])]
+    part_idx = layout.row_part_idx.cpu().long()[: int(part_ptr[-1])]
+    part_tile = layout.row_part_tile.cpu().long()[: int(part_ptr[-1])]
     ragged = nkb * bk - layout.kv_len
     heads = torch.arange(len(full_ptr) - 1) // nqb
     band_calls, full_ptr, full_idx, had_band = _band_runs(layout, full_ptr, full_idx, heads)
@@ -72,7 +73,7 @@ def plan(layout: BlockLayout) -> list[list[Call]]:
     trims = (last_full == nkb - 1) & (ragged > 0)
     key = (
         ((n_full * (nkb + 1) + n_part) * 2 + trims.long()) * 2 + had_band.long()
-    ) * layout.num_heads + heads
+    ) * layout.num_sequences + heads
     live = (n_full + n_part) > 0
     calls = []
     for k in torch.unique(key[live]).tolist():

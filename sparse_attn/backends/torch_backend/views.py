@@ -30,7 +30,15 @@ class Frame:
     kv_seq: torch.Tensor  # int64 [L, kernel_heads]
 
 
-def frame_for(batch: int, hq: int, hkv: int, layout_heads: int) -> Frame:
+def frame_for(batch: int, hq: int, hkv: int, layout_heads: int, layout_batch: int | None = None) -> Frame:
+    """A per-batch layout (`layout_batch` elements) has one layout sequence per batch element (and head):
+    its frame is the shared layout's frame of a batch of one, repeated per element."""
+    if layout_batch is not None and layout_batch > 1:
+        one = frame_for(1, hq, hkv, layout_heads)
+        b = torch.arange(batch)[:, None, None]
+        q_seq = (one.q_seq[None] + b[..., None] * hq).reshape(-1, one.kernel_heads, one.stacked_heads)
+        kv_seq = (one.kv_seq[None] + b * hkv).reshape(-1, one.kernel_heads)
+        return Frame(one.kernel_heads, one.stacked_heads, q_seq, kv_seq)
     group = hq // hkv
     if layout_heads == 1:
         x = torch.arange(batch * hkv)
@@ -53,7 +61,7 @@ class Problem:
         self.nqb, self.nkb = layout.num_q_blocks, layout.num_k_blocks
         self.scale = scale
         self.dtype = q.dtype
-        self.frame = frame_for(self.batch, self.hq, self.hkv, layout.num_heads)
+        self.frame = frame_for(self.batch, self.hq, self.hkv, layout.num_heads, layout.batch)
         self.q = self.seq_blocks(q, self.bq)  # [B * Hq * nqb, bq * D]
         self.key_bias = _key_bias(key_mask, self.hkv, self.nkb * self.bk, q.dtype)
         if self.key_bias is not None:
