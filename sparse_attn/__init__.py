@@ -16,8 +16,10 @@ from .patterns import (
     per_head,
     random_blocks,
     sliding_window,
+    topk_blocks,
 )
 from .reference import attention_reference
+from .selection import select_layout
 from .varlen import sparse_attention_varlen
 
 __version__ = "0.1.0"
@@ -39,7 +41,9 @@ __all__ = [
     "per_head",
     "random_blocks",
     "replace_attention",
+    "select_layout",
     "sliding_window",
     "sparse_attention",
     "sparse_attention_varlen",
+    "topk_blocks",
 ]

@@ -10,6 +10,8 @@ import torch
 from . import _ops, backends
 from .layout import BlockLayout
 from .patterns import Pattern
+from .patterns.topk import selects
+from .selection import select_layout
 
 #: Largest |scale| for fp16/bf16/fp32 inputs: float32 scores then overflow only if |q . k| > 1.8e19.
 MAX_SCALE = 2.0**64
@@ -31,7 +33,8 @@ def sparse_attention(
     Args:
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0``. fp16, bf16 or fp32
             (float64 too on the PyTorch backend). Only the last dimension needs to be contiguous.
-        pattern_or_layout: a `Pattern`, or a `BlockLayout` built for ``(Sq, Skv)``.
+        pattern_or_layout: a `Pattern`, or a `BlockLayout` built for ``(Sq, Skv)``. A pattern holding
+            `topk_blocks` is selected from q and k in this call (see `select_layout`).
         scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
         key_mask: bool ``[B, Skv]``, True for a real key (padding is False).
         return_lse: also return the natural-log logsumexp ``[B, Hq, Sq]``, float32 (float64 for float64
@@ -45,7 +48,12 @@ def sparse_attention(
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = _check_inputs(q, k, v, key_mask, scale, spec)
-    layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)
+    if isinstance(pattern_or_layout, Pattern) and selects(pattern_or_layout):
+        # Content-selected blocks (topk_blocks): chosen from q and k on their device, inside the graph
+        # under torch.compile (fixed sizes, no host synchronisation).
+        layout = select_layout(pattern_or_layout, q, k, block_size=spec.default_block_size, key_mask=key_mask)
+    else:
+        layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)
     out, lse = _ops.attention(q, k, v, layout, scale, key_mask, spec.name)
     return (out, lse) if return_lse else out
 

@@ -26,8 +26,10 @@ from .layout import BlockLayout
 from .layout_cache import LayoutCache
 from .patterns import Pattern, causal, documents
 from .patterns.token_mask import TokenMask
+from .patterns.topk import selects
 from .patterns.window import dense
 from .reference import dense_mask
+from .selection import select_layout
 
 
 class SparseAttention(nn.Module):
@@ -66,6 +68,11 @@ class SparseAttention(nn.Module):
 
     def prepare(self, q_len: int, kv_len: int | None = None, *, heads: int = 1, device="cpu") -> BlockLayout:
         """The layout for these sizes, built once and cached (least recently used ones are dropped)."""
+        if selects(self.pattern):
+            raise TypeError(
+                f"{self.pattern!r} selects its blocks from q and k on every call: there is no layout to "
+                "prepare from sizes (select_layout(pattern, q, k) gives one call's layout)"
+            )
         kv_len = q_len if kv_len is None else kv_len
         key = self._key(q_len, kv_len, heads, device)
         return self._layouts.get(key, lambda: self._build(heads, *key))
@@ -84,8 +91,9 @@ class SparseAttention(nn.Module):
             raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
         if document_ids is not None:
             layout = documents(document_ids) & self.pattern
-        elif torch.compiler.is_compiling():
-            # sparse_attention builds (or fetches) the pattern's layout at trace time, as graph constants.
+        elif torch.compiler.is_compiling() or selects(self.pattern):
+            # sparse_attention builds (or fetches) the pattern's layout at trace time, as graph constants;
+            # a topk_blocks pattern is selected from q and k in every call.
             layout = self.pattern
         else:
             layout = self.prepare(q.shape[2], k.shape[2], heads=q.shape[1], device=q.device)
@@ -343,12 +351,30 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
             lses.append(lse)
         return torch.cat(outs), torch.cat(lses)
 
+    def _selected(self, q, k, pattern, key_mask, allowed) -> torch.Tensor:
+        """Token mask ``[N, H|1, L, S]`` of the blocks `_attend` selected (with the same attn_mask)."""
+        block = backends.resolve(self.attention.backend, q.device).default_block_size
+        if allowed is None:
+            return select_layout(pattern, q, k, block_size=block, key_mask=key_mask).to_dense()
+        masks = []
+        for b in range(q.shape[0]):
+            mask = allowed[b if allowed.shape[0] > 1 else 0]
+            mask = mask if mask.shape[0] > 1 else mask[0]
+            rows = slice(b, b + 1)
+            km = None if key_mask is None else key_mask[rows]
+            layout = select_layout(pattern & TokenMask(mask), q[rows], k[rows], block_size=block, key_mask=km)
+            masks.append(layout.to_dense()[0].expand(q.shape[1], -1, -1))
+        return torch.stack(masks)
+
     def _weights(self, q, k, lse, pattern, key_mask, allowed, average):
         """Attention probabilities ``[N, H, L, S]`` (or head-averaged ``[N, L, S]``) from the kernel's lse."""
         batch, heads, q_len, head_dim = q.shape
         kv_len = k.shape[2]
-        visible = dense_mask(pattern, q_len, kv_len, heads, q.device)
-        visible = visible if visible.dim() == 4 else visible[None]  # [B|1, H|1, L, S]
+        if selects(pattern):
+            visible = self._selected(q, k, pattern, key_mask, allowed)  # [N, H|1, L, S]
+        else:
+            visible = dense_mask(pattern, q_len, kv_len, heads, q.device)
+            visible = visible if visible.dim() == 4 else visible[None]  # [B|1, H|1, L, S]
         if allowed is not None:
             visible = visible & allowed
         if key_mask is not None:

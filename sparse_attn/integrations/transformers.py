@@ -107,10 +107,13 @@ def register(name: str = DEFAULT_NAME) -> str:
     return name
 
 
-def set_pattern(model: torch.nn.Module, pattern: Pattern | None) -> None:
+def set_pattern(model: torch.nn.Module, pattern: Pattern | None, *, keep_model_pattern: bool = False) -> None:
     """Use `pattern` instead of the model's own (causal / sliding window) in every attention layer.
 
-    Padding from the attention mask still applies. `None` restores the model's own pattern.
+    Padding from the attention mask still applies. `None` restores the model's own pattern. With
+    `keep_model_pattern`, each layer attends with ``pattern & <its own pattern>`` instead: e.g.
+    ``set_pattern(model, topk_blocks(16), keep_model_pattern=True)`` selects, per query block, 16 key
+    blocks among those the layer's causal mask (and its sliding window, layer by layer) keeps.
 
     Positions are those of the layer's key states (bottom-right aligned), counted from the first key the
     cache holds: with left padding, ``global_tokens(4)`` names the first four *slots*, which may be padding
@@ -120,8 +123,27 @@ def set_pattern(model: torch.nn.Module, pattern: Pattern | None) -> None:
     """
     if pattern is not None and not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern or None, got {type(pattern).__name__}")
+    setting = None if pattern is None else _Setting(pattern, bool(keep_model_pattern))
     for module in model.modules():
-        setattr(module, _PATTERN_ATTR, pattern)
+        setattr(module, _PATTERN_ATTR, setting)
+
+
+class _Setting:
+    """What `set_pattern` set: the pattern, and whether the layer's own pattern is ANDed to it."""
+
+    def __init__(self, pattern: Pattern, keep_model_pattern: bool):
+        self.pattern, self.keep_model_pattern = pattern, keep_model_pattern
+        # One combined pattern per kind of layer mask, kept: patterns cache their layouts (and selection
+        # tables) on themselves, so a new combination per call would rebuild them every call.
+        self._combined: dict = {}
+
+    def pattern_for(self, info: SparseMaskInfo) -> Pattern:
+        if not self.keep_model_pattern:
+            return self.pattern
+        key = (info.causal, info.window)
+        if key not in self._combined:
+            self._combined[key] = self.pattern & info.base_pattern()
+        return self._combined[key]
 
 
 def sparse_mask(
@@ -262,7 +284,8 @@ def sparse_attention_forward(
             f"mask was built for q_length={info.q_length}, kv_length={info.kv_length}, but the layer has "
             f"{query.shape[2]} queries and {key.shape[2]} keys"
         )
-    pattern = info.pattern(getattr(module, _PATTERN_ATTR, None))
+    setting = getattr(module, _PATTERN_ATTR, None)
+    pattern = info.pattern(None if setting is None else setting.pattern_for(info))
     key_mask = None if info.key_mask is None else info.key_mask.to(query.device)
     sinks = kwargs.get("s_aux")
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")

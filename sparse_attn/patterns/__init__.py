@@ -6,6 +6,7 @@ from .compositions import bigbird, longformer
 from .documents import documents
 from .global_tokens import global_tokens
 from .token_mask import TokenMask
+from .topk import topk_blocks
 from .window import causal, dense, dilated, sliding_window, top_left_causal
 
 __all__ = [
@@ -22,5 +23,6 @@ __all__ = [
     "per_head",
     "random_blocks",
     "sliding_window",
+    "topk_blocks",
     "top_left_causal",
 ]

@@ -10,7 +10,7 @@ from ...merge import merge_pair
 from .. import get as backend_spec
 from .planning import Call, passes
 from .pool import ordered_map
-from .views import Problem, Rows, _masked_rows
+from .views import Problem, Rows, _masked_rows, per_kv_head
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -29,6 +29,7 @@ def forward(q, k, v, layout, scale, key_mask):
     """``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq])``; rows with no visible key: out 0, lse -inf."""
     if q.device.type != "cpu":
         return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask)
+    layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
     problem = Problem(q, k, v, layout, scale, key_mask)
     rows_total = problem.batch * problem.hq * problem.nqb
     out = torch.zeros(rows_total, problem.bq * problem.dim, dtype=q.dtype)
@@ -78,6 +79,7 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
         live_dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
         if bool(live_dlse.any()):
             return _backward_with_dlse(do, live_dlse, q, k, v, out, lse, layout, scale, key_mask)
+    layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
     problem = Problem(q, k, v, layout, scale, key_mask)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     saved = (

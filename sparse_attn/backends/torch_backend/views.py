@@ -45,9 +45,50 @@ def frame_for(batch: int, hq: int, hkv: int, layout_heads: int, layout_batch: in
         b, g = x // hkv, x % hkv
         q_seq = b[:, None] * hq + g[:, None] * group + torch.arange(group)[None, :]
         return Frame(batch * hkv, group, q_seq[None], x[None])
+    if layout_heads == hkv and hkv != hq:
+        # One layout head per KV head (`per_kv_head`): its group's query heads are stacked as rows.
+        g = torch.arange(hkv)[:, None, None]
+        b = torch.arange(batch)[None, :, None]
+        q_seq = b * hq + g * group + torch.arange(group)[None, None, :]
+        return Frame(batch, group, q_seq, (b * hkv + g)[..., 0])
     h = torch.arange(hq)[:, None]
     b = torch.arange(batch)[None, :]
     return Frame(batch, 1, (b * hq + h)[..., None], b * hkv + h // group)
+
+
+def per_kv_head(layout: BlockLayout, hq: int, hkv: int) -> BlockLayout:
+    """A per-query-head layout whose query heads keep the same blocks within each KV group (as
+    `topk_blocks` selections do) as one layout head per KV head, so that the group's heads share one
+    kernel call and one K/V gather; the layout itself otherwise."""
+    group = hq // hkv
+    if layout.num_heads != hq or group == 1 or hkv == 1:
+        return layout
+    fields = {"tiles": layout.tiles}
+    for name in ("row_full", "row_part", "col_full", "col_part"):
+        ptr = getattr(layout, f"{name}_ptr").cpu().long()
+        lists = [getattr(layout, f"{name}_idx").cpu()]
+        if name.endswith("part"):
+            lists.append(getattr(layout, f"{name}_tile").cpu())
+        first = torch.arange(0, len(ptr), group)  # sequences of each group's first query head
+        local = ptr - ptr[:, :1]
+        if not torch.equal(local.view(-1, group, ptr.shape[1]), local[first, None].expand(-1, group, -1)):
+            return layout
+        # Entry p of sequence l sits at ptr[l, 0] + o; its counterpart in the group's first head at
+        # ptr[l - l % group, 0] + o.
+        lo, hi = int(ptr[0, 0]), int(ptr[-1, -1])
+        seq = torch.repeat_interleave(torch.arange(len(ptr)), ptr[:, -1] - ptr[:, 0])
+        pos = torch.arange(lo, hi)
+        twin = ptr[seq - seq % group, 0] + pos - ptr[seq, 0]
+        if not all(torch.equal(t[pos], t[twin]) for t in lists):
+            return layout
+        keep = pos[seq % group == 0]
+        counts = ptr[first, -1] - ptr[first, 0]
+        starts = torch.cumsum(counts, 0) - counts
+        fields[f"{name}_ptr"] = (local[first] + starts[:, None]).to(torch.int32)
+        fields[f"{name}_idx"] = lists[0][keep]
+        if name.endswith("part"):
+            fields[f"{name}_tile"] = lists[1][keep]
+    return BlockLayout(layout.geometry, hkv, layout.batch, **fields)
 
 
 # -- tensors in the kernel's shapes ---------------------------------------------------------------------
