@@ -74,13 +74,15 @@ def accounting(seq_len: int, worlds=(4, 8)) -> list[dict]:
                 "received_backward_per_rank": volume.received("backward").tolist(),
                 "all_gather_per_rank": volume.all_gather,
                 "max_fraction_of_all_gather": float(received.max()) / volume.all_gather,
+                "blocks_computed_per_rank": volume.blocks_computed.tolist(),
                 "plan_seconds": time.perf_counter() - start,
             }
             rows.append(row)
             print(
                 f"  {name:22s} P={world}: max received {int(received.max()) / 2**20:9.2f} MiB "
                 f"({100 * row['max_fraction_of_all_gather']:7.3f}% of an all-gather of "
-                f"{volume.all_gather / 2**20:.0f} MiB); per rank {[f'{b / 2**20:.2f}' for b in received.tolist()]} MiB",
+                f"{volume.all_gather / 2**20:.0f} MiB); per rank {[f'{b / 2**20:.2f}' for b in received.tolist()]} MiB; "
+                f"work (blocks) max/mean {float(volume.blocks_computed.max() / volume.blocks_computed.float().mean()):.2f}",
                 flush=True,
             )
     return rows

@@ -261,8 +261,12 @@ def test_window_accounting_is_a_sliver_of_an_all_gather():
     assert volume.all_gather == 2 * 4 * 32 * 4 * seq_len * (world - 1) // world
     assert volume.backward.T.equal(volume.forward)  # dK/dV go back the way K/V came
     zigzag = communication_plan(sa.causal(), seq_len, world, heads=4, head_dim=32, order="zigzag")
-    # Causal: the rank holding the last chunk needs every earlier key, whatever the order.
-    assert int(zigzag.received().max()) <= volume.all_gather
+    # Causal: the rank holding the last chunk needs every earlier key, whatever the order; zigzag evens the work.
+    contiguous = communication_plan(sa.causal(), seq_len, world, heads=4, head_dim=32)
+    assert int(zigzag.received().max()) == int(contiguous.received().max()) == volume.all_gather
+    assert contiguous.blocks_computed.tolist() == [2080 + 4096 * r for r in range(world)]  # 64 blocks a rank
+    assert zigzag.blocks_computed.max() - zigzag.blocks_computed.min() <= 64
+    assert zigzag.blocks_computed.sum() == contiguous.blocks_computed.sum()
 
 
 def test_bad_inputs():
@@ -274,3 +278,25 @@ def test_bad_inputs():
         communication_plan("causal", 64, 2, heads=1, head_dim=16)
     with pytest.raises(RuntimeError, match="process group"):
         context_parallel_attention(*torch.zeros(3, 1, 1, 8, 16), sa.causal())
+
+
+def test_one_rank_in_process_inference_mode_and_module():
+    """A one-process group (no messages): the module and the function under inference mode equal
+    `sparse_attention`, with padded shards; without a process group the module is plain `SparseAttention`."""
+    q, k, v = torch.randn(3, 1, 2, 100, 16, generator=torch.Generator().manual_seed(0)).unbind(0)
+    pattern = sa.longformer(8, 2)
+    want = sa.sparse_attention(q, k, v, pattern)
+    assert torch.equal(ContextParallelAttention(pattern)(q, k, v), want)
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with torch.inference_mode():
+            got = context_parallel_attention(q, k, v, pattern)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ContextParallelAttention(pattern)(q, k, v), want, rtol=1e-6, atol=1e-6)
+        with pytest.raises(ValueError, match="key_mask"):
+            ContextParallelAttention(pattern)(q, k, v, torch.ones(1, 100, dtype=torch.bool))
+        with pytest.raises(ValueError, match="one length"):
+            context_parallel_attention(q, k[:, :, :50], v[:, :, :50], pattern)
+    finally:
+        dist.destroy_process_group()

@@ -5,11 +5,12 @@ backward (two rounds of batched point-to-point messages each way; a pair of rank
 block posts no message):
 
 forward   1. pull K/V units and push query blocks, as the `Plan` says;
-          2. attend: own query blocks over own + pulled keys (the local sub-layout), and the query blocks
-             pushed here over own keys (the remote sub-layout), with the usual backend;
-          3. return the pushed rows' (out, lse) to their owners, who merge them into their own rows.
+          2. attend, with the usual backend: own rows over own keys (the shard itself, no copy); the own
+             rows that keep pulled blocks over those blocks; query blocks pushed here over own keys;
+          3. return the pushed rows' (out, lse) to their owners, who merge every partial result into
+             their rows through the logsumexps (`sparse_attn.merge`).
 backward  1. send d(out, lse) of pushed rows to where they were computed (from the merge's backward);
-          2. the backend's backward for both sub-layouts;
+          2. the backend's backward for each sub-problem;
           3. send dQ of pushed rows home and dK/dV of pulled units to their owners, who add them to their
              own in rank order (bitwise deterministic for a given world size).
 """
@@ -111,10 +112,11 @@ def _rows(blocks: torch.Tensor, block: int) -> torch.Tensor:
     return (blocks[:, None] * block + torch.arange(block)).reshape(-1)
 
 
-def _merge_pushed(out, lse, partials):
-    """`out`/`lse` (the pushed rows) merged with each peer's partial result, peers in rank order."""
-    for positions, o_peer, l_peer in partials:
-        o, l = merge_attention([out[:, :, positions], o_peer], [lse[:, :, positions], l_peer])
+def _merge_partials(out, lse, partials):
+    """`out`/`lse` (rows of own keys) merged with each partial result ``(positions, out_i, lse_i)`` over
+    other keys, in list order (fixed: pulled keys first, then peers in rank order)."""
+    for positions, o_part, l_part in partials:
+        o, l = merge_attention([out[:, :, positions], o_part], [lse[:, :, positions], l_part])
         out, lse = out.index_copy(2, positions, o), lse.index_copy(2, positions, l)
     return out, lse
 
@@ -124,15 +126,18 @@ class _Run:
 
     def __init__(self, view: RankPlan, group, scale: float, backend: str, sharding: Sharding, padded: int):
         self.view, self.group, self.scale, self.backend = view, group, scale, backend
+        self.block = view.block
         self.chunks = len(sharding.chunks_of(view.rank))
         self.chunk, self.padded = sharding.chunk_len, padded
-        # Token rows of own query blocks pushed to each peer, and their union (sorted).
-        self.push_rows = {p: _rows(blocks, view.block) for p, blocks in view.push_blocks.items()}
-        self.merged_rows = torch.unique(torch.cat(list(self.push_rows.values()))) if self.push_rows else None
-        self.positions = {
-            p: torch.searchsorted(self.merged_rows, rows).to(torch.int64)
-            for p, rows in self.push_rows.items()
-        }
+        # Token rows of every partial result: the pulled sub-problem's rows, then those pushed to each peer.
+        self.part_rows = {}
+        if view.num_gathered:
+            self.part_rows["pulled"] = _rows(view.pulled_rows, view.block)
+        for p, blocks in view.push_blocks.items():
+            self.part_rows[p] = _rows(blocks, view.block)
+        rows = list(self.part_rows.values())
+        self.merged_rows = torch.unique(torch.cat(rows)) if rows else None
+        self.positions = {key: torch.searchsorted(self.merged_rows, r) for key, r in self.part_rows.items()}
 
     def pad(self, x):
         return _pad(x, self.chunks, self.chunk, self.padded)
@@ -152,28 +157,27 @@ class _Run:
             do.contiguous(), dlse, q, k, v, out, lse, layout.to(q.device), self.scale, None
         )
 
-    def gather_kv(self, kp, vp, pulled):
-        """Own + pulled K and V, blocks in sequence order: ``[B, Hkv, gathered * block, D]`` each."""
+    def pulled_kv(self, pieces: dict, like: torch.Tensor):
+        """The pulled K and V, ``[B, Hkv, gathered * block, D]`` each, blocks in sequence order."""
         view, b = self.view, self.block
-        batch, heads, _, dim = kp.shape
+        batch, heads, _, dim = like.shape
         make = torch.zeros if view.holes else torch.empty
         out = []
-        for which, own in enumerate((kp, vp)):
-            g = make(batch, heads, view.num_gathered * b, dim, dtype=own.dtype, device=own.device)
+        for which in range(2):
+            g = make(batch, heads, view.num_gathered * b, dim, dtype=like.dtype, device=like.device)
             g6 = _units(g, view.kv_groups, view.num_gathered, b)
-            g6[:, :, :, view.own_slots.to(own.device)] = _units(own, view.kv_groups, view.num_own, b)
             for peer, slots in view.recv_units.items():
-                piece = pulled[peer]  # [n, B, H / groups, block, 2D]: K then V
-                slots = slots.to(own.device)
-                g6[:, slots // view.num_gathered, :, slots % view.num_gathered] = piece[
+                slots = slots.to(like.device)
+                # A piece is [n, B, H / groups, block, 2D]: K then V.
+                g6[:, slots // view.num_gathered, :, slots % view.num_gathered] = pieces[peer][
                     ..., which * dim : (which + 1) * dim
                 ]
             out.append(g)
         return out
 
-    @property
-    def block(self):
-        return self.view.block
+    def pulled_q(self, qp):
+        """The own query rows that keep pulled blocks."""
+        return qp.index_select(2, self.part_rows["pulled"].to(qp.device))
 
 
 class _ContextParallel(torch.autograd.Function):
@@ -191,9 +195,8 @@ class _ContextParallel(torch.autograd.Function):
         # 1. K/V units (K and V side by side in one message) to the peers that pull them; queries pushed.
         sends, recvs = {}, {}
         for peer, flat in view.send_units.items():
-            sends.setdefault(peer, []).append(
-                torch.cat([_pick(k6, flat, view.num_own), _pick(v6, flat, view.num_own)], -1)
-            )
+            pair = [_pick(k6, flat, view.num_own), _pick(v6, flat, view.num_own)]
+            sends.setdefault(peer, []).append(torch.cat(pair, -1))
         for peer, blocks in view.push_blocks.items():
             sends.setdefault(peer, []).append(q5[:, :, blocks.to(dev)])
         for peer, slots in view.recv_units.items():
@@ -201,39 +204,38 @@ class _ContextParallel(torch.autograd.Function):
         for peer, n in view.pushed_in.items():
             recvs.setdefault(peer, []).append(((batch, hq, n, b, dim), qp.dtype, dev))
         received = _exchange(sends, recvs, run.group)
-        pulled = {p: received[p][0] for p in view.recv_units}
-        # 2. Attention: own rows over own + pulled keys; rows pushed here over own keys.
-        kg, vg = run.gather_kv(kp, vp, pulled)
-        out_l, lse_l = run.attend(qp, kg, vg, view.local_layout)
-        del kg, vg
+        pieces = {p: received[p][0] for p in view.recv_units}
+        # 2. Attention: own rows over own keys, in place; the rows that keep pulled blocks over those
+        # blocks; rows pushed here over own keys.
+        out_own, lse_own = run.attend(qp, kp, vp, view.own_layout)
+        partials = {}
+        if view.num_gathered:
+            kg, vg = run.pulled_kv(pieces, kp)
+            partials["pulled"] = run.attend(run.pulled_q(qp), kg, vg, view.pulled_layout)
+            del kg, vg
         q_in = None
         if view.pushed_in:
-            pushed = [received[p][-1].reshape(batch, hq, -1, dim) for p in view.pushed_in]
-            q_in = torch.cat(pushed, 2)
+            q_in = torch.cat([received[p][-1].reshape(batch, hq, -1, dim) for p in view.pushed_in], 2)
             out_r, lse_r = run.attend(q_in, kp, vp, view.remote_layout)
-        # 3. Pushed rows' results go home and are merged there.
+        # 3. Pushed rows' results go home.
         sends, recvs, start = {}, {}, 0
         for peer, n in view.pushed_in.items():
             rows = slice(start * b, (start + n) * b)
             sends[peer] = [out_r[:, :, rows], lse_r[:, :, rows]]
             start += n
-        for peer, rows in run.push_rows.items():
-            recvs[peer] = [
-                ((batch, hq, len(rows), dim), out_l.dtype, dev),
-                ((batch, hq, len(rows)), lse_l.dtype, dev),
-            ]
-        partials = _exchange(sends, recvs, run.group)
-        out, lse = out_l, lse_l
+        for peer in view.push_blocks:
+            n = len(run.part_rows[peer])
+            recvs[peer] = [((batch, hq, n, dim), out_own.dtype, dev), ((batch, hq, n), lse_own.dtype, dev)]
+        partials.update(_exchange(sends, recvs, run.group))
+        out, lse = out_own, lse_own
         if run.merged_rows is not None:
             rows = run.merged_rows.to(dev)
-            merged = _merge_pushed(
-                out_l[:, :, rows], lse_l[:, :, rows],
-                [(run.positions[p].to(dev), *partials[p]) for p in run.push_rows],
-            )  # fmt: skip
-            out, lse = out_l.index_copy(2, rows, merged[0]), lse_l.index_copy(2, rows, merged[1])
-        saved = [qp, kp, vp, out_l, lse_l, *pulled.values()]
+            parts = [(run.positions[key].to(dev), *partials[key]) for key in run.part_rows]
+            o, l = _merge_partials(out_own[:, :, rows], lse_own[:, :, rows], parts)
+            out, lse = out_own.index_copy(2, rows, o), lse_own.index_copy(2, rows, l)
+        saved = [qp, kp, vp, out_own, lse_own, *pieces.values()]
         saved += [q_in, out_r, lse_r] if q_in is not None else []
-        saved += [t for p in run.push_rows for t in partials[p]]
+        saved += [t for key in run.part_rows for t in partials[key]]
         ctx.save_for_backward(*saved)
         ctx.set_materialize_grads(False)
         ctx.run = run
@@ -243,92 +245,94 @@ class _ContextParallel(torch.autograd.Function):
     def backward(ctx, dout, dlse):
         run = ctx.run
         view, b = run.view, run.block
-        qp, kp, vp, out_l, lse_l, *rest = ctx.saved_tensors
-        pulled = dict(zip(view.recv_units, rest[: len(view.recv_units)], strict=True))
+        qp, kp, vp, out_own, lse_own, *rest = ctx.saved_tensors
+        pieces = dict(zip(view.recv_units, rest[: len(view.recv_units)], strict=True))
         rest = rest[len(view.recv_units) :]
         if view.pushed_in:
             q_in, out_r, lse_r, *rest = rest
+        parts = dict(zip(run.part_rows, zip(rest[::2], rest[1::2], strict=True), strict=True))
         batch, hq, _, dim = qp.shape
         dev = qp.device
         # Gradients are not materialised: None where an output does not reach the loss (lse, typically).
-        dout = run.pad(dout) if dout is not None else torch.zeros_like(out_l)
+        dout = run.pad(dout) if dout is not None else torch.zeros_like(out_own)
         dlse = run.pad(dlse) if dlse is not None else None
-        # 1. Through the merge: gradients of own rows' local part and of each peer's partial.
-        d_partials = {}
+        # 1. Through the merge: gradients of the own-keys result and of every partial.
+        d_parts = {}
         if run.merged_rows is not None:
             rows = run.merged_rows.to(dev)
             with torch.enable_grad():
-                o0 = out_l[:, :, rows].detach().requires_grad_()
-                l0 = lse_l[:, :, rows].detach().requires_grad_()
-                parts = [t.detach().requires_grad_() for t in rest]
-                triples = [
-                    (run.positions[p].to(dev), parts[2 * i], parts[2 * i + 1])
-                    for i, p in enumerate(run.push_rows)
-                ]
-                o, l = _merge_pushed(o0, l0, triples)
+                o0 = out_own[:, :, rows].detach().requires_grad_()
+                l0 = lse_own[:, :, rows].detach().requires_grad_()
+                leaves = {key: [t.detach().requires_grad_() for t in parts[key]] for key in run.part_rows}
+                triples = [(run.positions[key].to(dev), *leaves[key]) for key in run.part_rows]
+                o, l = _merge_partials(o0, l0, triples)
                 g_lse = dlse[:, :, rows] if dlse is not None else torch.zeros_like(l)
-                grads = torch.autograd.grad(
-                    (o, l), [o0, l0, *parts], (dout[:, :, rows], g_lse), allow_unused=True
-                )
-            grads = [
-                torch.zeros_like(t) if g is None else g for g, t in zip(grads, [o0, l0, *parts], strict=True)
-            ]
+                inputs = [o0, l0, *(t for key in run.part_rows for t in leaves[key])]
+                grads = torch.autograd.grad((o, l), inputs, (dout[:, :, rows], g_lse), allow_unused=True)
+            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
             dout = dout.index_copy(2, rows, grads[0].to(dout.dtype))
-            dlse = (dlse if dlse is not None else torch.zeros_like(lse_l)).index_copy(2, rows, grads[1])
-            for i, p in enumerate(run.push_rows):
-                d_partials[p] = [grads[2 + 2 * i].to(out_l.dtype), grads[3 + 2 * i].to(lse_l.dtype)]
+            dlse = (dlse if dlse is not None else torch.zeros_like(lse_own)).index_copy(2, rows, grads[1])
+            for i, key in enumerate(run.part_rows):
+                d_parts[key] = [grads[2 + 2 * i].to(out_own.dtype), grads[3 + 2 * i].to(lse_own.dtype)]
+        sends = {p: d_parts[p] for p in view.push_blocks}
         recvs = {
-            p: [((batch, hq, n * b, dim), out_l.dtype, dev), ((batch, hq, n * b), lse_l.dtype, dev)]
+            p: [((batch, hq, n * b, dim), out_own.dtype, dev), ((batch, hq, n * b), lse_own.dtype, dev)]
             for p, n in view.pushed_in.items()
         }
-        d_in = _exchange(d_partials, recvs, run.group)
-        # 2. The backend's backward for both sub-layouts.
-        kg, vg = run.gather_kv(kp, vp, pulled)
-        dq, dkg, dvg = run.attend_backward(dout, dlse, qp, kg, vg, out_l, lse_l, view.local_layout)
-        del kg, vg
-        sends = {}
+        d_in = _exchange(sends, recvs, run.group)
+        # 2. The backend's backward for each sub-problem; fp32 (or wider) accumulation of the pieces.
         acc = torch.promote_types(qp.dtype, torch.float32)
-        dk6 = _units(dkg, view.kv_groups, view.num_gathered, b)
-        dv6 = _units(dvg, view.kv_groups, view.num_gathered, b)
-        own_slots = view.own_slots.to(dev)
-        dk = dk6[:, :, :, own_slots].to(acc)
-        dv = dv6[:, :, :, own_slots].to(acc)
+        dq, dk, dv = (
+            g.to(acc) for g in run.attend_backward(dout, dlse, qp, kp, vp, out_own, lse_own, view.own_layout)
+        )
+        sends = {}
         if view.pushed_in:
             d_out_r = torch.cat([d_in[p][0] for p in view.pushed_in], 2)
             d_lse_r = torch.cat([d_in[p][1] for p in view.pushed_in], 2)
             dq_in, dk_r, dv_r = run.attend_backward(
                 d_out_r, d_lse_r, q_in, kp, vp, out_r, lse_r, view.remote_layout
             )
-            dk += _units(dk_r, view.kv_groups, view.num_own, b)
-            dv += _units(dv_r, view.kv_groups, view.num_own, b)
+            dk += dk_r
+            dv += dv_r
             start = 0
             for peer, n in view.pushed_in.items():
                 sends.setdefault(peer, []).append(dq_in[:, :, start * b : (start + n) * b])
                 start += n
-        # 3. dQ of pushed rows home, dK/dV of pulled units to their owners (after the dQ, as received).
-        for peer, slots in view.recv_units.items():
-            pieces = [_pick(dk6, slots, view.num_gathered), _pick(dv6, slots, view.num_gathered)]
-            sends.setdefault(peer, []).append(torch.cat(pieces, -1))
+        if view.num_gathered:
+            kg, vg = run.pulled_kv(pieces, kp)
+            out_p, lse_p = parts["pulled"]
+            d_out_p, d_lse_p = d_parts["pulled"]
+            dq_p, dkg, dvg = run.attend_backward(
+                d_out_p, d_lse_p, run.pulled_q(qp), kg, vg, out_p, lse_p, view.pulled_layout
+            )
+            del kg, vg
+            dq.index_add_(2, run.part_rows["pulled"].to(dev), dq_p.to(acc))
+            dk6 = _units(dkg, view.kv_groups, view.num_gathered, b)
+            dv6 = _units(dvg, view.kv_groups, view.num_gathered, b)
+            # 3. dK/dV of pulled units back to their owners (after the dQ of pushed rows, as received).
+            for peer, slots in view.recv_units.items():
+                pair = [_pick(dk6, slots, view.num_gathered), _pick(dv6, slots, view.num_gathered)]
+                sends.setdefault(peer, []).append(torch.cat(pair, -1))
         recvs = {}
-        for peer, rows in run.push_rows.items():
-            recvs.setdefault(peer, []).append(((batch, hq, len(rows), dim), qp.dtype, dev))
+        for peer in view.push_blocks:
+            recvs.setdefault(peer, []).append(((batch, hq, len(run.part_rows[peer]), dim), qp.dtype, dev))
         for peer, flat in view.send_units.items():
             shape = (len(flat), batch, kp.shape[1] // view.kv_groups, b, 2 * dim)
             recvs.setdefault(peer, []).append((shape, kp.dtype, dev))
         back = _exchange(sends, recvs, run.group)
-        dq = dq.to(acc)
-        for peer, rows in run.push_rows.items():
-            dq.index_add_(2, rows.to(dev), back[peer][0].to(acc))
+        for peer in view.push_blocks:
+            dq.index_add_(2, run.part_rows[peer].to(dev), back[peer][0].to(acc))
+        dk6 = _units(dk, view.kv_groups, view.num_own, b)
+        dv6 = _units(dv, view.kv_groups, view.num_own, b)
         for peer, flat in view.send_units.items():
             piece = back[peer][-1].to(acc)
             flat = flat.to(dev)
             units = (flat // view.num_own, flat % view.num_own)
             # Units first: [groups, blocks, B, H / groups, block, D] views, added in place, in rank order.
-            dk.permute(1, 3, 0, 2, 4, 5).index_put_(units, piece[..., :dim], accumulate=True)
-            dv.permute(1, 3, 0, 2, 4, 5).index_put_(units, piece[..., dim:], accumulate=True)
-        shape = kp.shape
-        dk, dv = dk.reshape(shape).to(kp.dtype), dv.reshape(shape).to(vp.dtype)
-        return run.unpad(dq.to(qp.dtype)), run.unpad(dk), run.unpad(dv), None
+            dk6.permute(1, 3, 0, 2, 4, 5).index_put_(units, piece[..., :dim], accumulate=True)
+            dv6.permute(1, 3, 0, 2, 4, 5).index_put_(units, piece[..., dim:], accumulate=True)
+        grads = (dq.to(qp.dtype), dk.to(kp.dtype), dv.to(vp.dtype))
+        return (*(run.unpad(g) for g in grads), None)
 
 
 # -- public API ------------------------------------------------------------------------------------------
@@ -409,7 +413,7 @@ def communication_plan(
     lse_size = 8 if dtype == torch.float64 else 4
     fwd, bwd = plan.volume(batch, head_dim, elem, lse_size)
     gathered = (world_size - 1) * sharding.shard_len * 2 * batch * kv_heads * head_dim * elem
-    return CommVolume(fwd, bwd, gathered)
+    return CommVolume(fwd, bwd, gathered, plan.blocks_computed())
 
 
 class ContextParallelAttention(SparseAttention):

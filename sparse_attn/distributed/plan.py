@@ -193,6 +193,12 @@ class Plan:
             bwd[p, r] += len(blocks) * q_bytes
         return fwd, bwd
 
+    def blocks_computed(self) -> torch.Tensor:
+        """int64 ``[P]``: kept (layout head, query block, key block) triples each rank attends over."""
+        _, qb, kb, _, remote = self.entries
+        where = torch.where(remote, self.owner[kb], self.owner[qb])
+        return torch.bincount(where, minlength=self.sharding.world)
+
     def rank_view(self, rank: int) -> RankPlan:
         if rank not in self._views:
             self._views[rank] = RankPlan(self, rank)
@@ -228,12 +234,11 @@ class RankPlan:
         pull_to = {p: plan.pull[p * world + rank] for p in peers if p * world + rank in plan.pull}
         push_to = {p: plan.push[rank * world + p] for p in peers if rank * world + p in plan.push}
         push_from = {p: plan.push[p * world + rank] for p in peers if p * world + rank in plan.push}
-        # Gathered keys: own blocks and pulled ones, in sequence order.
+        # Pulled key blocks (any peer), in sequence order: the keys of the pulled sub-problem.
         pulled = [u % n_blocks for u in pull_from.values()]
-        self.gathered = torch.unique(torch.cat([own, *pulled]))
+        self.gathered = torch.unique(torch.cat(pulled)) if pulled else torch.zeros(0, dtype=torch.int64)
         self.num_gathered = len(self.gathered)
-        self.own_slots = torch.searchsorted(self.gathered, own)
-        self.recv_units = {  # peer -> flat slots of the gathered K/V its units fill
+        self.recv_units = {  # peer -> flat slots of the pulled K/V its units fill
             p: (u // n_blocks) * self.num_gathered + torch.searchsorted(self.gathered, u % n_blocks)
             for p, u in pull_from.items()
         }
@@ -244,18 +249,47 @@ class RankPlan:
         self.pushed_in = {p: len(qb) for p, qb in push_from.items()}  # query blocks p sends here
         self.holes = plan.kv_groups > 1  # a per-head plan leaves (head, block) slots nobody needs
         self._push_from = push_from
+        h, qb, kb, tile, remote = plan.entries
+        mine = plan.owner[qb] == rank
+        self._own = mine & (plan.owner[kb] == rank)
+        self._pulled = mine & (plan.owner[kb] != rank) & ~remote
+        # Own query blocks that keep a pulled block: the rows of the pulled sub-problem.
+        self.pulled_rows = torch.unique(plan.local[qb[self._pulled]])
+
+    def _layout(self, sel, rows, cols, n_rows, n_cols) -> BlockLayout:
+        h, _, _, tile, _ = self.plan.entries
+        layout = self.plan.layout
+        return _sub_layout(
+            h[sel],
+            rows,
+            cols,
+            tile[sel],
+            layout.num_heads,
+            n_rows,
+            n_cols,
+            self.block,
+            layout.tile_masks().cpu(),
+        )
 
     @cached_property
-    def local_layout(self) -> BlockLayout:
-        """Own query blocks over the gathered key blocks: every kept block not pushed elsewhere."""
-        p = self.plan
-        h, qb, kb, tile, remote = p.entries
-        sel = (p.owner[qb] == self.rank) & ~remote
+    def own_layout(self) -> BlockLayout:
+        """Own query blocks over own key blocks (no copy of K/V: the backend reads the shard itself)."""
+        _, qb, kb, _, _ = self.plan.entries
+        sel = self._own
+        return self._layout(
+            sel, self.plan.local[qb[sel]], self.plan.local[kb[sel]], self.num_own, self.num_own
+        )
+
+    @cached_property
+    def pulled_layout(self) -> BlockLayout | None:
+        """`pulled_rows` over the pulled key blocks; None if nothing is pulled."""
+        if not self.num_gathered:
+            return None
+        _, qb, kb, _, _ = self.plan.entries
+        sel = self._pulled
+        rows = torch.searchsorted(self.pulled_rows, self.plan.local[qb[sel]])
         cols = torch.searchsorted(self.gathered, kb[sel])
-        return _sub_layout(
-            h[sel], p.local[qb[sel]], cols, tile[sel], p.layout.num_heads, self.num_own, self.num_gathered,
-            self.block, p.layout.tile_masks().cpu(),
-        )  # fmt: skip
+        return self._layout(sel, rows, cols, len(self.pulled_rows), self.num_gathered)
 
     @cached_property
     def remote_layout(self) -> BlockLayout | None:
@@ -263,19 +297,16 @@ class RankPlan:
         if not self._push_from:
             return None
         p = self.plan
-        h, qb, kb, tile, remote = p.entries
+        _, qb, kb, _, remote = p.entries
         sel = remote & (p.owner[kb] == self.rank)
-        h, qb, kb, tile = h[sel], qb[sel], kb[sel], tile[sel]
-        rows = torch.empty_like(qb)
+        qb_sel = qb[sel]
+        rows = torch.empty_like(qb_sel)
         start = 0
         for peer, blocks in self._push_from.items():
-            mine = p.owner[qb] == peer
-            rows[mine] = start + torch.searchsorted(blocks, qb[mine])
+            mine = p.owner[qb_sel] == peer
+            rows[mine] = start + torch.searchsorted(blocks, qb_sel[mine])
             start += len(blocks)
-        return _sub_layout(
-            h, rows, p.local[kb], tile, p.layout.num_heads, start, self.num_own, self.block,
-            p.layout.tile_masks().cpu(),
-        )  # fmt: skip
+        return self._layout(sel, rows, p.local[kb[sel]], start, self.num_own)
 
 
 def get_plan(pattern: Pattern, sharding: Sharding, block: int, q_heads: int, kv_heads: int) -> Plan:
@@ -295,11 +326,13 @@ class CommVolume:
     """Bytes that context-parallel attention exchanges, per ordered pair of ranks (row sends to column).
 
     `all_gather` is what each rank receives in the forward pass when K/V are all-gathered instead (as
-    PyTorch's context parallelism does), for comparison."""
+    PyTorch's context parallelism does), for comparison; `blocks_computed` how many kept blocks each rank
+    attends over (the zigzag order evens it out under a causal pattern)."""
 
     forward: torch.Tensor  # int64 [P, P]
     backward: torch.Tensor  # int64 [P, P]
     all_gather: int
+    blocks_computed: torch.Tensor  # int64 [P]: the work of each rank, in kept blocks (load balance)
 
     def received(self, which: str = "forward") -> torch.Tensor:
         """int64 ``[P]``: bytes each rank receives in the ``"forward"``, ``"backward"`` or ``"total"``."""
