@@ -233,6 +233,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    parser.add_argument("--repeats", type=int, default=2, help="forward + backward runs timed in the real run")
     args = parser.parse_args()
     seq_acc = 1 << 16 if args.quick else 1 << 20
     seq_run = 1 << 14 if args.quick else 1 << 18
@@ -244,7 +245,7 @@ def main() -> None:
     same = causal_block_size_check(check_len)
     print(f"  causal bytes identical with blocks of 64 and 1024 at {check_len:,} tokens: {same}", flush=True)
     print("real run:", flush=True)
-    run = real_run(seq_run, 4, 256, repeats=2)
+    run = real_run(seq_run, 4, 256, repeats=args.repeats)
     print(
         f"  4 processes (1 thread each): {run['cp_seconds_median_slowest_rank']:.2f} s forward + backward "
         f"(slowest rank, median); one process ({run['single_process_threads']} threads): "

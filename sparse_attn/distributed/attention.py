@@ -9,8 +9,9 @@ forward   1. pull K/V units and push query blocks, as the `Plan` says;
              rows that keep pulled blocks over those blocks; query blocks pushed here over own keys;
           3. return the pushed rows' (out, lse) to their owners, who merge every partial result into
              their rows through the logsumexps (`sparse_attn.merge`).
-backward  1. send d(out, lse) of pushed rows to where they were computed (from the merge's backward);
-          2. the backend's backward for each sub-problem;
+backward  1. send dO, out, lse and dlse of pushed rows to where they were computed;
+          2. the backend's backward for each sub-problem, fed the rows' final out and lse (exact: no
+             merge backward);
           3. send dQ of pushed rows home and dK/dV of pulled units to their owners, who add them to their
              own in rank order (bitwise deterministic for a given world size).
 """
@@ -227,68 +228,53 @@ class _ContextParallel(torch.autograd.Function):
             n = len(run.part_rows[peer])
             recvs[peer] = [((batch, hq, n, dim), out_own.dtype, dev), ((batch, hq, n), lse_own.dtype, dev)]
         partials.update(_exchange(sends, recvs, run.group))
-        out, lse = out_own, lse_own
+        out, lse = out_own, lse_own  # fresh tensors from the backend: the merged rows are written in place
         if run.merged_rows is not None:
             rows = run.merged_rows.to(dev)
             parts = [(run.positions[key].to(dev), *partials[key]) for key in run.part_rows]
-            o, l = _merge_partials(out_own[:, :, rows], lse_own[:, :, rows], parts)
-            out, lse = out_own.index_copy(2, rows, o), lse_own.index_copy(2, rows, l)
-        saved = [qp, kp, vp, out_own, lse_own, *pieces.values()]
-        saved += [q_in, out_r, lse_r] if q_in is not None else []
-        saved += [t for key in run.part_rows for t in partials[key]]
-        ctx.save_for_backward(*saved)
+            o, l = _merge_partials(out[:, :, rows], lse[:, :, rows], parts)
+            out[:, :, rows], lse[:, :, rows] = o, l
+        ctx.save_for_backward(qp, kp, vp, out, lse, *pieces.values(), *([q_in] if q_in is not None else []))
         ctx.set_materialize_grads(False)
         ctx.run = run
         return run.unpad(out), run.unpad(lse)
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        # Every sub-problem's backward is fed its rows' final (out, lse), not its partial ones: the backend
+        # then recomputes the probabilities of the whole row restricted to the sub-problem's keys, and
+        # delta = rowsum(dO * out) - dlse of the whole row, so its dQ, dK, dV are exactly the whole
+        # attention's, restricted to those keys (as ring attention's backward does). No merge backward.
         run = ctx.run
         view, b = run.view, run.block
-        qp, kp, vp, out_own, lse_own, *rest = ctx.saved_tensors
+        qp, kp, vp, out, lse, *rest = ctx.saved_tensors
         pieces = dict(zip(view.recv_units, rest[: len(view.recv_units)], strict=True))
-        rest = rest[len(view.recv_units) :]
-        if view.pushed_in:
-            q_in, out_r, lse_r, *rest = rest
-        parts = dict(zip(run.part_rows, zip(rest[::2], rest[1::2], strict=True), strict=True))
+        q_in = rest[-1] if view.pushed_in else None
         batch, hq, _, dim = qp.shape
         dev = qp.device
         # Gradients are not materialised: None where an output does not reach the loss (lse, typically).
-        dout = run.pad(dout) if dout is not None else torch.zeros_like(out_own)
+        dout = run.pad(dout) if dout is not None else torch.zeros_like(out)
         dlse = run.pad(dlse) if dlse is not None else None
-        # 1. Through the merge: gradients of the own-keys result and of every partial.
-        d_parts = {}
-        if run.merged_rows is not None:
-            rows = run.merged_rows.to(dev)
-            with torch.enable_grad():
-                o0 = out_own[:, :, rows].detach().requires_grad_()
-                l0 = lse_own[:, :, rows].detach().requires_grad_()
-                leaves = {key: [t.detach().requires_grad_() for t in parts[key]] for key in run.part_rows}
-                triples = [(run.positions[key].to(dev), *leaves[key]) for key in run.part_rows]
-                o, l = _merge_partials(o0, l0, triples)
-                g_lse = dlse[:, :, rows] if dlse is not None else torch.zeros_like(l)
-                inputs = [o0, l0, *(t for key in run.part_rows for t in leaves[key])]
-                grads = torch.autograd.grad((o, l), inputs, (dout[:, :, rows], g_lse), allow_unused=True)
-            grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs, strict=True)]
-            dout = dout.index_copy(2, rows, grads[0].to(dout.dtype))
-            dlse = (dlse if dlse is not None else torch.zeros_like(lse_own)).index_copy(2, rows, grads[1])
-            for i, key in enumerate(run.part_rows):
-                d_parts[key] = [grads[2 + 2 * i].to(out_own.dtype), grads[3 + 2 * i].to(lse_own.dtype)]
-        sends = {p: d_parts[p] for p in view.push_blocks}
-        recvs = {
-            p: [((batch, hq, n * b, dim), out_own.dtype, dev), ((batch, hq, n * b), lse_own.dtype, dev)]
-            for p, n in view.pushed_in.items()
-        }
+        # 1. The rows pushed to each peer: their dO, out, lse and dlse (zeros if None), to where they were computed.
+        sends = {}
+        for peer in view.push_blocks:
+            rows = run.part_rows[peer].to(dev)
+            d_l = dlse[:, :, rows] if dlse is not None else torch.zeros_like(lse[:, :, rows])
+            sends[peer] = [dout[:, :, rows], out[:, :, rows], lse[:, :, rows], d_l]
+        recvs = {}
+        for p, n in view.pushed_in.items():
+            rows_shape, dtypes = (batch, hq, n * b), (out.dtype, out.dtype, lse.dtype, lse.dtype)
+            recvs[p] = [(rows_shape + (dim,) * (i < 2), dt, dev) for i, dt in enumerate(dtypes)]
         d_in = _exchange(sends, recvs, run.group)
         # 2. The backend's backward for each sub-problem; fp32 (or wider) accumulation of the pieces.
         acc = torch.promote_types(qp.dtype, torch.float32)
-        dq, dk, dv = (
-            g.to(acc) for g in run.attend_backward(dout, dlse, qp, kp, vp, out_own, lse_own, view.own_layout)
-        )
+        grads = run.attend_backward(dout, dlse, qp, kp, vp, out, lse, view.own_layout)
+        dq, dk, dv = (g.to(acc) for g in grads)
         sends = {}
         if view.pushed_in:
-            d_out_r = torch.cat([d_in[p][0] for p in view.pushed_in], 2)
-            d_lse_r = torch.cat([d_in[p][1] for p in view.pushed_in], 2)
+            d_out_r, out_r, lse_r, d_lse_r = (
+                torch.cat([d_in[p][i] for p in view.pushed_in], 2) for i in range(4)
+            )
             dq_in, dk_r, dv_r = run.attend_backward(
                 d_out_r, d_lse_r, q_in, kp, vp, out_r, lse_r, view.remote_layout
             )
@@ -299,14 +285,21 @@ class _ContextParallel(torch.autograd.Function):
                 sends.setdefault(peer, []).append(dq_in[:, :, start * b : (start + n) * b])
                 start += n
         if view.num_gathered:
+            rows = run.part_rows["pulled"].to(dev)
             kg, vg = run.pulled_kv(pieces, kp)
-            out_p, lse_p = parts["pulled"]
-            d_out_p, d_lse_p = d_parts["pulled"]
+            d_l = dlse[:, :, rows] if dlse is not None else None
             dq_p, dkg, dvg = run.attend_backward(
-                d_out_p, d_lse_p, run.pulled_q(qp), kg, vg, out_p, lse_p, view.pulled_layout
+                dout[:, :, rows],
+                d_l,
+                run.pulled_q(qp),
+                kg,
+                vg,
+                out[:, :, rows],
+                lse[:, :, rows],
+                view.pulled_layout,
             )
             del kg, vg
-            dq.index_add_(2, run.part_rows["pulled"].to(dev), dq_p.to(acc))
+            dq.index_add_(2, rows, dq_p.to(acc))
             dk6 = _units(dkg, view.kv_groups, view.num_gathered, b)
             dv6 = _units(dvg, view.kv_groups, view.num_gathered, b)
             # 3. dK/dV of pulled units back to their owners (after the dQ of pushed rows, as received).

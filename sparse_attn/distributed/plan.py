@@ -20,7 +20,7 @@ Pull or push
     gathers the whole sequence); rows of a causal shard all keep the same earlier blocks, so they pull.
 
 Bytes (``[P, P]``, row = sender): forward, the pulled K/V and pushed queries, then the pushed rows'
-(out, lse); backward, d(out, lse) of the pushed rows, then their dQ and the pulled blocks' dK/dV.
+(out, lse); backward, the pushed rows' dO, out, lse and dlse, then their dQ and the pulled blocks' dK/dV.
 """
 
 from __future__ import annotations
@@ -179,6 +179,8 @@ class Plan:
         unit_bytes = 2 * batch * (self.kv_heads // self.kv_groups) * b * head_dim * elem_size  # K and V
         q_bytes = batch * self.q_heads * b * head_dim * elem_size
         result_bytes = batch * self.q_heads * b * (head_dim * elem_size + lse_size)  # out and lse
+        # dO, out, lse and dlse of a pushed row, for its backward where it was computed.
+        d_result_bytes = 2 * result_bytes
         fwd = torch.zeros(world, world, dtype=torch.int64)
         bwd = torch.zeros(world, world, dtype=torch.int64)
         for pair, units in self.pull.items():
@@ -189,7 +191,7 @@ class Plan:
             r, p = divmod(pair, world)
             fwd[r, p] += len(blocks) * q_bytes
             fwd[p, r] += len(blocks) * result_bytes
-            bwd[r, p] += len(blocks) * result_bytes
+            bwd[r, p] += len(blocks) * d_result_bytes
             bwd[p, r] += len(blocks) * q_bytes
         return fwd, bwd
 
