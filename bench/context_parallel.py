@@ -233,7 +233,9 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
-    parser.add_argument("--repeats", type=int, default=2, help="forward + backward runs timed in the real run")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="forward + backward runs timed in the real run"
+    )
     args = parser.parse_args()
     seq_acc = 1 << 16 if args.quick else 1 << 20
     seq_run = 1 << 14 if args.quick else 1 << 18
