@@ -53,7 +53,7 @@ def _count(side: str, peer: int, tensor: torch.Tensor) -> None:
 
 
 def _exchange(sends: dict, recvs: dict, group) -> dict:
-    """Post every message at once: ``sends`` {peer: [tensor]}, ``recvs`` {peer: [(shape, dtype)]}.
+    """Post every message at once: ``sends`` {peer: [tensor]}, ``recvs`` {peer: [(shape, dtype, device)]}.
 
     Returns {peer: [received tensor]}. Empty tensors are not sent (both sides know the sizes from the plan),
     so ranks that share nothing exchange nothing. Messages between two ranks pair up in list order."""
