@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .. import api
+from .. import api, backends
 from ..merge import merge_attention
 from ..modules import SparseAttention
 from ..patterns import Pattern
@@ -125,8 +125,8 @@ def _merge_partials(out, lse, partials):
 class _Run:
     """What one call needs besides the tensors: the rank's plan, the group and the attention settings."""
 
-    def __init__(self, view: RankPlan, group, scale: float, backend: str, sharding: Sharding, padded: int):
-        self.view, self.group, self.scale, self.backend = view, group, scale, backend
+    def __init__(self, view: RankPlan, group, scale: float, spec, sharding: Sharding, padded: int):
+        self.view, self.group, self.scale, self.backend = view, group, scale, spec.module
         self.block = view.block
         self.chunks = len(sharding.chunks_of(view.rank))
         self.chunk, self.padded = sharding.chunk_len, padded
@@ -149,12 +149,11 @@ class _Run:
     # The backend's own forward and backward, not the custom ops: this autograd node already is the
     # boundary (and the custom ops' dispatch imports torch._dynamo, seconds in every fresh process).
     def attend(self, q, k, v, layout):
-        out, lse = api._backend_module(self.backend).forward(q, k, v, layout.to(q.device), self.scale, None)
+        out, lse = self.backend.forward(q, k, v, layout.to(q.device), self.scale, None)
         return out.contiguous(), lse.contiguous()
 
     def attend_backward(self, do, dlse, q, k, v, out, lse, layout):
-        module = api._backend_module(self.backend)
-        return module.backward(
+        return self.backend.backward(
             do.contiguous(), dlse, q, k, v, out, lse, layout.to(q.device), self.scale, None
         )
 
@@ -364,16 +363,15 @@ def context_parallel_attention(
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
     world, rank = _group_geometry(group)
-    backend = api._resolve_backend(backend, q)
-    scale = api._check_inputs(q, k, v, None, scale, backend)
+    spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
+    scale = api._check_inputs(q, k, v, None, scale, spec)
     if k.shape[2] != q.shape[2]:
         raise ValueError(
             f"context parallelism is self-attention: q and k shards must have one length, got {q.shape[2]} and {k.shape[2]}"
         )
     sharding = Sharding(q.shape[2] * world, world, check_order(order))
-    block = api._backend_module(backend).DEFAULT_BLOCK_SIZE
-    plan = get_plan(pattern, sharding, block, q.shape[1], k.shape[1])
-    run = _Run(plan.rank_view(rank), group, scale, backend, sharding, plan.padded_chunk)
+    plan = get_plan(pattern, sharding, spec.default_block_size, q.shape[1], k.shape[1])
+    run = _Run(plan.rank_view(rank), group, scale, spec, sharding, plan.padded_chunk)
     out, lse = _ContextParallel.apply(q, k, v, run)
     return (out, lse) if return_lse else out
 

@@ -25,15 +25,16 @@ Bytes (``[P, P]``, row = sender): forward, the pulled K/V and pushed queries, th
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
+from ..geometry import BlockSet, Geometry
 from ..layout import BlockLayout
+from ..layout_cache import LayoutCache
 from ..patterns import Pattern
-from ..patterns._blockset import BlockSet, Geometry, from_candidates
+from ..patterns._blockset import from_candidates
 from .sharding import Sharding
 
 #: A row is pushed when its share of the pulled K/V costs more than PUSH_MARGIN times its queries.
@@ -48,27 +49,27 @@ class _ChunkPadded(Pattern):
         self.inner, self.seq_len, self.chunk, self.padded = inner, seq_len, chunk, padded
         self.num_heads = inner.num_heads
 
-    def _check_lengths(self, q_len, kv_len):
-        self.inner._check_lengths(self.seq_len, self.seq_len)
+    def check_lengths(self, q_len, kv_len):
+        self.inner.check_lengths(self.seq_len, self.seq_len)
 
     def _true(self, x):
         """True positions of padded positions `x`, and whether each is a real position."""
         offset = x % self.padded
         return (x // self.padded) * self.chunk + offset.clamp(max=self.chunk - 1), offset < self.chunk
 
-    def _visible(self, g, h, i, j):
+    def visible(self, g, h, i, j):
         (ti, real_i), (tj, real_j) = self._true(i), self._true(j)
         true_g = Geometry(self.seq_len, self.seq_len, 1, 1)
-        return self.inner._visible(true_g, h, ti, tj) & real_i & real_j
+        return self.inner.visible(true_g, h, ti, tj) & real_i & real_j
 
     def _padded_blocks(self, first, last, block):
         """First and last padded block of the true position ranges [first, last]."""
         pad = lambda x: (x // self.chunk) * self.padded + x % self.chunk  # noqa: E731
         return pad(first) // block, pad(last) // block
 
-    def _blocks(self, g):
+    def blocks(self, g):
         true_g = Geometry(self.seq_len, self.seq_len, g.block_q, g.block_k)
-        s = self.inner._blocks(true_g)
+        s = self.inner.blocks(true_g)
         h, qb, kb = s.split_key(true_g)
         q0, q1 = self._padded_blocks(qb * g.block_q, qb * g.block_q + true_g.valid_rows(qb) - 1, g.block_q)
         k0, k1 = self._padded_blocks(kb * g.block_k, kb * g.block_k + true_g.valid_cols(kb) - 1, g.block_k)
@@ -94,15 +95,9 @@ class _ChunkPadded(Pattern):
 
 def layout_entries(layout: BlockLayout):
     """(head, query block, key block, tile id) of every kept block, int64 on the CPU; tile -1 = full."""
-    parts = []
-    for kind in ("full", "part"):
-        ptr = getattr(layout, f"row_{kind}_ptr").cpu().long()
-        per_row = (ptr[:, 1:] - ptr[:, :-1]).reshape(-1)
-        row = torch.repeat_interleave(torch.arange(len(per_row)), per_row)
-        kb = getattr(layout, f"row_{kind}_idx").cpu().long()
-        tile = layout.row_part_tile.cpu().long() if kind == "part" else torch.full_like(kb, -1)
-        parts.append((row // layout.num_q_blocks, row % layout.num_q_blocks, kb, tile))
-    return tuple(torch.cat(t) for t in zip(*parts, strict=True))
+    full, part = layout.entries("full"), layout.entries("part")
+    tiles = torch.cat([torch.full_like(full.k_block, -1), part.tile])
+    return (*(torch.cat([a, b]) for a, b in zip(full[:3], part[:3], strict=True)), tiles)
 
 
 def _by_pair(pair: torch.Tensor, value: torch.Tensor, n_values: int) -> dict:
@@ -152,7 +147,7 @@ class Plan:
         n_units = self.kv_groups * n_blocks
         self.pull = _by_pair(rq[pulled] * world + rk[pulled], unit[pulled], n_units)  # (r, p) -> units
         self.push = _by_pair(rq[remote] * world + rk[remote], qb[remote], n_blocks)  # (r, p) -> q blocks
-        self._views: dict[int, RankPlan] = {}
+        self._views = LayoutCache(sharding.world)
 
     @property
     def num_blocks(self) -> int:
@@ -202,9 +197,7 @@ class Plan:
         return torch.bincount(where, minlength=self.sharding.world)
 
     def rank_view(self, rank: int) -> RankPlan:
-        if rank not in self._views:
-            self._views[rank] = RankPlan(self, rank)
-        return self._views[rank]
+        return self._views.get(rank, lambda: RankPlan(self, rank))
 
 
 def _sub_layout(h, rows, cols, tile, heads, n_rows, n_cols, block, tiles) -> BlockLayout:
@@ -312,15 +305,12 @@ class RankPlan:
 
 
 def get_plan(pattern: Pattern, sharding: Sharding, block: int, q_heads: int, kv_heads: int) -> Plan:
-    """The plan, kept on the pattern for reuse (patterns are immutable)."""
-    cache = pattern.__dict__.setdefault("_cp_plans", OrderedDict())
+    """The plan, kept on the pattern for reuse (patterns are immutable), in a thread-safe `LayoutCache`."""
+    cache = pattern.__dict__.get("_cp_plans")
+    if cache is None:
+        cache = pattern.__dict__.setdefault("_cp_plans", LayoutCache(_PLAN_CACHE_SIZE))
     key = (sharding, block, q_heads, kv_heads)
-    if key not in cache:
-        cache[key] = Plan(pattern, sharding, block, q_heads, kv_heads)
-        if len(cache) > _PLAN_CACHE_SIZE:
-            cache.popitem(last=False)
-    cache.move_to_end(key)
-    return cache[key]
+    return cache.get(key, lambda: Plan(pattern, sharding, block, q_heads, kv_heads))
 
 
 @dataclass(frozen=True)
