@@ -1,7 +1,7 @@
 """PyTorch-backend specifics: chunking, the strided and gathered paths, memory, dtypes, the benchmark smoke run.
 
 Correctness of every case against the reference lives in `test_attention_matrix.py`; this file checks what
-only the PyTorch backend has.
+only the PyTorch backend's ATen-composition engine has (the C++ kernel engine: `test_cpu_kernel.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn import backends
+from sparse_attn.backends import cpu_kernel
 from sparse_attn.backends import torch_backend as tb
 from sparse_attn.backends.torch_backend import planning
 from sparse_attn.layout import BlockLayout
@@ -47,6 +48,12 @@ PATTERNS = {
         [sa.sliding_window(30), sa.causal(), sa.global_tokens(3), sa.sliding_window(5)]
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def aten_engine(monkeypatch):
+    """Every test here runs the ATen-composition engine (subprocesses inherit the variable)."""
+    monkeypatch.setenv(cpu_kernel.ENGINE_ENV, "aten")
 
 
 @pytest.fixture
