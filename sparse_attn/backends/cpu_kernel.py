@@ -12,9 +12,9 @@ Engines of the "torch" backend (``SPARSE_ATTN_CPU_ENGINE`` or `set_engine`):
 - ``"aten"``: the ATen-composition engine (the previous backend), for comparison.
 
 Inputs: the kernel computes in float32 (float64 for float64 inputs, for gradcheck). fp16/bf16 inputs are
-converted once per call, O(S x D), and the results converted back; K, V, Q, dO are also laid out once per
-call in the transposed blocks the kernel's GEMMs read, and keys hidden by `key_mask` are zeroed in K and V
-(a masked key may hold NaN) while the kernel masks their scores.
+converted once per call, O(S x D), and the results converted back; fp32 inputs are read in place (any
+strides with a contiguous last dimension). Keys hidden by `key_mask` are zeroed in copies of K and V (a
+masked key may hold NaN) while the kernel masks their scores.
 """
 
 from __future__ import annotations
@@ -105,18 +105,25 @@ def load(strict: bool = False):
                 try:
                     _module = _build()
                 except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
-                    lines = [line for line in str(exc).splitlines() if line.strip()]
-                    _build_error = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+                    _build_error = f"{type(exc).__name__}: {exc}"
+                    first = _build_error.splitlines()[0]
                     warnings.warn(
                         "sparse_attn: could not build the C++ CPU attention kernel "
-                        f"({_build_error}); the 'torch' backend uses its slower ATen-composition engine "
-                        f"instead. A C++ compiler and ninja are needed; set {ENGINE_ENV}=aten to silence this.",
+                        f"({first[:200]}{'...' if len(first) > 200 else ''}); the 'torch' backend uses its "
+                        "slower ATen-composition engine instead. Building needs a C++ compiler and ninja; "
+                        "`sparse_attn.backends.cpu_kernel.build_error()` has the full message; set "
+                        f"{ENGINE_ENV}=aten to silence this.",
                         RuntimeWarning,
                         stacklevel=3,
                     )
     if _module is None and strict:
         raise KernelUnavailable(f"the C++ CPU attention kernel is unavailable: {_build_error}")
     return _module
+
+
+def build_error() -> str | None:
+    """Why the kernel could not be built (the compiler's whole message), or None."""
+    return _build_error
 
 
 # -- inputs in the kernel's layouts ---------------------------------------------------------------------
@@ -128,15 +135,6 @@ def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """`t` in `acc` with a contiguous last dimension (no copy when it already is)."""
     t = t.to(acc)
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _blocks_t(t: torch.Tensor, block: int) -> torch.Tensor:
-    """``[B, H, S, D]`` -> ``[B, H, nblocks, D, block]``: each block transposed, zero padded."""
-    batch, heads, length, dim = t.shape
-    pad = -length % block
-    if pad:
-        t = F.pad(t, (0, 0, 0, pad))
-    return t.reshape(batch, heads, -1, block, dim).transpose(-1, -2).contiguous()
 
 
 def _tiles_t(layout: BlockLayout) -> torch.Tensor:
@@ -161,9 +159,8 @@ def forward(q, k, v, layout: BlockLayout, scale: float, key_mask):
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
     tensors, ints = layout.flatten()
-    kt = _blocks_t(_rows(k, acc), layout.block_k)
     out, lse = module.forward(
-        _rows(q, acc), kt, _rows(v, acc), tensors, ints, _tiles_t(layout), mask, blocks, scale
+        _rows(q, acc), _rows(k, acc), _rows(v, acc), tensors, ints, _tiles_t(layout), mask, blocks, scale
     )
     return out.to(q.dtype), lse.to(backend_spec("torch").lse_dtype(q.dtype))
 
@@ -178,25 +175,9 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
     if dlse is not None:
         delta = delta - dlse.to(acc)
     # Rows that see no key: +inf makes P = exp(s - lse) exactly 0 there.
-    lse = lse.to(acc).masked_fill(lse == float("-inf"), float("inf"))
-    bq, bk = layout.block_q, layout.block_k
+    lse = lse.to(acc).masked_fill(lse == float("-inf"), float("inf")).contiguous()
     tensors, ints = layout.flatten()
     dq, dk, dv = module.backward(
-        qf,
-        kf,
-        vf,
-        _blocks_t(qf, bq),
-        _blocks_t(kf, bk),
-        _blocks_t(vf, bk),
-        dof,
-        _blocks_t(dof, bq),
-        lse.contiguous(),
-        delta.contiguous(),
-        tensors,
-        ints,
-        _tiles_t(layout),
-        mask,
-        blocks,
-        scale,
+        qf, kf, vf, dof, lse, delta.contiguous(), tensors, ints, _tiles_t(layout), mask, blocks, scale
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
