@@ -8,10 +8,13 @@ NaN in masked keys, determinism across thread counts, memory, engine selection.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ import sparse_attn as sa
 from sparse_attn.backends import cpu_kernel
 from sparse_attn.reference import attention_reference
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
 
 
@@ -187,3 +191,37 @@ def test_16k_window_memory_is_linear(monkeypatch):
     )
     rise_mib = float(done.stdout.strip().splitlines()[-1])
     assert rise_mib < 120, f"peak memory rose by {rise_mib:.0f} MiB"
+
+
+def test_benchmark_quick_run(tmp_path):
+    """The benchmark runs both engines, SDPA and the fraction of ideal, and saves its JSON and PNG."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cpu_attention
+    finally:
+        sys.path.pop(0)
+    argv = ["--quick", "--no-memory", "--repeats", "1", "--dtypes", "float32", "--out", str(tmp_path)]
+    assert cpu_attention.main(argv) == 0
+    results = json.loads((tmp_path / "cpu_attention-quick-cpu.json").read_text())
+    for case in cpu_attention.CASES:
+        assert set(results["float32"][case]) == {"sparse_attn", "previous", "sdpa"}
+        fractions = results["float32"]["fraction_of_ideal"][case]
+        assert all(f["wall_s"] > 0 and f["cpu_s"] > 0 for f in fractions.values())
+    assert (tmp_path / "cpu_attention-quick-cpu.png").stat().st_size > 0
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):
+    """`make gpu-check` on a machine without CUDA: a clear message, exit 0, nothing written."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: `make gpu-check` runs the real check")
+    env = {**os.environ, "SPARSE_ATTN_GPU_CHECK_DIR": str(tmp_path / "out")}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no CUDA device" in done.stdout
+    assert not (tmp_path / "out").exists()
