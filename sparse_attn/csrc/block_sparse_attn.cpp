@@ -210,16 +210,25 @@ struct Layout {
   const int32_t *col_full_ptr, *col_full_idx, *col_part_ptr, *col_part_idx, *col_part_tile;
   const int32_t *tiles, *tiles_t;
 
-  Layout(at::TensorList t, at::IntArrayRef ints, const at::Tensor& tiles_t_)
-      : heads(ints[4]), q_len(ints[0]), kv_len(ints[1]), bq(ints[2]), bk(ints[3]) {
+  Layout(at::TensorList t, at::IntArrayRef ints, const at::Tensor& tiles_t_) {
+    // BlockLayout.flatten(): 11 int32 tensors and (q_len, kv_len, block_q, block_k, heads).
+    TORCH_CHECK(t.size() == 11 && ints.size() == 5, "unexpected BlockLayout format: ", t.size(),
+                " tensors and ", ints.size(), " ints (this kernel takes one layout per head, no batch)");
+    q_len = ints[0], kv_len = ints[1], bq = ints[2], bk = ints[3], heads = ints[4];
     nqb = (q_len + bq - 1) / bq;
     nkb = (kv_len + bk - 1) / bk;
+    TORCH_CHECK(t[0].dim() == 2 && t[0].size(0) == heads && t[0].size(1) == nqb + 1 &&
+                    t[5].dim() == 2 && t[5].size(0) == heads && t[5].size(1) == nkb + 1,
+                "BlockLayout row/column offsets must be [heads, blocks + 1]");
+    for (const auto& x : t) TORCH_CHECK(x.scalar_type() == at::kInt && x.is_contiguous() && x.is_cpu(),
+                                        "BlockLayout tensors must be contiguous int32 CPU tensors");
     words = (bk + 31) / 32;
     words_t = (bq + 31) / 32;
     const int32_t** fields[] = {&row_full_ptr, &row_full_idx, &row_part_ptr, &row_part_idx,
                                 &row_part_tile, &col_full_ptr, &col_full_idx, &col_part_ptr,
                                 &col_part_idx, &col_part_tile, &tiles};
     for (size_t i = 0; i < 11; ++i) *fields[i] = t[i].data_ptr<int32_t>();
+    TORCH_CHECK(tiles_t_.scalar_type() == at::kInt && tiles_t_.is_contiguous(), "tiles_t must be contiguous int32");
     tiles_t = tiles_t_.data_ptr<int32_t>();
   }
   // Layout head of query head h.
