@@ -1,7 +1,7 @@
 # The README's commands. Each works on its own on a fresh clone: it installs what it needs first.
 PYTHON ?= python3
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint gpu-check
 
 # PyTorch 2.13.0 unless a torch is installed already: a bare `torch` requirement would pull a multi-GB
 # CUDA build on a machine without one. The package's own range (torch>=2.5) is then already satisfied.
@@ -22,3 +22,9 @@ test: setup
 lint:
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench
 	$(PYTHON) -m ruff format --check sparse_attn triton_kernels tests bench
+
+# On a machine with an NVIDIA GPU: the test matrix on CUDA tensors with the real kernels and a short GPU
+# benchmark, < 8 min; results (JSON, PNG, log) in $$SPARSE_ATTN_GPU_CHECK_DIR (default bench/results/gpu-check).
+# Without CUDA it says so and exits 0.
+gpu-check: setup
+	$(PYTHON) bench/gpu_check.py

@@ -13,8 +13,8 @@ NAMES = ("out", "lse", "dq", "dk", "dv")
 def loss_of(out, lse, seed: int = 1):
     """A random linear loss of out and of the finite lse (so dlse is exercised)."""
     g = torch.Generator().manual_seed(seed)
-    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64)
+    w_out = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out.device)
+    w_lse = torch.randn(lse.shape, generator=g, dtype=torch.float64).to(out.device)
     finite = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
     return (out.double() * w_out).sum() + (finite.double() * w_lse).sum()
 

@@ -6,10 +6,14 @@ fast. A backend's error in out, lse, dq, dk and dv may be at most twice the erro
 math has in the input dtype, plus a small floor. The loss weights both out and the finite entries of lse,
 so the gradient flowing into lse is exercised too. The torch backend is also checked with
 `torch.autograd.gradcheck` in float64.
+
+``SPARSE_ATTN_TEST_DEVICE=cuda`` (set by `make gpu-check`, with TRITON_INTERPRET=0) puts every input on
+the GPU: the "triton" cases then run the real compiled kernels against the float64 reference there.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -20,6 +24,7 @@ import sparse_attn as sa
 from sparse_attn.reference import attention_reference
 
 BACKENDS = ("torch", "triton")
+DEVICE = torch.device(os.environ.get("SPARSE_ATTN_TEST_DEVICE", "cpu"))
 
 
 @dataclass
@@ -106,7 +111,7 @@ def make_inputs(case: Case, seed: int = 0):
                 key_mask[i, skv - pad :] = False
             else:
                 key_mask[i, :pad] = False
-    return qkv, key_mask
+    return [t.to(DEVICE) for t in qkv], None if key_mask is None else key_mask.to(DEVICE)
 
 
 def as_leaves(qkv, dtype, transposed: bool):
@@ -169,7 +174,7 @@ def test_empty_rows_are_zero_with_zero_grads(backend):
         qkv,
         torch.float32,
     )
-    empty = torch.arange(161) < 64
+    empty = torch.arange(161, device=DEVICE) < 64
     assert torch.equal(out[:, :, empty], torch.zeros_like(out[:, :, empty]))
     assert bool((lse[:, :, empty] == float("-inf")).all()) and bool(lse[:, :, ~empty].isfinite().all())
     assert torch.equal(dq[:, :, empty], torch.zeros_like(dq[:, :, empty]))
@@ -178,7 +183,7 @@ def test_empty_rows_are_zero_with_zero_grads(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_key_mask_hiding_every_key_gives_empty_rows(backend):
     qkv, _ = make_inputs(Case(sa.sliding_window(20), b=2, sq=97))
-    key_mask = torch.ones(2, 97, dtype=torch.bool)
+    key_mask = torch.ones(2, 97, dtype=torch.bool, device=DEVICE)
     key_mask[1] = False
     got = run(
         lambda q, k, v: sa.sparse_attention(

@@ -1,12 +1,11 @@
 """PyTorch-backend specifics: chunking, the strided and gathered paths, memory, dtypes, the benchmark smoke run.
 
 Correctness of every case against the reference lives in `test_attention_matrix.py`; this file checks what
-only the PyTorch backend has.
+only the PyTorch backend's ATen-composition engine has (the C++ kernel engine: `test_cpu_kernel.py`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import torch
 
 import sparse_attn as sa
 from sparse_attn import backends
+from sparse_attn.backends import cpu_kernel
 from sparse_attn.backends import torch_backend as tb
 from sparse_attn.backends.torch_backend import planning
 from sparse_attn.layout import BlockLayout
@@ -47,6 +47,12 @@ PATTERNS = {
         [sa.sliding_window(30), sa.causal(), sa.global_tokens(3), sa.sliding_window(5)]
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def aten_engine(monkeypatch):
+    """Every test here runs the ATen-composition engine (subprocesses inherit the variable)."""
+    monkeypatch.setenv(cpu_kernel.ENGINE_ENV, "aten")
 
 
 @pytest.fixture
@@ -198,19 +204,6 @@ def test_16k_window_forward_backward_never_builds_s_by_s():
     done = subprocess.run([sys.executable, "-c", MEMORY_CHILD], capture_output=True, text=True, check=True)
     rise_mib = float(done.stdout.strip().splitlines()[-1])
     assert rise_mib < 400, f"peak memory rose by {rise_mib:.0f} MiB"
-
-
-def test_benchmark_quick_run(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import cpu_attention
-    finally:
-        sys.path.pop(0)
-    assert cpu_attention.main(["--quick", "--no-memory", "--out", str(tmp_path)]) == 0
-    results = json.loads((tmp_path / "cpu_attention-quick-cpu.json").read_text())
-    assert set(results["speedups"]) == {"fwd_vs_sdpa", "fwdbwd_vs_sdpa", "bigbird_vs_sdpa"}
-    assert all(v > 0 for v in results["forward"].values())
-    assert (tmp_path / "cpu_attention-quick-cpu.png").stat().st_size > 0
 
 
 def test_concurrent_calls_do_not_share_scratch():

@@ -1,6 +1,11 @@
 """PyTorch backend (a package: `planning` groups rows into calls, `views` shapes tensors, `memory` bounds scratch,
 `pool` runs chunks on worker threads, `attention` is the forward and backward): exact block-sparse attention on the CPU, forward and backward, without an S x S tensor.
 
+Engines
+    By default `forward` and `backward` hand the work to the C++ kernel (`sparse_attn.backends.cpu_kernel`,
+    built on first use); what follows describes the ATen-composition engine this package implements, which
+    runs when the kernel cannot be built (after one warning) or when ``SPARSE_ATTN_CPU_ENGINE=aten``.
+
 Algorithm
     Each row of the `BlockLayout` (one query block of one layout head) keeps some full key blocks (no
     mask) and some partial ones (a token tile). A row is attention over two *segments*, its full keys

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ...layout import BlockLayout
 from ...merge import merge_pair
+from .. import cpu_kernel
 from .. import get as backend_spec
 from .planning import Call, passes
 from .pool import ordered_map
@@ -29,6 +30,9 @@ def forward(q, k, v, layout, scale, key_mask):
     """``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq])``; rows with no visible key: out 0, lse -inf."""
     if q.device.type != "cpu":
         return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask)
+    if cpu_kernel.active() and layout.batch is None:
+        # The C++ kernel walks batch-shared layouts; per-batch ones (documents, top-k) take the ATen path.
+        return cpu_kernel.forward(q, k, v, layout, scale, key_mask)
     layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
     problem = Problem(q, k, v, layout, scale, key_mask)
     rows_total = problem.batch * problem.hq * problem.nqb
@@ -75,6 +79,8 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     """``(dq, dk, dv)``, recomputed from `lse` chunk by chunk; ``delta = rowsum(dO * O) - dlse``."""
     if q.device.type != "cpu":
         return _on_cpu(backward, q.device, do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+    if cpu_kernel.active() and layout.batch is None:
+        return cpu_kernel.backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
     if dlse is not None:
         live_dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
         if bool(live_dlse.any()):

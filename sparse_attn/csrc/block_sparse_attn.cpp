@@ -1,0 +1,590 @@
+// Block-sparse flash attention on the CPU: forward, dQ and dK/dV, walking a `BlockLayout` directly.
+//
+// Algorithm
+//   Forward, one task per (batch, query head, query block): the row's kept key blocks (full and partial
+//   merged in key order) are taken in runs of consecutive blocks, up to kRunWidth keys. Per run:
+//   S = Q K^T (one GEMM over the whole run), scale, mask (a partial block's bit-packed tile, the key
+//   mask; full blocks get no mask work), online softmax with a running row max and sum, O += P V (one
+//   GEMM). A sliding-window row is one run, so the GEMMs are as wide as SDPA's own.
+//   Backward in two passes, FlashAttention-2 style, recomputing P from the saved logsumexp:
+//   - dQ, one task per (batch, query head, query block), over runs of key blocks:
+//     dP = dO V^T, dS = P (dP - delta), dQ += dS K;
+//   - dK/dV, one task per (batch, KV head, key block), over runs of the layout's column (query blocks)
+//     for every query head of the group: S^T = K Q^T, dP^T = V dO^T, dV += P^T dO, dK += dS^T Q.
+//   Every task writes only its own rows: no atomics, and the result does not depend on the thread
+//   count or on which thread ran which task.
+//
+// Inputs (prepared by sparse_attn/backends/cpu_kernel.py): everything in the accumulation type T
+// (float, or double for gradcheck) with a contiguous last dimension, any other strides; keys hidden by
+// the key mask zeroed in K and V (such a key may hold NaN), their scores set to -inf here.
+//
+// GEMMs: the BLAS PyTorch links (sgemm_/dgemm_, as SDPA's CPU kernel calls it), which reads transposed
+// operands in place. oneDNN's brgemm (at::native::cpublas::brgemm) was tried first: it takes no
+// transposed operand, and on AVX2 its wide GEMMs over pre-transposed K were slower.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+using at::vec::Vectorized;
+
+// The BLAS PyTorch links (MKL on x86 wheels, OpenBLAS elsewhere), through its Fortran interface, the
+// same calls `at::native::cpublas::gemm` makes for SDPA. Weak: where it is absent, a plain loop runs.
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL: this thread's MKL thread count (0 restores the global one).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // (the lower-case name takes an int*)
+}
+
+template <typename T>
+void loop_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+               int64_t ldb, T* C, int64_t ldc, bool add) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      T c = add ? C[i * ldc + j] : T(0);
+      for (int64_t k = 0; k < K; ++k) c += A[i * lda + k] * (trans_b ? B[j * ldb + k] : B[k * ldb + j]);
+      C[i * ldc + j] = c;
+    }
+}
+
+// C[M, N] (+)= A[M, K] op(B), all row-major with leading dimensions in elements; op(B) is B [K, N], or
+// with `trans_b` the transpose of B stored [N, K] (so K^T, V^T, Q^T, dO^T need no copy). Row-major C is
+// column-major C^T = op(B)^T A^T, hence the swapped operands.
+template <typename T>
+inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                 int64_t ldb, T* C, int64_t ldc, bool add) {
+  const char tb = trans_b ? 'T' : 'N', ta = 'N';
+  const int m = N, n = M, k = K, lb = ldb, la = lda, lc = ldc;
+  const T alpha = 1, beta = add ? 1 : 0;
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  }
+  loop_gemm(trans_b, M, N, K, A, lda, B, ldb, C, ldc, add);
+}
+
+inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
+inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Element-wise passes over one row of scores (at most a block wide, so it stays in L1), vectorized with
+// ATen's Vectorized<T> and a masked tail.
+
+// x *= a.
+template <typename T>
+inline void scale_by(T* x, int64_t n, T a) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * V(a)).store(x + c);
+  if (c < n) (V::loadu(x + c, n - c) * V(a)).store(x + c, n - c);
+}
+
+// max(x).
+template <typename T>
+inline T max_of(const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  V m(neg_inf<T>());
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) m = at::vec::maximum(m, V::loadu(x + c));
+  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
+  for (; c < n; ++c) out = std::max(out, x[c]);
+  return out;
+}
+
+// x *= a; returns max(x) (one pass).
+template <typename T>
+inline T scale_max_(T* x, int64_t n, T a) {
+  using V = Vectorized<T>;
+  V m(neg_inf<T>());
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    V y = V::loadu(x + c) * V(a);
+    y.store(x + c);
+    m = at::vec::maximum(m, y);
+  }
+  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
+  for (; c < n; ++c) out = std::max(out, x[c] *= a);
+  return out;
+}
+
+// x = exp(x - m); returns the sum.
+template <typename T>
+inline T exp_sum(T* x, int64_t n, T m) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    V p = vexp(V::loadu(x + c) - V(m));
+    p.store(x + c);
+    acc = acc + p;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+  for (; c < n; ++c) sum += (x[c] = std::exp(x[c] - m));
+  return sum;
+}
+
+// x = exp(x * a - m[c]) (a row of P^T: the logsumexp varies along it).
+template <typename T>
+inline void scale_sub_exp(T* x, int64_t n, T a, const T* m) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) vexp(V::loadu(x + c) * V(a) - V::loadu(m + c)).store(x + c);
+  for (; c < n; ++c) x[c] = std::exp(x[c] * a - m[c]);
+}
+
+// ds = p (ds - delta) a, with delta one value (`delta_step` 0) or one per element (1).
+template <typename T>
+inline void dsoftmax(T* ds, const T* p, int64_t n, const T* delta, int64_t delta_step, T a) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V d = delta_step ? V::loadu(delta + c) : V(*delta);
+    (V::loadu(p + c) * (V::loadu(ds + c) - d) * V(a)).store(ds + c);
+  }
+  for (; c < n; ++c) ds[c] = p[c] * (ds[c] - delta[c * delta_step]) * a;
+}
+
+// 0 or -inf for each bit of a byte: a tile row's mask, 8 columns at a time, as an addition.
+template <typename T>
+struct TileBias {
+  T bias[256][8];
+  TileBias() {
+    for (int b = 0; b < 256; ++b)
+      for (int k = 0; k < 8; ++k) bias[b][k] = ((b >> k) & 1) ? T(0) : neg_inf<T>();
+  }
+};
+
+// x[c] = -inf where bit c of the packed tile row `bits` is 0 (bits beyond the sequence are 0 too).
+template <typename T>
+inline void mask_tile_(T* x, int64_t n, const int32_t* bits) {
+  static const TileBias<T> lut;
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) {
+    const T* b = lut.bias[(static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 0xFFu];
+    for (int k = 0; k < 8; ++k) x[c + k] += b[k];
+  }
+  for (; c < n; ++c) x[c] = ((static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 1u) ? x[c] : neg_inf<T>();
+}
+
+// x[c] = -inf where the key mask hides key c.
+template <typename T>
+inline void mask_keys_(T* x, int64_t n, const bool* real) {
+  for (int64_t c = 0; c < n; ++c) x[c] = real[c] ? x[c] : neg_inf<T>();
+}
+
+// [B, H, S, D] with the last dimension contiguous: element strides of batch, head, sequence.
+template <typename T>
+struct Strided {
+  T* ptr;
+  int64_t sb, sh, ss;
+  Strided(const at::Tensor& t)
+      : ptr(t.data_ptr<T>()), sb(t.stride(0)), sh(t.stride(1)), ss(t.stride(2)) {}
+  T* at(int64_t b, int64_t h, int64_t s) const { return ptr + b * sb + h * sh + s * ss; }
+};
+
+// The layout's CSR lists (see sparse_attn/layout.py) and geometry.
+struct Layout {
+  int64_t heads, q_len, kv_len, bq, bk, nqb, nkb, words, words_t;
+  const int32_t *row_full_ptr, *row_full_idx, *row_part_ptr, *row_part_idx, *row_part_tile;
+  const int32_t *col_full_ptr, *col_full_idx, *col_part_ptr, *col_part_idx, *col_part_tile;
+  const int32_t *tiles, *tiles_t;
+
+  Layout(at::TensorList t, at::IntArrayRef ints, const at::Tensor& tiles_t_) {
+    // BlockLayout.flatten(): 11 int32 tensors and (q_len, kv_len, block_q, block_k, heads).
+    TORCH_CHECK(t.size() == 11 && ints.size() == 5, "unexpected BlockLayout format: ", t.size(),
+                " tensors and ", ints.size(), " ints (this kernel takes one layout per head, no batch)");
+    q_len = ints[0], kv_len = ints[1], bq = ints[2], bk = ints[3], heads = ints[4];
+    nqb = (q_len + bq - 1) / bq;
+    nkb = (kv_len + bk - 1) / bk;
+    TORCH_CHECK(t[0].dim() == 2 && t[0].size(0) == heads && t[0].size(1) == nqb + 1 &&
+                    t[5].dim() == 2 && t[5].size(0) == heads && t[5].size(1) == nkb + 1,
+                "BlockLayout row/column offsets must be [heads, blocks + 1]");
+    for (const auto& x : t) TORCH_CHECK(x.scalar_type() == at::kInt && x.is_contiguous() && x.is_cpu(),
+                                        "BlockLayout tensors must be contiguous int32 CPU tensors");
+    words = (bk + 31) / 32;
+    words_t = (bq + 31) / 32;
+    const int32_t** fields[] = {&row_full_ptr, &row_full_idx, &row_part_ptr, &row_part_idx,
+                                &row_part_tile, &col_full_ptr, &col_full_idx, &col_part_ptr,
+                                &col_part_idx, &col_part_tile, &tiles};
+    for (size_t i = 0; i < 11; ++i) *fields[i] = t[i].data_ptr<int32_t>();
+    TORCH_CHECK(tiles_t_.scalar_type() == at::kInt && tiles_t_.is_contiguous(), "tiles_t must be contiguous int32");
+    tiles_t = tiles_t_.data_ptr<int32_t>();
+  }
+  // Layout head of query head h.
+  int64_t head(int64_t h) const { return heads == 1 ? 0 : h; }
+};
+
+// Runs f(task) for every task on torch's intra-op threads; tasks are handed out one at a time, the
+// costliest first, so that threads finish together. f(task, scratch) owns its outputs.
+template <typename F>
+void run_tasks(const std::vector<int64_t>& order, F f) {
+  std::atomic<int64_t> next{0};
+  const int64_t n = static_cast<int64_t>(order.size());
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // Each worker's GEMMs run on that worker alone: MKL would otherwise start nested OpenMP teams whose
+    // spinning threads starve the other workers (10x slower on a loaded 2-core machine).
+    const int mkl_before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(order[i]);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before);
+  });
+}
+
+// Task ids 0..n-1 sorted by decreasing cost (stable: equal costs keep their order).
+std::vector<int64_t> by_cost(const std::vector<int64_t>& cost) {
+  std::vector<int64_t> order(cost.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  return order;
+}
+
+// Blocks of row (layout head l, query block qb) or of column (l, key block kb).
+inline int64_t count(const int32_t* ptr, int64_t n, int64_t l, int64_t i) {
+  return ptr[l * (n + 1) + i + 1] - ptr[l * (n + 1) + i];
+}
+
+// One kept block of a row (a key block) or of a column (a query block), with its tile (null if full).
+struct Kept {
+  int64_t idx;
+  const int32_t* tile;
+};
+
+// The kept blocks of CSR row i of layout head l, full and partial merged in ascending order.
+inline void kept_blocks(std::vector<Kept>& out, int64_t n, int64_t l, int64_t i, const int32_t* full_ptr,
+                        const int32_t* full_idx, const int32_t* part_ptr, const int32_t* part_idx,
+                        const int32_t* part_tile, const int32_t* tiles, int64_t tile_words) {
+  out.clear();
+  int64_t f = full_ptr[l * (n + 1) + i], f_end = full_ptr[l * (n + 1) + i + 1];
+  int64_t p = part_ptr[l * (n + 1) + i], p_end = part_ptr[l * (n + 1) + i + 1];
+  while (f < f_end || p < p_end) {
+    if (p == p_end || (f < f_end && full_idx[f] < part_idx[p])) {
+      out.push_back({full_idx[f++], nullptr});
+    } else {
+      out.push_back({part_idx[p], tiles + static_cast<int64_t>(part_tile[p]) * tile_words});
+      ++p;
+    }
+  }
+}
+
+// f(first, count) for each run of consecutive blocks of `kept`, at most `max_blocks` long: one run is
+// one wide GEMM (a window row is a single run), which runs much closer to the CPU's peak than
+// block-by-block GEMMs.
+template <typename F>
+inline void for_each_run(const std::vector<Kept>& kept, int64_t max_blocks, F f) {
+  size_t s = 0;
+  while (s < kept.size()) {
+    size_t e = s + 1;
+    while (e < kept.size() && static_cast<int64_t>(e - s) < max_blocks && kept[e].idx == kept[e - 1].idx + 1) ++e;
+    f(s, static_cast<int64_t>(e - s));
+    s = e;
+  }
+}
+
+// Widest run, in keys (or queries for the dK/dV pass): a [block, 512] fp32 score tile is 128 KiB.
+constexpr int64_t kRunWidth = 512;
+
+template <typename T>
+struct KeyMask {
+  const bool* real = nullptr;        // [B, Skv], or null
+  const bool* block_masked = nullptr;  // [B, nkb]: the block holds a masked key
+  int64_t kv_len = 0, nkb = 0, bk = 0;
+  const bool* keys(int64_t b, int64_t kb) const {
+    return (real && block_masked[b * nkb + kb]) ? real + b * kv_len + kb * bk : nullptr;
+  }
+};
+
+template <typename T>
+KeyMask<T> key_mask_of(const std::optional<at::Tensor>& real, const std::optional<at::Tensor>& blocks,
+                       const Layout& lay) {
+  KeyMask<T> km;
+  if (real.has_value() && real->defined()) {
+    km.real = real->data_ptr<bool>();
+    km.block_masked = blocks->data_ptr<bool>();
+  }
+  km.kv_len = lay.kv_len;
+  km.nkb = lay.nkb;
+  km.bk = lay.bk;
+  return km;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// forward
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const Layout& lay, const KeyMask<T>& km, double scale_arg) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = v.size(1);
+  const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
+  const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
+  const T scale = static_cast<T>(scale_arg);
+  auto out = at::empty({B, Hq, lay.q_len, D}, q.options());
+  auto lse = at::empty({B, Hq, lay.q_len}, q.options());
+  const Strided<T> Q(q), K(k), V(v), O(out);
+  T* L = lse.data_ptr<T>();
+
+  std::vector<int64_t> cost(B * Hq * nqb);
+  for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
+    const int64_t l = lay.head((t / nqb) % Hq), qb = t % nqb;
+    cost[t] = count(lay.row_full_ptr, nqb, l, qb) + count(lay.row_part_ptr, nqb, l, qb);
+  }
+  run_tasks(by_cost(cost), [&](int64_t t) {
+    thread_local std::vector<T> scratch;
+    thread_local std::vector<Kept> kept;
+    scratch.resize(bq * W + bq * D + 2 * bq);
+    T* S = scratch.data();  // [bq, W] scores, then probabilities
+    T* acc = S + bq * W;    // [bq, D] unnormalised output
+    T* mx = acc + bq * D;   // [bq] running max (scaled scores)
+    T* sum = mx + bq;       // [bq] running sum of exp
+    const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, g = h / group;
+    const int64_t l = lay.head(h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
+    std::fill(acc, acc + m * D, T(0));
+    std::fill(mx, mx + m, neg_inf<T>());
+    std::fill(sum, sum + m, T(0));
+    const T* q_rows = Q.at(b, h, i0);
+    kept_blocks(kept, nqb, l, qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr, lay.row_part_idx,
+                lay.row_part_tile, lay.tiles, bq * lay.words);
+    for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
+      const int64_t j0 = kept[first].idx * bk, w = std::min(blocks * bk, lay.kv_len - j0);
+      gemm(true, m, w, D, q_rows, Q.ss, K.at(b, g, j0), K.ss, S, W, false);
+      bool masked = false;
+      for (int64_t i = 0; i < blocks; ++i)
+        masked |= kept[first + i].tile != nullptr || km.keys(b, kept[first + i].idx) != nullptr;
+      for (int64_t r = 0; r < m; ++r) {
+        T* s = S + r * W;
+        T row_max;
+        if (masked) {
+          scale_by(s, w, scale);
+          for (int64_t i = 0; i < blocks; ++i) {
+            const int64_t c0 = i * bk, n = std::min(bk, w - c0);
+            if (const int32_t* tile = kept[first + i].tile) mask_tile_(s + c0, n, tile + r * lay.words);
+            if (const bool* keys = km.keys(b, kept[first + i].idx)) mask_keys_(s + c0, n, keys);
+          }
+          row_max = max_of(s, w);
+        } else {
+          row_max = scale_max_(s, w, scale);
+        }
+        const T new_max = std::max(mx[r], row_max);
+        if (new_max == neg_inf<T>()) {  // nothing visible yet: weights 0
+          std::fill(s, s + w, T(0));
+          continue;
+        }
+        const T corr = std::exp(mx[r] - new_max);
+        sum[r] = sum[r] * corr + exp_sum(s, w, new_max);
+        mx[r] = new_max;
+        if (corr != T(1)) scale_by(acc + r * D, D, corr);
+      }
+      gemm(false, m, D, w, S, W, V.at(b, g, j0), V.ss, acc, D, true);
+    });
+    T* lse_rows = L + (b * Hq + h) * lay.q_len + i0;
+    for (int64_t r = 0; r < m; ++r) {
+      T* o = O.at(b, h, i0 + r);
+      if (sum[r] > T(0)) {
+        std::copy(acc + r * D, acc + (r + 1) * D, o);
+        scale_by(o, D, T(1) / sum[r]);
+        lse_rows[r] = mx[r] + std::log(sum[r]);
+      } else {
+        std::fill(o, o + D, T(0));
+        lse_rows[r] = neg_inf<T>();
+      }
+    }
+  });
+  return {out, lse};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// backward: lse has +inf on rows that see nothing (so P recomputes to 0), delta = rowsum(dO O) - dlse.
+template <typename T>
+at::Tensor backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& dout, const at::Tensor& lse,
+                            const at::Tensor& delta, const Layout& lay, const KeyMask<T>& km,
+                            double scale_arg) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
+  const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
+  const T scale = static_cast<T>(scale_arg);
+  auto dq = at::empty({B, Hq, lay.q_len, D}, q.options());
+  const Strided<T> Q(q), K(k), V(v), DO(dout), DQ(dq);
+  const T *LSE = lse.data_ptr<T>(), *DELTA = delta.data_ptr<T>();
+
+  std::vector<int64_t> cost(B * Hq * nqb);
+  for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
+    const int64_t l = lay.head((t / nqb) % Hq), qb = t % nqb;
+    cost[t] = count(lay.row_full_ptr, nqb, l, qb) + count(lay.row_part_ptr, nqb, l, qb);
+  }
+  run_tasks(by_cost(cost), [&](int64_t t) {
+    thread_local std::vector<T> scratch;
+    thread_local std::vector<Kept> kept;
+    scratch.resize(2 * bq * W + bq * D);
+    T* P = scratch.data();  // [bq, W]
+    T* dS = P + bq * W;     // [bq, W]
+    T* acc = dS + bq * W;   // [bq, D]
+    const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, g = h / group;
+    const int64_t l = lay.head(h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
+    std::fill(acc, acc + m * D, T(0));
+    const T* lse_rows = LSE + (b * Hq + h) * lay.q_len + i0;
+    const T* delta_rows = DELTA + (b * Hq + h) * lay.q_len + i0;
+    kept_blocks(kept, nqb, l, qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr, lay.row_part_idx,
+                lay.row_part_tile, lay.tiles, bq * lay.words);
+    for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
+      const int64_t j0 = kept[first].idx * bk, w = std::min(blocks * bk, lay.kv_len - j0);
+      gemm(true, m, w, D, Q.at(b, h, i0), Q.ss, K.at(b, g, j0), K.ss, P, W, false);
+      gemm(true, m, w, D, DO.at(b, h, i0), DO.ss, V.at(b, g, j0), V.ss, dS, W, false);
+      for (int64_t r = 0; r < m; ++r) {
+        T* p = P + r * W;
+        scale_by(p, w, scale);
+        for (int64_t i = 0; i < blocks; ++i) {
+          const int64_t c0 = i * bk, n = std::min(bk, w - c0);
+          if (const int32_t* tile = kept[first + i].tile) mask_tile_(p + c0, n, tile + r * lay.words);
+          if (const bool* keys = km.keys(b, kept[first + i].idx)) mask_keys_(p + c0, n, keys);
+        }
+        exp_sum(p, w, lse_rows[r]);
+        dsoftmax(dS + r * W, p, w, delta_rows + r, 0, scale);
+      }
+      gemm(false, m, D, w, dS, W, K.at(b, g, j0), K.ss, acc, D, true);
+    });
+    for (int64_t r = 0; r < m; ++r) std::copy(acc + r * D, acc + (r + 1) * D, DQ.at(b, h, i0 + r));
+  });
+  return dq;
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& dout, const at::Tensor& lse,
+                                           const at::Tensor& delta, const Layout& lay,
+                                           const KeyMask<T>& km, double scale_arg) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
+  const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nkb = lay.nkb;
+  const int64_t run_max = std::max<int64_t>(1, kRunWidth / bq), W = run_max * bq;
+  const T scale = static_cast<T>(scale_arg);
+  auto dk = at::empty({B, Hkv, lay.kv_len, D}, q.options());
+  auto dv = at::empty({B, Hkv, lay.kv_len, D}, q.options());
+  const Strided<T> Q(q), K(k), V(v), DO(dout), DK(dk), DV(dv);
+  const T *LSE = lse.data_ptr<T>(), *DELTA = delta.data_ptr<T>();
+
+  std::vector<int64_t> cost(B * Hkv * nkb);
+  for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
+    const int64_t g = (t / nkb) % Hkv, kb = t % nkb;
+    for (int64_t h = g * group; h < (g + 1) * group; ++h)
+      cost[t] += count(lay.col_full_ptr, nkb, lay.head(h), kb) + count(lay.col_part_ptr, nkb, lay.head(h), kb);
+  }
+  run_tasks(by_cost(cost), [&](int64_t t) {
+    thread_local std::vector<T> scratch;
+    thread_local std::vector<Kept> kept;
+    scratch.resize(2 * bk * W + 2 * bk * D);
+    T* P = scratch.data();     // [bk, W]: P^T
+    T* dS = P + bk * W;        // [bk, W]: dS^T
+    T* dk_acc = dS + bk * W;   // [bk, D]
+    T* dv_acc = dk_acc + bk * D;
+    const int64_t b = t / (Hkv * nkb), g = (t / nkb) % Hkv, kb = t % nkb;
+    const int64_t j0 = kb * bk, n = std::min(bk, lay.kv_len - j0);
+    std::fill(dk_acc, dk_acc + n * D, T(0));
+    std::fill(dv_acc, dv_acc + n * D, T(0));
+    const bool* keys = km.keys(b, kb);
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      const T* lse_h = LSE + (b * Hq + h) * lay.q_len;
+      const T* delta_h = DELTA + (b * Hq + h) * lay.q_len;
+      kept_blocks(kept, nkb, lay.head(h), kb, lay.col_full_ptr, lay.col_full_idx, lay.col_part_ptr,
+                  lay.col_part_idx, lay.col_part_tile, lay.tiles_t, bk * lay.words_t);
+      for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
+        const int64_t i0 = kept[first].idx * bq, w = std::min(blocks * bq, lay.q_len - i0);
+        gemm(true, n, w, D, K.at(b, g, j0), K.ss, Q.at(b, h, i0), Q.ss, P, W, false);
+        gemm(true, n, w, D, V.at(b, g, j0), V.ss, DO.at(b, h, i0), DO.ss, dS, W, false);
+        bool tiled = false;
+        for (int64_t i = 0; i < blocks; ++i) tiled |= kept[first + i].tile != nullptr;
+        for (int64_t j = 0; j < n; ++j) {
+          T* p = P + j * W;
+          T* ds = dS + j * W;
+          if (keys && !keys[j]) {  // a masked key: no weight, no gradient
+            std::fill(p, p + w, T(0));
+            std::fill(ds, ds + w, T(0));
+            continue;
+          }
+          if (tiled) {  // masked after scaling, so that a negative scale cannot turn -inf into +inf
+            scale_by(p, w, scale);
+            for (int64_t i = 0; i < blocks; ++i) {
+              const int64_t c0 = i * bq;
+              if (const int32_t* tile = kept[first + i].tile)
+                mask_tile_(p + c0, std::min(bq, w - c0), tile + j * lay.words_t);
+            }
+            scale_sub_exp(p, w, T(1), lse_h + i0);
+          } else {
+            scale_sub_exp(p, w, scale, lse_h + i0);
+          }
+          dsoftmax(ds, p, w, delta_h + i0, 1, scale);
+        }
+        gemm(false, n, D, w, P, W, DO.at(b, h, i0), DO.ss, dv_acc, D, true);
+        gemm(false, n, D, w, dS, W, Q.at(b, h, i0), Q.ss, dk_acc, D, true);
+      });
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      std::copy(dk_acc + j * D, dk_acc + (j + 1) * D, DK.at(b, g, j0 + j));
+      std::copy(dv_acc + j * D, dv_acc + (j + 1) * D, DV.at(b, g, j0 + j));
+    }
+  });
+  return {dk, dv};
+}
+
+void check_float_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be 4-D with a contiguous last dimension");
+}
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
+                                const std::optional<at::Tensor>& key_mask,
+                                const std::optional<at::Tensor>& block_masked, double scale) {
+  for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check_float_rows(t, name);
+  const Layout lay(layout, ints, tiles_t);
+  if (q.scalar_type() == at::kDouble)
+    return forward_impl<double>(q, k, v, lay, key_mask_of<double>(key_mask, block_masked, lay), scale);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
+  return forward_impl<float>(q, k, v, lay, key_mask_of<float>(key_mask, block_masked, lay), scale);
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                 at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
+                                 const std::optional<at::Tensor>& key_mask,
+                                 const std::optional<at::Tensor>& block_masked, double scale) {
+  for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}, {dout, "dout"}}) check_float_rows(t, name);
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
+  const Layout lay(layout, ints, tiles_t);
+  if (q.scalar_type() == at::kDouble) {
+    auto km = key_mask_of<double>(key_mask, block_masked, lay);
+    auto dq = backward_dq_impl<double>(q, k, v, dout, lse, delta, lay, km, scale);
+    auto dkdv = backward_dkdv_impl<double>(q, k, v, dout, lse, delta, lay, km, scale);
+    return {dq, dkdv[0], dkdv[1]};
+  }
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
+  auto km = key_mask_of<float>(key_mask, block_masked, lay);
+  auto dq = backward_dq_impl<float>(q, k, v, dout, lse, delta, lay, km, scale);
+  auto dkdv = backward_dkdv_impl<float>(q, k, v, dout, lse, delta, lay, km, scale);
+  return {dq, dkdv[0], dkdv[1]};
+}
+
+}  // namespace
+
+// Registered as torch.ops.sparse_attn_cpu.{forward,backward} (no pybind11: the build stays short).
+TORCH_LIBRARY(sparse_attn_cpu, m) {
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+}
