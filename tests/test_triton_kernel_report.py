@@ -12,8 +12,9 @@ import pytest
 
 pytest.importorskip("triton")
 
-from sparse_attn import kernel_report  # noqa: E402
 from sparse_attn.triton_kernels.launch import configs_for  # noqa: E402
+
+from sparse_attn import kernel_report  # noqa: E402
 
 
 def test_every_shipped_config_compiles_clean_for_both_targets(tmp_path, capsys):
