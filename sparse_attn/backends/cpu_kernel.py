@@ -153,12 +153,22 @@ def _masked_keys(key_mask, k, v, layout: BlockLayout):
     return key_mask.contiguous(), blocks.contiguous(), k.masked_fill(hide, 0), v.masked_fill(hide, 0)
 
 
+def _shared_layout(layout: BlockLayout):
+    """The layout's tensors and its five geometry ints; the kernel walks batch-shared layouts only."""
+    if layout.batch is not None:
+        raise ValueError(
+            "the C++ CPU kernel takes batch-shared layouts; per-batch ones run on the ATen engine"
+        )
+    tensors, ints = layout.flatten()
+    return tensors, ints[:5]
+
+
 def forward(q, k, v, layout: BlockLayout, scale: float, key_mask):
     """``(out, lse)`` like `torch_backend.forward`, by the C++ kernel."""
     module = load(strict=True)
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
-    tensors, ints = layout.flatten()
+    tensors, ints = _shared_layout(layout)
     out, lse = module.forward(
         _rows(q, acc), _rows(k, acc), _rows(v, acc), tensors, ints, _tiles_t(layout), mask, blocks, scale
     )
@@ -176,7 +186,7 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
         delta = delta - dlse.to(acc)
     # Rows that see no key: +inf makes P = exp(s - lse) exactly 0 there.
     lse = lse.to(acc).masked_fill(lse == float("-inf"), float("inf")).contiguous()
-    tensors, ints = layout.flatten()
+    tensors, ints = _shared_layout(layout)
     dq, dk, dv = module.backward(
         qf, kf, vf, dof, lse, delta.contiguous(), tensors, ints, _tiles_t(layout), mask, blocks, scale
     )
