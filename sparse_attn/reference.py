@@ -39,11 +39,17 @@ def dense_mask(pattern_or_mask, q_len: int, kv_len: int, heads: int, device) -> 
     return m.to(device)
 
 
-def attention_reference(q, k, v, mask=None, *, scale=None, key_mask=None):
+def attention_reference(
+    q, k, v, mask=None, *, scale=None, key_mask=None, softcap=None, alibi_slopes=None, rel_bias=None
+):
     """Dense masked attention: ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])`` in q's dtype, natural-log lse.
 
+    `softcap`, `alibi_slopes` and `rel_bias` modify the scores as `sparse_attn.score_mods` says (after
+    `scale`, before the mask); the reference is differentiable in `rel_bias` too.
     A query with no visible key gets output 0 and lse -inf; its gradients are 0 and nothing is NaN.
     """
+    from .score_mods import check_score_mods, modify_scores, relative_positions
+
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[-2]
     group = heads // k.shape[1]
@@ -55,6 +61,14 @@ def attention_reference(q, k, v, mask=None, *, scale=None, key_mask=None):
     if key_mask is not None:
         visible = visible & key_mask[:, None, None, :].to(q.device)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    mods = check_score_mods(softcap, alibi_slopes, rel_bias, q, k)
+    if mods is not None:
+        rel = relative_positions(
+            torch.arange(q_len, device=q.device), torch.arange(kv_len, device=q.device), q_len, kv_len
+        )
+        heads_idx = torch.arange(heads, device=q.device)[None, :]
+        batch_idx = torch.arange(batch, device=q.device)[:, None]
+        scores = modify_scores(scores, rel, mods, heads_idx, kv_len, batch_idx)
     scores = scores.masked_fill(~visible, float("-inf"))
     has_key = visible.any(-1)
     # Empty rows: score 0 keeps logsumexp and its gradient finite; the mask then zeroes their weights.
