@@ -217,3 +217,23 @@ def test_bad_modifiers_raise_clearly(kwargs, error, words):
     k = torch.zeros(1, 1, 16, 8)
     with pytest.raises(error, match=re.escape(words)):
         sa.sparse_attention(q, k, k, sa.causal(), backend="torch", **kwargs)
+
+
+def test_varlen_softcap_and_alibi_per_sequence():
+    """Packed sequences: softcap and ALiBi distances are each sequence's own (cu_seqlens_q == cu_seqlens_k)."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 37, 37, 117, 122], dtype=torch.int32)
+    q = torch.randn(122, 4, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(122, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    slopes = torch.rand(4, generator=g, dtype=torch.float64)
+    out = sa.sparse_attention_varlen(
+        q, k, v, cu, cu, sa.causal(), softcap=2.0, alibi_slopes=slopes, backend="torch"
+    )
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        if a < b:
+            seq = [t[a:b].transpose(0, 1)[None] for t in (q, k, v)]
+            want, _ = attention_reference(*seq, sa.causal(), softcap=2.0, alibi_slopes=slopes)
+            torch.testing.assert_close(out[a:b], want[0].transpose(0, 1), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
+        cu_k = torch.tensor([0, 30, 37, 117, 122], dtype=torch.int32)
+        sa.sparse_attention_varlen(q, k, v, cu, cu_k, sa.causal(), alibi_slopes=slopes, backend="torch")
