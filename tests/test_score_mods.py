@@ -237,3 +237,16 @@ def test_varlen_softcap_and_alibi_per_sequence():
     with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
         cu_k = torch.tensor([0, 30, 37, 117, 122], dtype=torch.int32)
         sa.sparse_attention_varlen(q, k, v, cu, cu_k, sa.causal(), alibi_slopes=slopes, backend="torch")
+
+
+def test_module_carries_softcap_and_alibi():
+    q, k, v = (t.float() for t in make_inputs(b=1, hq=4, hkv=2, sq=80, skv=80))
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    rel = torch.randn(4, 159)
+    module = sa.SparseAttention(sa.causal(), backend="torch", softcap=3.0, alibi_slopes=slopes)
+    assert "softcap=3.0" in repr(module) and "alibi=True" in repr(module)
+    want = sa.sparse_attention(
+        q, k, v, sa.causal(), backend="torch", softcap=3.0, alibi_slopes=slopes, rel_bias=rel
+    )
+    torch.testing.assert_close(module(q, k, v, rel_bias=rel), want, rtol=0, atol=0)
+    assert "alibi_slopes" in dict(module.named_buffers())
