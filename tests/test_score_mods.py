@@ -250,3 +250,14 @@ def test_module_carries_softcap_and_alibi():
     )
     torch.testing.assert_close(module(q, k, v, rel_bias=rel), want, rtol=0, atol=0)
     assert "alibi_slopes" in dict(module.named_buffers())
+
+
+def test_topk_selection_with_modifiers(engine):
+    """Content-selected blocks: the modifiers apply inside the selected blocks (per-batch, per-head layout)."""
+    q, k, v = make_inputs(sq=192, skv=192)
+    pattern = sa.topk_blocks(2) & sa.causal()
+    layout = sa.select_layout(pattern, q, k, block_size=64)
+    mods = make_mods(MODS["all"], 2, 4, 192, 192)
+    got = sa.sparse_attention(q, k, v, pattern, backend="torch", **mods)
+    want, _ = attention_reference(q, k, v, layout, **mods)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
