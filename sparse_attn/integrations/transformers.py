@@ -126,17 +126,47 @@ class SparseMaskInfo:
         """The model's own pattern: causal, a window, chunked, or everything (`dense()` for a static-cache decode
         step, whose row of the mask is in `key_mask`)."""
         if self.decode_position is not None:
-            return dense()
+            return _shared_pattern(("dense",), dense)
         if self.chunk is not None:
             if self.chunk_start is None:
-                return chunked(self.chunk) & causal()
+                return _shared_pattern(("chunked", self.chunk), lambda: chunked(self.chunk) & causal())
             # Chunks shifted per batch element (left padding, an evicting cache): the chunk index of every key.
             j = torch.arange(self.kv_length, device=self.chunk_start.device)
             ids = torch.div(j[None, :] - self.chunk_start[:, None], self.chunk, rounding_mode="floor")
             return documents(ids) & causal()
         if self.causal:
-            return causal() if self.window is None else sliding_window(self.window - 1, 0)
-        return dense() if self.window is None else sliding_window(self.window, self.window)
+            return _shared_pattern(
+                ("causal", self.window),
+                lambda: causal() if self.window is None else sliding_window(self.window - 1, 0),
+            )
+        return _shared_pattern(
+            ("bidirectional", self.window),
+            lambda: dense() if self.window is None else sliding_window(self.window, self.window),
+        )
+
+
+#: The model patterns made so far, by kind: every call (and every layer) reuses one pattern object, and so
+#: its cached layouts; and a compiled forward pass finds it here instead of building it in the graph.
+_SHARED_PATTERNS: dict[tuple, Pattern] = {}
+
+
+def _shared_pattern(key: tuple, make) -> Pattern:
+    pattern = _SHARED_PATTERNS.get(key)
+    if pattern is None:
+        pattern = _SHARED_PATTERNS[key] = _outside_the_graph(make)
+    return pattern
+
+
+def _call(make):
+    return make()
+
+
+#: ``make()`` run eagerly while torch.compile traces: patterns made in the graph would reach the layout
+#: builder half made. (A graph break, the first time a kind of pattern is met only: the plain ones are made
+#: below, and generate()'s eager prefill makes the windowed ones first.)
+_outside_the_graph = torch.compiler.disable(_call)
+for _key, _make in ((("dense",), dense), (("causal", None), causal), (("bidirectional", None), dense)):
+    _SHARED_PATTERNS[_key] = _make()
 
 
 def register(name: str = DEFAULT_NAME) -> str:
@@ -184,19 +214,21 @@ class RelativePositionBias:
         return m.relative_attention_bias(bucket).t().contiguous()
 
 
-def _t5_attention_classes() -> list[type]:
+#: The T5-family attention classes found by `register()`.
+_T5_CLASSES: tuple[type, ...] = ()
+
+
+def _wrap_t5_compute_bias() -> None:
+    """Make T5's ``compute_bias`` return a `RelativePositionBias` under sparse_attn (idempotent)."""
+    global _T5_CLASSES
     classes = []
     for module_name, class_name in _T5_ATTENTIONS:
         try:
             classes.append(getattr(importlib.import_module(module_name), class_name))
         except (ImportError, AttributeError):
             continue
-    return classes
-
-
-def _wrap_t5_compute_bias() -> None:
-    """Make T5's ``compute_bias`` return a `RelativePositionBias` under sparse_attn (idempotent)."""
-    for cls in _t5_attention_classes():
+    _T5_CLASSES = tuple(classes)
+    for cls in _T5_CLASSES:
         original = cls.compute_bias
         if getattr(original, "_sparse_attn_original", None) is not None:
             continue
@@ -214,7 +246,7 @@ def _wrap_t5_compute_bias() -> None:
 def _is_t5_cross_attention(module) -> bool:
     """T5's cross-attention layers: their ``position_bias`` is T5's ``torch.zeros`` (no relative bias)."""
     return (
-        isinstance(module, tuple(_t5_attention_classes()))
+        isinstance(module, _T5_CLASSES)
         and module.is_decoder
         and not module.is_causal
         and not module.has_relative_attention_bias
@@ -363,6 +395,11 @@ def _unpack_packed_sequences(mask_function):
     mask ``and_masks(remap_positions_for_packed_sequence(f, position_ids), packed_sequence_mask_function(
     indices))``; ``(mask_function, None)`` for any other mask. Within one packed sequence positions are
     consecutive, so ``f`` on the remapped positions is ``f`` on the packed ones."""
+    from transformers import masking_utils as mu
+
+    # The plain masks first: identity checks, which torch.compile traces (closure inspection it does not).
+    if mask_function is None or mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function):
+        return mask_function, None
     parts = _closure(mask_function).get("mask_functions")
     if not (
         getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2
