@@ -580,3 +580,22 @@ def test_compiled_static_cache_generate_equals_eager_without_recompiles(kind, gr
         assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
     finally:
         torch._dynamo.reset()
+
+
+def test_what_cannot_be_exact_still_raises():
+    model = _model("llama")
+    ids, mask = _batch()
+    # A set_pattern pattern cannot be folded into a static-cache decode step's key mask.
+    sa_hf.set_pattern(model, causal() & sliding_window(3, 0))
+    try:
+        with pytest.raises(ValueError, match="set_pattern"):
+            _greedy(model, NAME, ids, mask, 3, cache_implementation="static")
+    finally:
+        sa_hf.set_pattern(model, None)
+    # Dense additive biases other than T5's, and ALiBi given to the attention function.
+    attention = model.model.layers[0].self_attn
+    q = k = v = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match="position_bias"):
+        sa_hf.sparse_attention_forward(attention, q, k, v, None, position_bias=torch.zeros(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="'alibi'"):
+        sa_hf.sparse_attention_forward(attention, q, k, v, None, alibi=torch.zeros(4))
