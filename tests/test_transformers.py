@@ -473,6 +473,8 @@ def test_gemma2_softcap_and_llama4_chunks_equal_eager(kind):
         sa_hf.set_pattern(model, causal())
         assert not torch.allclose(_logits(model, NAME, ids, mask)[real], ref[real], atol=1e-3)
         sa_hf.set_pattern(model, None)
+        # Without padding the chunks start at 0 for every element: the shared chunked(8) & causal() layout.
+        torch.testing.assert_close(_logits(model, NAME, ids, None), _logits(model, "eager", ids, None))
     new = 3 * CHUNK
     want = _greedy(model, "eager", ids, mask, new)
     CALLS.clear()
@@ -522,11 +524,11 @@ def test_t5_relative_bias_equals_eager_in_training_and_generation():
     assert torch.equal(_greedy(model, NAME, ids, mask, new, cache_implementation="static"), want)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "llama4"])
 def test_static_cache_generate_equals_dynamic(kind):
     """generate(cache_implementation="static"): key states run past the last query into the unwritten
     tail of a preallocated cache; prefill uses the written keys, decode steps one fixed-size layout."""
-    model = _gemma2() if kind == "gemma2" else _model(kind)
+    model = {"gemma2": _gemma2, "llama4": _llama4}.get(kind, lambda: _model(kind))()
     ids, mask = _batch()
     new = 3 * WINDOW
     want = _greedy(model, "eager", ids, mask, new)
@@ -536,8 +538,10 @@ def test_static_cache_generate_equals_dynamic(kind):
     # tail unwritten); sliding-window layers hold the last WINDOW keys once full.
     full = PROMPT + new - 1
     decode_kv = {kv for q, kv in CALLS if q == 1}
-    assert decode_kv == {"llama": {full}, "mistral": {WINDOW}, "gemma2": {full, WINDOW}}[kind]
-    assert ((PROMPT, full) in CALLS) == (kind != "mistral")
+    assert (
+        decode_kv == {"llama": {full}, "mistral": {WINDOW}, "gemma2": {full, WINDOW}, "llama4": {CHUNK}}[kind]
+    )
+    assert ((PROMPT, full) in CALLS) == (kind in ("llama", "gemma2"))
 
 
 def test_static_cache_decode_key_mask_equals_transformers_sdpa_mask():
