@@ -11,6 +11,7 @@ from . import _ops, backends
 from .layout import BlockLayout
 from .patterns import Pattern
 from .patterns.topk import selects
+from .score_mods import check_score_mods
 from .selection import select_layout
 
 #: Largest |scale| for fp16/bf16/fp32 inputs: float32 scores then overflow only if |q . k| > 1.8e19.
@@ -27,6 +28,9 @@ def sparse_attention(
     key_mask: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    rel_bias: torch.Tensor | None = None,
 ):
     """Attention of `q` over `k`, `v` restricted to a sparsity pattern, exactly.
 
@@ -40,7 +44,13 @@ def sparse_attention(
         return_lse: also return the natural-log logsumexp ``[B, Hq, Sq]``, float32 (float64 for float64
             inputs).
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"triton"`` or ``"torch"``.
+        softcap: c > 0 caps the scaled scores as ``c * tanh(s / c)`` (Gemma 2's logit soft-capping).
+        alibi_slopes: ``[Hq]`` or ``[B, Hq]``; adds ``-slope * |qpos - j|`` after the softcap (FlashAttention's
+            convention, qpos the bottom-right aligned query position below). No gradient.
+        rel_bias: ``[Hq, Sq + Skv - 1]``; adds ``rel_bias[h, j - qpos + Skv - 1]`` (a bias of the relative
+            position, e.g. T5's, gathered per diagonal); differentiable.
 
+    Modifiers apply in the order scale, softcap, ALiBi, rel_bias, then the mask (`sparse_attn.score_mods`).
     Queries are aligned bottom-right: row i sits at position ``i + Skv - Sq``. A query with no visible key
     gets output 0 and lse -inf.
     """
@@ -48,13 +58,14 @@ def sparse_attention(
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = _check_inputs(q, k, v, key_mask, scale, spec)
+    mods = check_score_mods(softcap, alibi_slopes, rel_bias, q, k)
     if isinstance(pattern_or_layout, Pattern) and selects(pattern_or_layout):
         # Content-selected blocks (topk_blocks): chosen from q and k on their device, inside the graph
         # under torch.compile (fixed sizes, no host synchronisation).
         layout = select_layout(pattern_or_layout, q, k, block_size=spec.default_block_size, key_mask=key_mask)
     else:
         layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)
-    out, lse = _ops.attention(q, k, v, layout, scale, key_mask, spec.name)
+    out, lse = _ops.attention(q, k, v, layout, scale, key_mask, spec.name, mods)
     return (out, lse) if return_lse else out
 
 

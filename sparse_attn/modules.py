@@ -40,21 +40,36 @@ class SparseAttention(nn.Module):
         scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see `sparse_attention`).
         cache_size: how many layouts to keep (least recently used ones are dropped).
+        softcap, alibi_slopes: score modifiers of every call, as in `sparse_attention` (the slopes ``[Hq]``
+            are a buffer: they follow the module's device).
 
-    ``forward(q, k, v, key_mask=None, return_lse=False, document_ids=None)`` takes SDPA's layout
-    ``[B, H, S, D]``. `document_ids` (int ``[Skv]`` or ``[B, Skv]``, non-decreasing: packed documents) keeps
+    ``forward(q, k, v, key_mask=None, return_lse=False, document_ids=None, rel_bias=None)`` takes SDPA's layout
+    ``[B, H, S, D]``; `rel_bias` ``[Hq, Sq + Skv - 1]`` is a per-call relative-position bias (differentiable). `document_ids` (int ``[Skv]`` or ``[B, Skv]``, non-decreasing: packed documents) keeps
     this call's documents apart: ``documents(document_ids) & pattern``, built for the call (not cached).
     """
 
     def __init__(
-        self, pattern: Pattern, *, scale: float | None = None, backend: str = "auto", cache_size: int = 8
+        self,
+        pattern: Pattern,
+        *,
+        scale: float | None = None,
+        backend: str = "auto",
+        cache_size: int = 8,
+        softcap: float | None = None,
+        alibi_slopes: torch.Tensor | None = None,
     ):
         super().__init__()
         if not isinstance(pattern, Pattern):
             raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
         backends.check_name(backend)
         check_int("cache_size", cache_size, 1, wrong_type=ValueError)
+        if alibi_slopes is not None and (
+            not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() != 1
+        ):
+            raise ValueError("alibi_slopes must be a 1-D tensor [Hq] (one slope per query head) or None")
         self.pattern, self.scale, self.backend, self.cache_size = pattern, scale, backend, cache_size
+        self.softcap = softcap
+        self.register_buffer("alibi_slopes", alibi_slopes)
         self._layouts = LayoutCache(cache_size)
 
     def _key(self, q_len: int, kv_len: int, heads: int, device) -> tuple:
@@ -85,7 +100,7 @@ class SparseAttention(nn.Module):
         block = backends.get(backend).default_block_size
         return self.pattern.layout(q_len, kv_len, block_size=block, heads=head_key, device=device_name)
 
-    def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False, document_ids=None):
+    def forward(self, q, k, v, key_mask=None, *, return_lse: bool = False, document_ids=None, rel_bias=None):
         """``sparse_attention(q, k, v, pattern, ...)`` with the cached layout."""
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
@@ -98,11 +113,25 @@ class SparseAttention(nn.Module):
         else:
             layout = self.prepare(q.shape[2], k.shape[2], heads=q.shape[1], device=q.device)
         return sparse_attention(
-            q, k, v, layout, scale=self.scale, key_mask=key_mask, return_lse=return_lse, backend=self.backend
+            q,
+            k,
+            v,
+            layout,
+            scale=self.scale,
+            key_mask=key_mask,
+            return_lse=return_lse,
+            backend=self.backend,
+            softcap=self.softcap,
+            alibi_slopes=self.alibi_slopes,
+            rel_bias=rel_bias,
         )
 
     def extra_repr(self) -> str:
-        return f"pattern={self.pattern!r}, backend={self.backend!r}, cached_layouts={len(self._layouts)}"
+        mods = f", softcap={self.softcap}" if self.softcap is not None else ""
+        mods += ", alibi=True" if self.alibi_slopes is not None else ""
+        return (
+            f"pattern={self.pattern!r}, backend={self.backend!r}{mods}, cached_layouts={len(self._layouts)}"
+        )
 
 
 def _keep_off_fused_path(module, args):

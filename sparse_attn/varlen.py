@@ -25,6 +25,7 @@ from .patterns._blockset import combine
 from .patterns.base import Intersection, PerHead, Union, check_block_size
 from .patterns.documents import Segments, segment_band_blocks
 from .patterns.window import UNBOUNDED, _Band
+from .score_mods import check_score_mods
 
 
 def sparse_attention_varlen(
@@ -39,6 +40,8 @@ def sparse_attention_varlen(
     return_lse: bool = False,
     backend: str = "auto",
     block_size=None,
+    softcap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
 ):
     """Attention over packed variable-length sequences, each with `pattern` applied to it alone.
 
@@ -51,6 +54,9 @@ def sparse_attention_varlen(
             sequence is its last position): `causal()`, `sliding_window`, `dilated`, and their ``&``/``|``
             and `per_head` combinations; None attends to the whole sequence.
         block_size: the layout block (defaults to the backend's).
+        softcap, alibi_slopes: as in `sparse_attention` (FlashAttention's varlen has both); ALiBi slopes
+            ``[Hq]`` measure ``|qpos - j|`` within each sequence, so they need ``cu_seqlens_q == cu_seqlens_k``
+            (self-attention packing), where packed and per-sequence distances agree.
 
     Returns ``out`` ``[Tq, Hq, D]`` like q, and with ``return_lse=True`` also ``lse`` float32 ``[Hq, Tq]``.
     Differentiable in q, k and v. The layout is built from ``cu_seqlens`` (read once on the host).
@@ -74,10 +80,18 @@ def sparse_attention_varlen(
     if q.shape[0] == 0 or k.shape[0] == 0:
         return _without_pairs(q, k, v, return_lse)
     scale = _check_inputs(q4, k4, v4, None, scale, spec)
+    if alibi_slopes is not None and not torch.equal(cu_q, cu_k):
+        raise ValueError(
+            "alibi_slopes in sparse_attention_varlen need cu_seqlens_q == cu_seqlens_k (self-attention "
+            "packing): only then is the packed distance |qpos - j| each sequence's own"
+        )
+    if alibi_slopes is not None and alibi_slopes.dim() != 1:
+        raise ValueError(f"alibi_slopes must be [Hq={q.shape[1]}] here, got {tuple(alibi_slopes.shape)}")
+    mods = check_score_mods(softcap, alibi_slopes, None, q4, k4)
     if block_size is None:
         block_size = spec.default_block_size
     layout = varlen_layout(pattern, cu_q, cu_k, block_size=block_size, heads=q.shape[1], device=q.device)
-    out, lse = _ops.attention(q4, k4, v4, layout, scale, None, spec.name)
+    out, lse = _ops.attention(q4, k4, v4, layout, scale, None, spec.name, mods)
     out = out[0].transpose(0, 1)
     return (out, lse[0]) if return_lse else out
 

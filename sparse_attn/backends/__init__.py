@@ -2,10 +2,12 @@
 
 A backend is a module offering
 
-- ``forward(q, k, v, layout, scale, key_mask) -> (out, lse)``: out like q, lse ``[B, Hq, Sq]`` in
-  ``spec.lse_dtype(q.dtype)`` (natural log, -inf for rows with no visible key);
-- ``backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask) -> (dq, dk, dv)``, where `dlse` (the
-  gradient flowing into lse, or None) enters as ``delta = rowsum(dO * O) - dlse``;
+- ``forward(q, k, v, layout, scale, key_mask, mods=None) -> (out, lse)``: out like q, lse ``[B, Hq, Sq]`` in
+  ``spec.lse_dtype(q.dtype)`` (natural log, -inf for rows with no visible key); `mods` is None or the
+  call's `sparse_attn.score_mods.ScoreMods` (softcap, ALiBi, rel_bias), already checked;
+- ``backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods=None) -> (dq, dk, dv, d_rel_bias)``,
+  where `dlse` (the gradient flowing into lse, or None) enters as ``delta = rowsum(dO * O) - dlse``, and
+  d_rel_bias (the per-diagonal sums of dS, like ``mods.rel_bias``) is None without a rel_bias;
 
 and a `BackendSpec` registered here, which says what it takes. The module is imported on first use, so
 ``import sparse_attn`` imports no optional dependency. `sparse_attn.api`, `sparse_attn._ops`,

@@ -153,9 +153,11 @@ class _Run:
         return out.contiguous(), lse.contiguous()
 
     def attend_backward(self, do, dlse, q, k, v, out, lse, layout):
-        return self.backend.backward(
+        """``(dq, dk, dv)`` (no score modifiers here: the backend's d_rel_bias slot is None)."""
+        dq, dk, dv, _ = self.backend.backward(
             do.contiguous(), dlse, q, k, v, out, lse, layout.to(q.device), self.scale, None
         )
+        return dq, dk, dv
 
     def pulled_kv(self, pieces: dict, like: torch.Tensor):
         """The pulled K and V, ``[B, Hkv, gathered * block, D]`` each, blocks in sequence order."""

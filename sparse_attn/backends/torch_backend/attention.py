@@ -7,8 +7,10 @@ import torch.nn.functional as F
 
 from ...layout import BlockLayout
 from ...merge import merge_pair
+from ...score_mods import ScoreMods
 from .. import cpu_kernel
 from .. import get as backend_spec
+from .modifiers import SegmentModifiers, backward_segment, forward_segment
 from .planning import Call, passes
 from .pool import ordered_map
 from .views import Problem, Rows, _masked_rows, per_kv_head
@@ -26,15 +28,15 @@ def _segment(qg, kseg, vseg, mask, hidden, scale):
 
 
 # -- forward --------------------------------------------------------------------------------------------
-def forward(q, k, v, layout, scale, key_mask):
+def forward(q, k, v, layout, scale, key_mask, mods=None):
     """``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq])``; rows with no visible key: out 0, lse -inf."""
     if q.device.type != "cpu":
-        return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask)
-    if cpu_kernel.active() and layout.batch is None:
+        return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask, mods)
+    if cpu_kernel.active() and layout.batch is None and mods is None:
         # The C++ kernel walks batch-shared layouts; per-batch ones (documents, top-k) take the ATen path.
         return cpu_kernel.forward(q, k, v, layout, scale, key_mask)
     layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
-    problem = Problem(q, k, v, layout, scale, key_mask)
+    problem = Problem(q, k, v, layout, scale, key_mask, mods)
     rows_total = problem.batch * problem.hq * problem.nqb
     out = torch.zeros(rows_total, problem.bq * problem.dim, dtype=q.dtype)
     lse = torch.full((rows_total, problem.bq), float("-inf"), dtype=backend_spec("torch").lse_dtype(q.dtype))
@@ -53,9 +55,17 @@ def _forward_rows(call: Call, problem: Problem, out: torch.Tensor, lse: torch.Te
     segments = []
     if call.full.shape[1]:
         mask = problem.full_mask(call)
-        segments.append(_segment(qg, *problem.full_kv(call), mask, _masked_rows(mask), problem.scale))
+        if problem.mods is None:
+            segments.append(_segment(qg, *problem.full_kv(call), mask, _masked_rows(mask), problem.scale))
+        else:
+            seg = SegmentModifiers(problem.mods, problem, call, call.full, call.full_len)
+            segments.append(forward_segment(qg, *problem.full_kv(call), mask, seg))
     if call.part.shape[1]:
-        segments.append(_segment(qg, *problem.part_kv(call), *problem.part_mask(call), problem.scale))
+        if problem.mods is None:
+            segments.append(_segment(qg, *problem.part_kv(call), *problem.part_mask(call), problem.scale))
+        else:
+            seg = SegmentModifiers(problem.mods, problem, call, call.part, call.part.shape[1] * problem.bk)
+            segments.append(forward_segment(qg, *problem.part_kv(call), problem.part_mask(call)[0], seg))
     if call.merge:  # what an earlier pass wrote for these rows (views of out / lse, or gathered copies)
         segments.append((rows.read(out, problem.dim, "o_prev"), rows.read(lse, 1, "lse_prev").squeeze(-1)))
     o_dest, l_dest = rows.target(out, problem.dim, "o"), rows.target(lse, 1, "lse").squeeze(-1)
@@ -75,18 +85,19 @@ def _forward_rows(call: Call, problem: Problem, out: torch.Tensor, lse: torch.Te
 
 
 # -- backward -------------------------------------------------------------------------------------------
-def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
-    """``(dq, dk, dv)``, recomputed from `lse` chunk by chunk; ``delta = rowsum(dO * O) - dlse``."""
+def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods=None):
+    """``(dq, dk, dv, d_rel_bias)``, recomputed from `lse` chunk by chunk; ``delta = rowsum(dO * O) - dlse``.
+    d_rel_bias is None unless `mods` has a rel_bias."""
     if q.device.type != "cpu":
-        return _on_cpu(backward, q.device, do, dlse, q, k, v, out, lse, layout, scale, key_mask)
-    if cpu_kernel.active() and layout.batch is None:
-        return cpu_kernel.backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask)
+        return _on_cpu(backward, q.device, do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods)
+    if cpu_kernel.active() and layout.batch is None and mods is None:
+        return (*cpu_kernel.backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask), None)
     if dlse is not None:
         live_dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
         if bool(live_dlse.any()):
-            return _backward_with_dlse(do, live_dlse, q, k, v, out, lse, layout, scale, key_mask)
+            return _backward_with_dlse(do, live_dlse, q, k, v, out, lse, layout, scale, key_mask, mods)
     layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
-    problem = Problem(q, k, v, layout, scale, key_mask)
+    problem = Problem(q, k, v, layout, scale, key_mask, mods)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     saved = (
         problem.q,
@@ -97,16 +108,23 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     dq = torch.zeros(problem.q.shape, dtype=acc)
     dk = torch.zeros(problem.k.shape, dtype=acc)
     dv = torch.zeros(problem.v.shape, dtype=acc)
-    # Workers compute; dK and dV are added here, in task order, so the result is deterministic.
+    has_rel_bias = mods is not None and mods.rel_bias is not None
+    d_rel_bias = (
+        torch.zeros(problem.hq * (problem.q_len + problem.kv_len - 1), dtype=acc) if has_rel_bias else None
+    )
+    # Workers compute; dK, dV (and d_rel_bias) are added here, in task order, so the result is deterministic.
     for tasks in passes(layout, problem, backward=True):
         for adds in ordered_map(lambda chunk: _backward_rows(chunk, problem, saved, dq), tasks):
-            for grad_k, grad_v, chunk, blocks in adds:
+            for grad_k, grad_v, chunk, blocks, grad_rel in adds:
                 _add_blocks(dk, grad_k.to(dk.dtype), chunk, blocks, problem)
                 _add_blocks(dv, grad_v.to(dv.dtype), chunk, blocks, problem)
+                if grad_rel is not None:
+                    d_rel_bias += grad_rel
     return (
         _unblock(dq, problem.batch, problem.hq, problem.q_len, problem.dim, q.dtype),
         _unblock(dk, problem.batch, problem.hkv, k.shape[2], problem.dim, q.dtype),
         _unblock(dv, problem.batch, problem.hkv, k.shape[2], problem.dim, q.dtype),
+        d_rel_bias.view(mods.rel_bias.shape).to(mods.rel_bias.dtype) if has_rel_bias else None,
     )
 
 
@@ -120,7 +138,7 @@ def _lse_blocks(lse: torch.Tensor, problem: Problem) -> torch.Tensor:
 
 def _backward_rows(call: Call, problem: Problem, saved, dq) -> list:
     """Gradients of one chunk of rows: dQ into its rows of `dq`; returns the per-segment
-    ``(dK, dV, call, key blocks)`` for the caller to add into the key blocks."""
+    ``(dK, dV, call, key blocks, d_rel_bias or None)`` for the caller to add into the key blocks."""
     rows = Rows(call, problem)
     q_blocks, do_blocks, out_blocks, lse_blocks = saved
     qg, dog, og = (
@@ -135,16 +153,22 @@ def _backward_rows(call: Call, problem: Problem, saved, dq) -> list:
         dq_dest = rows.target(dq, problem.dim, "dq").zero_()
     segments = []
     if call.full.shape[1]:
-        segments.append((*problem.full_kv(call), problem.full_mask(call), call.full))
+        segments.append((*problem.full_kv(call), problem.full_mask(call), call.full, call.full_len))
     if call.part.shape[1]:
-        segments.append((*problem.part_kv(call), problem.part_mask(call)[0], call.part))
+        part_len = call.part.shape[1] * problem.bk
+        segments.append((*problem.part_kv(call), problem.part_mask(call)[0], call.part, part_len))
     adds = []
-    for kseg, vseg, mask, blocks in segments:
-        dq_s, dk_s, dv_s = _flash_bwd(
-            dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=problem.scale
-        )
+    for kseg, vseg, mask, blocks, n_keys in segments:
+        if problem.mods is None:
+            dq_s, dk_s, dv_s = _flash_bwd(
+                dog, qg, kseg, vseg, og, lg, 0.0, False, attn_mask=mask, scale=problem.scale
+            )
+            grad_rel = None
+        else:
+            seg = SegmentModifiers(problem.mods, problem, call, blocks, n_keys)
+            dq_s, dk_s, dv_s, grad_rel = backward_segment(dog, qg, kseg, vseg, og, lg, mask, seg)
         dq_dest.add_(dq_s)
-        adds.append((dk_s, dv_s, call, blocks))
+        adds.append((dk_s, dv_s, call, blocks, grad_rel))
     rows.commit(dq, dq_dest)
     return adds
 
@@ -184,7 +208,7 @@ def _unblock(blocks: torch.Tensor, batch: int, heads: int, length: int, dim: int
     return blocks.view(batch, heads, -1, dim)[:, :, :length].to(dtype).contiguous()
 
 
-def _backward_with_dlse(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
+def _backward_with_dlse(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods):
     """Fold ``delta -= dlse`` into one extra head-dim column: q, k, v get 0, out gets 1, dO gets -dlse.
 
     Scores and dO @ V^T are unchanged by a zero column, while rowsum(dO * O) picks up exactly -dlse.
@@ -192,16 +216,27 @@ def _backward_with_dlse(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
     zero_col = lambda t: F.pad(t, (0, 1))
     out_aug = torch.cat([out, torch.ones_like(out[..., :1])], -1)
     do_aug = torch.cat([do, -dlse.to(do.dtype)[..., None]], -1)
-    grads = backward(
-        do_aug, None, zero_col(q), zero_col(k), zero_col(v), out_aug, lse, layout, scale, key_mask
+    *grads, d_rel_bias = backward(
+        do_aug, None, zero_col(q), zero_col(k), zero_col(v), out_aug, lse, layout, scale, key_mask, mods
     )
-    return tuple(g[..., :-1].contiguous() for g in grads)
+    return (*(g[..., :-1].contiguous() for g in grads), d_rel_bias)
 
 
 def _on_cpu(fn, device, *args):
     """Run `fn` on CPU copies of its tensor arguments (the fused kernel is CPU-only), results back on `device`."""
     moved = [
-        a.cpu() if isinstance(a, torch.Tensor) else a.to("cpu") if isinstance(a, BlockLayout) else a
+        a.cpu()
+        if isinstance(a, torch.Tensor)
+        else a.to("cpu")
+        if isinstance(a, BlockLayout)
+        else _mods_on_cpu(a)
+        if isinstance(a, ScoreMods)
+        else a
         for a in args
     ]
-    return tuple(t.to(device) for t in fn(*moved))
+    return tuple(None if t is None else t.to(device) for t in fn(*moved))
+
+
+def _mods_on_cpu(mods: ScoreMods) -> ScoreMods:
+    cpu = lambda t: None if t is None else t.cpu()
+    return ScoreMods(mods.softcap, cpu(mods.alibi_slopes), cpu(mods.rel_bias))

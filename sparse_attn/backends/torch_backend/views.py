@@ -95,9 +95,10 @@ def per_kv_head(layout: BlockLayout, hq: int, hkv: int) -> BlockLayout:
 class Problem:
     """Inputs flattened to per-sequence blocks, and the gathers / views one call needs."""
 
-    def __init__(self, q, k, v, layout: BlockLayout, scale: float, key_mask):
+    def __init__(self, q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
         self.batch, self.hq, self.q_len, self.dim = q.shape
-        self.hkv = k.shape[1]
+        self.hkv, self.kv_len = k.shape[1], k.shape[2]
+        self.mods = mods  # ScoreMods or None
         self.bq, self.bk = layout.block_q, layout.block_k
         self.nqb, self.nkb = layout.num_q_blocks, layout.num_k_blocks
         self.scale = scale
