@@ -96,10 +96,10 @@ def kernel_run(qkv, layout, mods, dtype, scale, key_mask=None, rel_bias_dtype=No
     return (out, lse, *grads)
 
 
-def check(qkv, pattern, mods, dtype, block=32, key_mask=None):
+def check(qkv, pattern, mods, dtype, block=32, key_mask=None, scale=None):
     """The kernel in `dtype` against the float64 reference, within twice the plain math's error."""
     q, k = qkv[0], qkv[1]
-    scale = 1.0 / math.sqrt(q.shape[-1])
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     layout = pattern.layout(q.shape[2], k.shape[2], block_size=block)
     rounded = [t.to(dtype).double() for t in qkv]  # the same rounded inputs for every run
     got = kernel_run(rounded, layout, mods, dtype, scale, key_mask)
@@ -138,6 +138,13 @@ def test_modifiers_match_reference_fp32(mods, pattern):
     """GQA, Sq != Skv (97 queries, 161 keys: ragged blocks), fp32."""
     qkv = make_inputs(2, 4, 2, 97, 161, 32)
     check(qkv, PATTERNS[pattern], make_mods(MOD_SETS[mods], 2, 4, 97, 161), torch.float32)
+
+
+@pytest.mark.parametrize("softcap", [5.0, 50.0])
+def test_softcap_on_large_scores(softcap):
+    """Scores up to about +-25 (scale 1): saturated tanh (c = 5) and Gemma 2's c = 50."""
+    qkv = make_inputs(1, 2, 2, 97, 97, 32)
+    check(qkv, sa.causal(), {"softcap": softcap}, torch.float32, scale=1.0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

@@ -95,6 +95,28 @@ inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int6
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
 
+// tanh in float: a rational approximation (Eigen's fast tanh: odd degree-13 over even degree-6 polynomial,
+// within 7 ulp, 4e-7 absolute), about 3x faster than ATen's (Sleef, 1 ulp), whose cost would double the
+// forward's element-wise work under a softcap. Double keeps ATen's.
+inline Vectorized<float> vtanh(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using at::vec::fmadd;
+  const V y = at::vec::clamp(x, V(-7.90531110763549805f), V(7.90531110763549805f));
+  const V y2 = y * y;
+  V p = fmadd(y2, V(-2.76076847742355e-16f), V(2.00018790482477e-13f));
+  p = fmadd(y2, p, V(-8.60467152213735e-11f));
+  p = fmadd(y2, p, V(5.12229709037114e-08f));
+  p = fmadd(y2, p, V(1.48572235717979e-05f));
+  p = fmadd(y2, p, V(6.37261928875436e-04f));
+  p = fmadd(y2, p, V(4.89352455891786e-03f));
+  V r = fmadd(y2, V(1.19825839466702e-06f), V(1.18534705686654e-04f));
+  r = fmadd(y2, r, V(2.26843463243900e-03f));
+  r = fmadd(y2, r, V(4.89352518554385e-03f));
+  // Below 4e-4, tanh(x) rounds to x.
+  return V::blendv((p * y) / r, x, x.abs() < V(0.0004f));
+}
+inline Vectorized<double> vtanh(const Vectorized<double>& x) { return x.tanh(); }
+
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
@@ -229,7 +251,7 @@ inline T modify_row_(T* x, int64_t n, T scale, T cap, T* th, T slope, int64_t re
   auto apply = [&](V y, int64_t c, int64_t lanes) {
     y = y * V(scale);
     if (cap != 0) {
-      const V t = (y * V(inv_cap)).tanh();
+      const V t = vtanh(y * V(inv_cap));
       if (th) t.store(th + c, lanes);
       y = t * V(cap);
     }
