@@ -263,3 +263,52 @@ def test_bad_modifier_tensors_are_refused():
         module.forward(*args, 0.0, torch.zeros(1, 3), None)
     with pytest.raises(RuntimeError, match="softcap must be"):
         module.forward(*args, float("inf"), None, None)
+
+
+def api_run(qkv, pattern, mods, dtype, key_mask=None):
+    """(out, lse, dq, dk, dv, d_rel_bias or None) through `sparse_attention(..., backend="torch")`."""
+    leaves = [t.detach().to(dtype).requires_grad_(True) for t in qkv]
+    mods = {n: (t.detach().to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in mods.items()}
+    if "alibi_slopes" in mods:  # float32 slopes, as the reference gets them
+        mods["alibi_slopes"] = mods["alibi_slopes"].float()
+    wrt = list(leaves)
+    if "rel_bias" in mods:
+        wrt.append(mods["rel_bias"].requires_grad_(True))
+    out, lse = sa.sparse_attention(
+        *leaves, pattern, backend="torch", key_mask=key_mask, return_lse=True, **mods
+    )
+    w_out, w_lse = loss_weights(out.shape, lse.shape, dtype)
+    finite = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
+    grads = torch.autograd.grad((out.double() * w_out).sum() + (finite.double() * w_lse).sum(), wrt)
+    return (out.detach(), lse.detach(), *grads, *([None] if len(grads) == 3 else []))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_through_sparse_attention(dtype, monkeypatch):
+    """The public function on the "torch" backend hands a batch-shared layout and its modifiers to this
+    kernel, and matches the float64 reference (GQA, key mask, every gradient incl. rel_bias')."""
+    monkeypatch.setenv(cpu_kernel.ENGINE_ENV, "kernel")
+    seen = []
+    for name in ("forward", "backward"):
+        real = getattr(cpu_kernel, name)
+
+        def spy(*args, _real=real, _name=name, **kw):
+            seen.append((_name, kw.get("mods", args[-1])))
+            return _real(*args, **kw)
+
+        monkeypatch.setattr(cpu_kernel, name, spy)
+    b, hq, hkv, sq, skv = 2, 4, 2, 97, 161
+    qkv = [t.to(dtype).double() for t in make_inputs(b, hq, hkv, sq, skv, 32)]
+    key_mask = torch.ones(b, skv, dtype=torch.bool)
+    key_mask[1, -30:] = False
+    mods = make_mods(MOD_SETS["all"], b, hq, sq, skv)
+    got = api_run(qkv, WINDOW_GLOBAL, mods, dtype, key_mask)
+    assert [n for n, _ in seen] == ["forward", "backward"]
+    assert all(m is not None and m.softcap == 2.0 and m.rel_bias is not None for _, m in seen)
+    truth = reference_run(qkv, WINDOW_GLOBAL, mods, torch.float64, 1.0 / math.sqrt(32), key_mask)
+    plain = reference_run(qkv, WINDOW_GLOBAL, mods, dtype, 1.0 / math.sqrt(32), key_mask)
+    for name, g, t, p in zip(NAMES, got, truth, plain, strict=True):
+        assert not g.isnan().any(), f"{name} has NaN"
+        err = max_err(g, t)
+        allowed = 2 * max_err(p, t) + FLOORS[dtype] * max(1.0, t.abs().max().item())
+        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
