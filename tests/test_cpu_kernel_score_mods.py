@@ -147,10 +147,44 @@ def test_softcap_on_large_scores(softcap):
     check(qkv, sa.causal(), {"softcap": softcap}, torch.float32, scale=1.0)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_all_modifiers_other_dtypes(dtype):
     qkv = make_inputs(2, 4, 2, 97, 161, 32)
     check(qkv, WINDOW_GLOBAL, make_mods(MOD_SETS["all"], 2, 4, 97, 161), dtype)
+
+
+class KernelAttention(torch.autograd.Function):
+    """cpu_kernel.forward / backward as an autograd function of (q, k, v, rel_bias), for gradcheck."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rel_bias, layout, softcap, slopes):
+        mods = check_score_mods(softcap, slopes, rel_bias, q, k)
+        out, lse = cpu_kernel.forward(q, k, v, layout, 0.3, None, mods)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.layout, ctx.mods = layout, mods
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, d_rel_bias = cpu_kernel.backward(
+            do.contiguous(), dlse, q, k, v, out, lse, ctx.layout, 0.3, None, ctx.mods
+        )
+        return dq, dk, dv, d_rel_bias, None, None, None
+
+
+def test_gradcheck_float64():
+    """torch.autograd.gradcheck of the kernel in float64 with all three modifiers (lse's gradient too)."""
+    q, k, v = (t.requires_grad_(True) for t in make_inputs(1, 2, 1, 20, 30, 8))
+    mods = make_mods(MOD_SETS["all"], 1, 2, 20, 30)
+    rel_bias = mods["rel_bias"].requires_grad_(True)
+    layout = (sa.causal() | sa.sliding_window(4)).layout(20, 30, block_size=16)
+
+    def fn(q, k, v, rel_bias):
+        out, lse = KernelAttention.apply(q, k, v, rel_bias, layout, mods["softcap"], mods["alibi_slopes"])
+        return out, torch.where(lse.isinf(), torch.zeros_like(lse), lse)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v, rel_bias), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mods", ["all", "rel_bias"])
