@@ -17,8 +17,8 @@ strides with a contiguous last dimension). Keys hidden by `key_mask` are zeroed 
 masked key may hold NaN) while the kernel masks their scores.
 
 Score modifiers (`sparse_attn.score_mods.ScoreMods`: softcap, ALiBi slopes, rel_bias) go to the kernel in
-its accumulation type; the backward also gets rel_bias reversed along its diagonals (read along a key's
-queries) and returns rel_bias' gradient, converted back to rel_bias' dtype. Without modifiers the kernel
+its accumulation type; the backward also gets rel_bias reversed along its last dimension (so that a key's
+row of queries reads it forwards) and returns rel_bias' gradient, converted back to rel_bias' dtype. Without modifiers the kernel
 runs its modifier-free instantiation.
 """
 
