@@ -544,17 +544,20 @@ def test_static_cache_generate_equals_dynamic(kind):
     assert ((PROMPT, full) in CALLS) == (kind in ("llama", "gemma2"))
 
 
-def test_static_cache_decode_key_mask_equals_transformers_sdpa_mask():
-    """One query against a static cache (position given as a tensor, as StaticLayer does): the row of the
-    mask folded into the key mask, for causal, windowed and chunked masks."""
+@pytest.mark.parametrize("q_offset", [torch.tensor(9), 9])
+@pytest.mark.parametrize("left_padding", [[0, 0], [0, 3]])
+def test_static_cache_decode_key_mask_equals_transformers_sdpa_mask(q_offset, left_padding):
+    """One query against a static cache (its position a tensor, as StaticLayer gives it, or an int, as a
+    sliding-window layer that is not full gives it): the row of the mask folded into the key mask, for
+    causal, windowed and chunked masks."""
     mu = transformers.masking_utils
-    kv_length, q_offset = 16, torch.tensor(9)
+    kv_length = 16
     padding = torch.ones(2, 10, dtype=torch.bool)
-    padding[1, :3] = False
+    padding[1, : left_padding[1]] = False
     for mask_function in (
         mu.causal_mask_function,
         mu.sliding_window_causal_mask_function(4),
-        mu.chunked_causal_mask_function(4, torch.tensor([0, 3])),
+        mu.chunked_causal_mask_function(4, torch.tensor(left_padding)),
     ):
         kwargs = dict(q_offset=q_offset, kv_offset=0, mask_function=mask_function, attention_mask=padding)
         expected = mu.sdpa_mask(2, 1, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]

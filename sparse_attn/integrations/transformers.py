@@ -373,7 +373,9 @@ def _static_decode(info: SparseMaskInfo, position, batch_size: int) -> SparseMas
     the model's mask, and the written keys, become the key mask; the pattern is `dense()`."""
     if info.packed is not None:
         raise ValueError("packed sequences (position ids that restart) with a static cache are not supported")
-    j = torch.arange(info.kv_length, device=position.device if _is_tensor(position) else None)
+    # A 0-d tensor (StaticLayer's length) or an int (a sliding-window layer that is not full yet).
+    position = torch.as_tensor(position)
+    j = torch.arange(info.kv_length, device=position.device)
     d = position - j
     row = d >= 0  # causal, and the unwritten tail (every key after the one query)
     if info.window is not None:
