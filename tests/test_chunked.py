@@ -80,6 +80,15 @@ def test_layout_equals_the_token_truth(band, size, q_len, kv_len):
         check_layout(BANDS[band](size), expected, block_size)
 
 
+def test_sizes_beyond_every_position_are_one_chunk():
+    qpos = torch.arange(30)[:, None] + 40 - 30
+    expected = (qpos >= 0).expand(30, 40)
+    for size in (40, 2**62, 10**30):
+        check_layout(sa.chunked(size), expected, 16)
+        check_layout(sa.chunked(size) & sa.causal(), expected & (qpos >= torch.arange(40)), 16)
+    assert repr(sa.chunked(10**30)) == f"chunked({10**30})"
+
+
 def test_block_classes_on_a_known_case():
     # 12 tokens, chunks of 6, blocks of 4: rows 4-7 and keys 4-7 straddle the boundary at 6.
     grid = sa.chunked(6).layout(12, block_size=4).to_block_mask()[0]

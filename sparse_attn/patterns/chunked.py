@@ -33,13 +33,15 @@ class Chunked(Pattern):
 
     def __init__(self, size: int, lo: int = -UNBOUNDED, hi: int = UNBOUNDED, dilation: int = 1):
         self.size = check_int("size", size, 1)
+        # Chunks longer than any position behave alike (one chunk from 0): clamped, no int64 overflow.
+        self._size = min(self.size, UNBOUNDED)
         self.lo, self.hi, self.dilation = lo, hi, dilation
 
     def visible(self, g, h, i, j):
         qpos = i + g.offset
         # Floor division: a negative qpos has a negative chunk, which no key (j >= 0) shares.
-        same = torch.div(qpos, self.size, rounding_mode="floor") == torch.div(
-            j, self.size, rounding_mode="floor"
+        same = torch.div(qpos, self._size, rounding_mode="floor") == torch.div(
+            j, self._size, rounding_mode="floor"
         )
         return same & _band_pairs(qpos, j, self.lo, self.hi, self.dilation)
 
@@ -53,7 +55,7 @@ class Chunked(Pattern):
         return None
 
     def blocks(self, g):
-        size = self.size
+        size = self._size
         qb, kb = self._candidates(g)
         # Valid corners of each candidate: its first / last real query position and key.
         p0 = qb * g.block_q + g.offset
@@ -84,7 +86,7 @@ class Chunked(Pattern):
         and depends only on the first of them, ``size - p0 % size`` rows in (the same for keys). So a tile is
         fixed by those two offsets (clipped to the block: "no boundary"), ``chunk(p0) - chunk(c0)`` and the
         band's ``d = p0 - c0`` at the corner (irrelevant where the band covers the block)."""
-        size = self.size
+        size = self._size
         row_cut = (size - p0 % size).clamp(max=g.block_q)
         col_cut = (size - c0 % size).clamp(max=g.block_k)
         chunk_gap = torch.div(p0, size, rounding_mode="floor") - torch.div(c0, size, rounding_mode="floor")
@@ -94,7 +96,7 @@ class Chunked(Pattern):
 
     def _candidates(self, g):
         """Every block that may hold a visible pair: one contiguous run of key blocks per query block row."""
-        size = self.size
+        size = self._size
         qb = torch.arange(g.num_q_blocks)
         p0 = qb * g.block_q + g.offset
         p1 = p0 + g.valid_rows(qb) - 1
