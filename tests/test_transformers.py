@@ -606,3 +606,59 @@ def test_what_cannot_be_exact_still_raises():
         sa_hf.sparse_attention_forward(attention, q, k, v, None, position_bias=torch.zeros(1, 4, 5, 5))
     with pytest.raises(ValueError, match="'alibi'"):
         sa_hf.sparse_attention_forward(attention, q, k, v, None, alibi=torch.zeros(4))
+
+
+# Architectures on transformers' attention interface, each as a tiny random model: logits with left padding and
+# greedy generate() equal to eager, through our attention function (the spy counts its calls).
+_SURVEY = {
+    "qwen3": {},
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "gemma3_text": dict(sliding_window=WINDOW, sliding_window_pattern=2),
+    "phi3": dict(sliding_window=WINDOW),
+    "cohere2": dict(sliding_window=WINDOW),
+    "starcoder2": dict(sliding_window=WINDOW),
+    "olmo2": {},
+    "granite": {},
+    "smollm3": {},
+    "glm4": {},
+    "exaone4": dict(sliding_window=WINDOW),
+    "ministral": dict(sliding_window=WINDOW),
+    "gpt_neox": dict(rotary_pct=1.0),
+    "opt": dict(ffn_dim=96, word_embed_proj_dim=64),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "bert": {},
+    "modernbert": dict(global_attn_every_n_layers=2, local_attention=8),
+}
+
+
+@pytest.mark.parametrize("kind", _SURVEY)
+def test_architecture_survey_equals_eager(kind):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        kind,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, attention_dropout=0.0, **_SURVEY[kind],
+    )  # fmt: skip
+    encoder = kind in ("bert", "modernbert")
+    auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager").eval()
+    ids, mask = _batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)[0]
+        model.set_attn_implementation("sparse_attn_spy")
+        CALLS.clear()
+        out = model(input_ids=ids, attention_mask=mask)[0]
+    assert len(CALLS) == 2, "the model did not run our attention function in both layers"
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    if not encoder:
+        model.set_attn_implementation("eager")
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        model.set_attn_implementation("sparse_attn_spy")
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(got, want)
