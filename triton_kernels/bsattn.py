@@ -203,14 +203,14 @@ def _tanh(x):
 @triton.jit
 def _modify_scores(
     s, rows, cols, q_len, kv_len, softcap2, slope2, rb_base,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
-    CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr, TRANSPOSED: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
 ):  # fmt: skip
     """Scores `s` in log2 units (``[rows, cols]``, or ``[cols, rows]`` when TRANSPOSED) after the score modifiers:
     ``(s, t)`` with t = tanh of the capped score over the cap (for the softcap derivative ``1 - t**2``; `s`
     itself without a softcap). All three are in log2 units already: ``softcap2 = c * log2(e)``, ``slope2 =
-    slope * log2(e)``, `rb_base` the head's ``rel_bias * log2(e)`` in float32. Positions come from the tile's
-    row and column indices; CHECK_ROWS / CHECK_COLS mask bias loads of rows / columns past the end."""
+    slope * log2(e)``, `rb_base` the head's ``rel_bias * log2(e)`` in float32, at diagonal 0 of a row padded
+    on both sides so that every tile's rows and columns (up to the layout-block-rounded lengths) index inside
+    it: the bias loads need no mask. Positions come from the tile's row and column indices."""
     t = s
     if HAS_SOFTCAP:
         t = _tanh(s * (1.0 / softcap2))
@@ -224,14 +224,7 @@ def _modify_scores(
         if HAS_ALIBI:
             s = s - slope2 * tl.abs(diag - (kv_len - 1)).to(tl.float32)
         if HAS_REL_BIAS:
-            if CHECK_ROWS or CHECK_COLS:
-                if TRANSPOSED:
-                    ok = (rows[None, :] < q_len) & (cols[:, None] < kv_len)
-                else:
-                    ok = (rows[:, None] < q_len) & (cols[None, :] < kv_len)
-                s = s + tl.load(rb_base + diag, mask=ok, other=0.0)
-            else:
-                s = s + tl.load(rb_base + diag)
+            s = s + tl.load(rb_base + diag)
     return s, t
 
 
@@ -250,15 +243,17 @@ def _diagonal_sums(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _mod_params(Slopes, stride_slb, RelBias, batch, head, q_len, kv_len, HAS_ALIBI: tl.constexpr,
-                HAS_REL_BIAS: tl.constexpr):  # fmt: skip
-    """One (batch, query head)'s ALiBi slope (log2 units) and the base of its rel_bias row (0 / None if unused)."""
+def _mod_params(
+    Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr
+):  # fmt: skip
+    """One (batch, query head)'s ALiBi slope (log2 units) and its rel_bias row at diagonal 0 (`rb_zero` is where
+    diagonal 0 sits in a padded row of `stride_rbh` entries)."""
     slope2 = 0.0
     if HAS_ALIBI:
         slope2 = tl.load(Slopes + batch * stride_slb + head)
     rb_base = RelBias
     if HAS_REL_BIAS:
-        rb_base = RelBias + head.to(tl.int64) * (q_len + kv_len - 1)
+        rb_base = RelBias + head.to(tl.int64) * stride_rbh + rb_zero
     return slope2, rb_base
 
 
@@ -293,7 +288,7 @@ def _fwd_tile(
     if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
         s, _ = _modify_scores(
             s, rows, n_start + tl.arange(0, BLOCK_N), q_len, kv_len, softcap2, slope2, rb_base,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, not EVEN_M, not EVEN_N, False,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, False,
         )  # fmt: skip
     s = _hide_invisible(
         s, float("-inf"), tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
@@ -319,7 +314,7 @@ def _bsattn_fwd_kernel(
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
     num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale,
-    softcap2, Slopes, stride_slb, RelBias,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
     PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -348,7 +343,7 @@ def _bsattn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     slope2, rb_base = _mod_params(
-        Slopes, stride_slb, RelBias, batch, head, q_len, kv_len, HAS_ALIBI, HAS_REL_BIAS
+        Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
     )
 
     layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
@@ -450,7 +445,7 @@ def _bwd_dkdv_tile(
     if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
         s_t, t_t = _modify_scores(
             s_t, rows, cols, q_len, kv_len, softcap2, slope2, rb_base,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, not EVEN_M, not EVEN_N, True,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, True,
         )  # fmt: skip
     p_t = tl.math.exp2(s_t - lse2[None, :])
     # Keys past kv_len are zero vectors whose dK/dV rows are never stored: no bounds check needed.
@@ -459,12 +454,12 @@ def _bwd_dkdv_tile(
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, False, True,
     )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        # d(c * tanh(s / c)) / ds = 1 - tanh(s / c)**2, folded into p now so that t dies before dP is made.
+        p_t = p_t * (1.0 - t_t * t_t)
     # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    if HAS_SOFTCAP:
-        # d(c * tanh(s / c)) / ds = 1 - tanh(s / c)**2
-        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -482,7 +477,7 @@ def _bsattn_bwd_dkdv_kernel(
     KeyMask, stride_kmb,
     ColFullPtr, ColFullIdx, ColPartPtr, ColPartIdx, ColPartTile, Tiles,
     num_q_heads, num_kv_heads, group, q_len, kv_len, num_k_blocks, layout_heads, qk_scale, scale,
-    softcap2, Slopes, stride_slb, RelBias,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
     PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -521,7 +516,7 @@ def _bsattn_bwd_dkdv_kernel(
         lse_base = Lse + (batch * num_q_heads + head).to(tl.int64) * q_len
         delta_base = Delta + (batch * num_q_heads + head).to(tl.int64) * q_len
         slope2, rb_base = _mod_params(
-            Slopes, stride_slb, RelBias, batch, head, q_len, kv_len, HAS_ALIBI, HAS_REL_BIAS
+            Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
         )
         layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
         layout_col = layout_seq * (num_k_blocks + 1) + n_start // LAYOUT_BK
@@ -582,7 +577,7 @@ def _bwd_dq_tile(
     if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
         s, t = _modify_scores(
             s, rows, n_start + tl.arange(0, BLOCK_N), q_len, kv_len, softcap2, slope2, rb_base,
-            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, not EVEN_M, not EVEN_N, False,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, False,
         )  # fmt: skip
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
@@ -611,7 +606,7 @@ def _bsattn_bwd_dq_kernel(
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
     num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale, scale,
-    softcap2, Slopes, stride_slb, RelBias,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
     DRelPart, DRelKey, num_full_entries, part_groups, num_chunks, chunk_shift,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
@@ -655,7 +650,7 @@ def _bsattn_bwd_dq_kernel(
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
     slope2, rb_base = _mod_params(
-        Slopes, stride_slb, RelBias, batch, head, q_len, kv_len, HAS_ALIBI, HAS_REL_BIAS
+        Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
     )
     if HAS_REL_BIAS:
         # This (batch, head)'s column among those sharing its layout sequence, and its head in the sort key.
@@ -700,7 +695,7 @@ def _bsattn_bwd_dq_kernel(
 
 @triton.jit
 def _bsattn_rel_bias_reduce(
-    Part, Order, ChunkPtr, Out,
+    Part, Order, ChunkPtr, DRelBias,
     num_chunks, part_groups, batch_groups, num_q_heads,
     DIAGS: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
 ):  # fmt: skip
@@ -725,4 +720,4 @@ def _bsattn_rel_bias_reduce(
         for b in range(batch_groups):
             col = b if PER_HEAD_LAYOUT else b * num_q_heads + head
             acc += tl.load(base + col * DIAGS)
-    tl.store(Out + head.to(tl.int64) * num_chunks * DIAG_CHUNK + chunk * DIAG_CHUNK + offs, acc)
+    tl.store(DRelBias + head.to(tl.int64) * num_chunks * DIAG_CHUNK + chunk * DIAG_CHUNK + offs, acc)

@@ -82,6 +82,13 @@ SHIPPED_CONFIGS = {
         128: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 8, 2)],
         256: [_C(32, 32, 8, 2), _C(64, 32, 8, 2)],
     },
+    # dK/dV with any score modifier. At head dim 64 the 32x64 8-warp tile already holds 248 registers on sm_80
+    # and spills with a softcap or a rel_bias (24-32 B); the 32x32 4-warp tile with one stage does not.
+    "dkdv_mods": {
+        64: [_C(32, 32, 4, 1)],
+        128: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+        256: [_C(32, 32, 8, 2)],
+    },
     # dQ with a rel_bias: the tile also reduces dS along its diagonals through a [BLOCK_M, BLOCK_M + BLOCK_N]
     # skewed copy, so it takes square 32x32 tiles (the buffers of the per-tile sums are sized for them).
     "dq_rel": {
@@ -93,11 +100,22 @@ SHIPPED_CONFIGS = {
 #: The dQ tile of rel_bias calls, and the per-tile diagonal sums it stores (entry 0 is always 0).
 REL_BIAS_TILE = 32
 REL_BIAS_DIAGS = 2 * REL_BIAS_TILE
+#: Warps of the rel_bias reduction (one 32-diagonal chunk per program).
+REDUCE_NUM_WARPS = 1
 assert all(
     (c.block_m, c.block_n) == (REL_BIAS_TILE, REL_BIAS_TILE)
     for cs in SHIPPED_CONFIGS["dq_rel"].values()
     for c in cs
 )
+
+
+def family_for(kernel: str, softcap=False, alibi=False, rel_bias=False) -> str:
+    """The config family (key of SHIPPED_CONFIGS) kernel "fwd", "dkdv" or "dq" runs with for these modifiers."""
+    if kernel == "dq" and rel_bias:
+        return "dq_rel"
+    if (softcap or alibi or rel_bias) and f"{kernel}_mods" in SHIPPED_CONFIGS:
+        return f"{kernel}_mods"
+    return kernel
 
 
 def configs_for(kernel: str, head_dim: int) -> list[TileConfig]:
@@ -143,6 +161,7 @@ _KERNELS = {
     "dkdv": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
     "dq": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
     "dq_rel": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
+    "dkdv_mods": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
 }
 _AUTOTUNE_KEY = [
     "HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION",
@@ -216,19 +235,25 @@ def _common_meta(q: torch.Tensor, layout, key_mask, mods=None) -> dict:
     }
 
 
-def _mod_args(mods, q) -> list:
-    """``softcap2, Slopes, stride_slb, RelBias``: the modifiers in log2 units, as the kernels take them (the
-    scores are in log2 units): ``c * log2(e)``, float32 slopes ``[1 or B, Hq]`` times log2(e) with their batch
-    stride (0 when shared), float32 ``rel_bias * log2(e)`` ``[Hq, Sq + Skv - 1]``; dummies when absent."""
-    softcap2, slopes, stride_slb, rel_bias = 0.0, q, 0, q
+def _mod_args(mods, q, layout) -> list:
+    """``softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero``: the modifiers in log2 units, as the
+    kernels take them (the scores are in log2 units): ``c * log2(e)``, float32 slopes ``[1 or B, Hq]`` times
+    log2(e) with their batch stride (0 when shared), float32 ``rel_bias * log2(e)`` ``[Hq, Sq + Skv - 1]``
+    padded with zeros on both sides to the layout-block-rounded lengths (every tile's diagonals fall inside:
+    no masked loads), its row stride and where diagonal 0 sits; dummies when absent."""
+    softcap2, slopes, stride_slb, rel_bias, stride_rbh, rb_zero = 0.0, q, 0, q, 0, 0
     if mods is not None and mods.softcap is not None:
         softcap2 = float(mods.softcap) * LOG2E
     if mods is not None and mods.alibi_slopes is not None:
         slopes = (mods.alibi_slopes.to(torch.float32) * LOG2E).contiguous()
         stride_slb = slopes.shape[1] if slopes.shape[0] > 1 else 0
     if mods is not None and mods.rel_bias is not None:
-        rel_bias = (mods.rel_bias.to(torch.float32) * LOG2E).contiguous()
-    return [softcap2, slopes, stride_slb, rel_bias]
+        g = layout.geometry
+        rb_zero = g.num_q_blocks * g.block_q - g.q_len
+        pad_right = g.num_k_blocks * g.block_k - g.kv_len
+        rel_bias = torch.nn.functional.pad(mods.rel_bias.to(torch.float32) * LOG2E, (rb_zero, pad_right))
+        stride_rbh = rel_bias.shape[1]
+    return [softcap2, slopes, stride_slb, rel_bias, stride_rbh, rb_zero]
 
 
 def _key_mask_arg(key_mask, q) -> list:
@@ -260,7 +285,7 @@ def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConf
     args = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(out), lse]
     args += [*_key_mask_arg(key_mask, q), *_row_lists(layout)]
     args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, layout.num_heads, scale * LOG2E]
-    args += _mod_args(mods, q)
+    args += _mod_args(mods, q, layout)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
     _launch(
         "fwd", grid, args, _common_meta(q, layout, key_mask, mods), config, layout.block_q, layout.block_k
@@ -277,7 +302,7 @@ def attention_bwd(
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     meta = _common_meta(q, layout, key_mask, mods)
-    mod_args = _mod_args(mods, q)
+    mod_args = _mod_args(mods, q, layout)
     lse = lse.float().contiguous()
     delta = empty_buffer((batch, heads, q_len), like=q, dtype=torch.float32)
     has_dlse = dlse is not None
@@ -307,7 +332,8 @@ def attention_bwd(
         *mod_args,
     ]
     grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
-    _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
+    flags = (meta["HAS_SOFTCAP"], meta["HAS_ALIBI"], meta["HAS_REL_BIAS"])
+    _launch(family_for("dkdv", *flags), grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
 
     args = [*inputs, *_with_strides(dq), *key_mask_arg, *_row_lists(layout)]
     args += [
@@ -324,11 +350,11 @@ def attention_bwd(
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
     if not meta["HAS_REL_BIAS"]:
         args += [q, q, 0, 0, 0, 0]
-        _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
+        _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
         return dq, dk, dv, None
     rel = _RelBiasGrad(layout, batch, heads, q_len, kv_len, q.device)
     args += [rel.part, rel.keys, rel.num_full_entries, rel.part_groups, rel.num_chunks, rel.chunk_shift]
-    _launch("dq_rel", grid, args, meta, configs.get("dq_rel"), layout.block_q, layout.block_k)
+    _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
     return dq, dk, dv, rel.reduce(mods.rel_bias.dtype)
 
 
@@ -376,7 +402,7 @@ class _RelBiasGrad:
         _bsattn_rel_bias_reduce[(self.num_chunks, self.heads)](
             self.part, order.to(torch.int32), chunk_ptr, out,
             self.num_chunks, self.part_groups, self.batch_groups, self.heads,
-            DIAGS=REL_BIAS_DIAGS, PER_HEAD_LAYOUT=self.per_head,
+            DIAGS=REL_BIAS_DIAGS, PER_HEAD_LAYOUT=self.per_head, num_warps=REDUCE_NUM_WARPS,
         )  # fmt: skip
         # Chunk grid position p holds diagonal j - i = p - chunk_shift, i.e. rel_bias index p - chunk_shift + Sq - 1.
         first = self.chunk_shift - self.q_len + 1
