@@ -234,7 +234,7 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, fla
     fn = getattr(bsattn, kernel)
     signature, constexprs, attrs = _signature(fn, dtype, head_dim, config, flags)
     if config:
-        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        options = config.options()
     else:
         options = {"num_warps": REDUCE_NUM_WARPS if kernel == "_bsattn_rel_bias_reduce" else 4}
     compiled = triton.compile(

@@ -46,12 +46,21 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: ptxas' register ceiling (``.maxnreg``); None leaves ptxas its own choice, which for some tiles is 128
+    #: registers and a few spilled bytes rather than more registers.
+    maxnreg: int | None = None
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
 
     def __str__(self) -> str:
-        return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        regs = f"-r{self.maxnreg}" if self.maxnreg else ""
+        return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}{regs}"
+
+    def options(self) -> dict:
+        """Compile options: warps, stages and (if set) the register ceiling."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return opts | ({"maxnreg": self.maxnreg} if self.maxnreg else {})
 
 
 # Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256), best guess first (the first fitting
@@ -83,10 +92,12 @@ SHIPPED_CONFIGS = {
         256: [_C(32, 32, 8, 2), _C(64, 32, 8, 2)],
     },
     # dK/dV with any score modifier. At head dim 64 the 32x64 8-warp tile already holds 248 registers on sm_80
-    # and spills with a softcap or a rel_bias (24-32 B); the 32x32 4-warp tile with one stage does not.
+    # and spills with a softcap or a rel_bias (24-32 B), the 2-warp 32x32 one with all three; the 4-warp 32x32
+    # tile with one stage is clean once ptxas may use more than 128 registers (it chose 128 and spilled 8-24 B
+    # in even variants on sm_90a). At head dim 128 the 32x64 8-warp tile spilled 4 B with all three on sm_90a.
     "dkdv_mods": {
-        64: [_C(32, 32, 4, 1)],
-        128: [_C(32, 64, 8, 2), _C(32, 32, 4, 2)],
+        64: [_C(32, 32, 4, 1, maxnreg=255)],
+        128: [_C(32, 32, 4, 2)],
         256: [_C(32, 32, 8, 2)],
     },
     # dQ with a rel_bias: the tile also reduces dS along its diagonals through a [BLOCK_M, BLOCK_M + BLOCK_N]
@@ -173,8 +184,9 @@ _autotuned: dict = {}
 def _autotuned_kernel(name: str):
     """`triton.autotune` over every shipped config of `name`, pruned per launch by head dim and layout block."""
     if name not in _autotuned:
-        every = {c: triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for d in (64, 128, 256)
-                 for c in configs_for(name, d)}  # fmt: skip
+        every = {
+            c: triton.Config(c.kwargs(), **c.options()) for d in (64, 128, 256) for c in configs_for(name, d)
+        }
 
         def prune(configs, named_args, **kwargs):
             keep = fitting_configs(name, kwargs["HEAD_DIM"], kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"])
@@ -195,9 +207,7 @@ def _launch(name: str, grid, args: list, meta: dict, config: TileConfig | None, 
     config = config or fitting[0]
     if not fits(config, block_q, block_k):
         raise ValueError(f"config {config} does not fit layout block size ({block_q}, {block_k})")
-    _KERNELS[name][grid](
-        *args, **meta, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
-    )
+    _KERNELS[name][grid](*args, **meta, **config.kwargs(), **config.options())
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -297,7 +307,8 @@ def attention_bwd(
     do, dlse, q, k, v, out, lse, layout, scale: float, key_mask=None, configs: dict | None = None, mods=None
 ):
     """Backward: ``(dq, dk, dv, d_rel_bias)``, the first three shaped like q, k, v; d_rel_bias like
-    ``mods.rel_bias`` (its dtype), or None without one. `configs` may force {"dkdv": ..., "dq": ...}."""
+    ``mods.rel_bias`` (its dtype), or None without one. `configs` may force {"dkdv": ..., "dq": ...} (and
+    "dq_rel", the dQ config of rel_bias calls)."""
     configs = configs or {}
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
@@ -354,7 +365,8 @@ def attention_bwd(
         return dq, dk, dv, None
     rel = _RelBiasGrad(layout, batch, heads, q_len, kv_len, q.device)
     args += [rel.part, rel.keys, rel.num_full_entries, rel.part_groups, rel.num_chunks, rel.chunk_shift]
-    _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
+    # Forced with configs={"dq_rel": ...}: the buffers are sized for REL_BIAS_TILE tiles.
+    _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq_rel"), layout.block_q, layout.block_k)
     return dq, dk, dv, rel.reduce(mods.rel_bias.dtype)
 
 
