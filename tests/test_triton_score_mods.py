@@ -244,3 +244,12 @@ def test_calls_without_modifiers_run_no_modifier_code(monkeypatch):
     # A cap far above every score changes them by < 1 ulp: the same attention, through the modifier code.
     for name, a, b in zip(NAMES[:5], plain[:5], capped[:5], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_content_selected_layout():
+    """A layout selected on the device (top-k blocks per query block, a layout per batch element and head,
+    entry arrays with unused trailing slots): d_rel_bias reads only the tiles the kernels visited."""
+    q, k, v = make_qkv(b=2, hq=2, hkv=2, sq=160, skv=160)
+    layout = sa.select_layout(sa.topk_blocks(2) & sa.causal(), q.float(), k.float(), block_size=64)
+    assert layout.batch == 2 and layout.num_heads == 2
+    check(q, k, v, layout, make_mods(MODS["all"], 2, 2, 160, 160), key_mask=padding_mask(2, 160))
