@@ -8,6 +8,11 @@ kernel running at SDPA's per-pair speed would take. Targets: fp32 forward >= 75%
 >= 70%; bf16 forward >= 60%, forward + backward >= 50%; a BigBird-style pattern (~10% computed) forward
 >= 65% (fp32); peak memory of a 65,536-token fp32 forward + backward <= 2.07 GB.
 
+Score modifiers (issue 16), fp32, the C++ kernel on the same window pattern and inputs: the time with
+softcap (50, Gemma 2's), ALiBi (geometric slopes), rel_bias, and all three, over the time without a modifier,
+interleaved in one process. Targets (forward): softcap <= 1.5x, ALiBi or rel_bias <= 1.2x. Forward +
+backward is measured for "none" and "all" (rel_bias' gradient included).
+
 Timings are medians over repeats, the implementations interleaved round-robin so that machine noise hits
 them alike. Each is reported as wall-clock time and as the process's CPU time (all threads): on a shared
 machine whose other load steals cores, CPU time is the steadier measure of the work done. The memory case
@@ -43,6 +48,9 @@ TARGETS = {
 }
 MEMORY_LIMIT_GB = 2.07
 CASES = ("forward", "forward_backward", "bigbird_forward")
+# Score modifiers: maximum forward time over the modifier-free forward's (issue 16).
+MODIFIER_TARGETS = {"softcap": 1.5, "alibi": 1.2, "rel_bias": 1.2}
+MODIFIERS = ("none", "softcap", "alibi", "rel_bias", "all")
 
 # Runs in the child: one fp32 forward + backward at `seq` tokens; prints the peak resident set.
 MEMORY_CHILD = r"""
@@ -204,7 +212,70 @@ def _run_dtype(q, k, v, window_pat, big, window, density, repeats, flex, bar) ->
     return per
 
 
-def run(quick: bool, repeats: int, threads: int, dtypes: list[str], flex: bool, memory: bool) -> dict:
+def _modifier_sets(q, k) -> dict:
+    """Checked `ScoreMods` for each entry of MODIFIERS (None for "none")."""
+    from sparse_attn.score_mods import check_score_mods
+
+    heads, seq = q.shape[1], q.shape[2]
+    gen = torch.Generator().manual_seed(1)
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1) / heads)  # ALiBi's geometric slopes
+    rel_bias = torch.randn(heads, 2 * seq - 1, generator=gen)
+    args = {
+        "none": (None, None, None),
+        "softcap": (50.0, None, None),
+        "alibi": (None, slopes, None),
+        "rel_bias": (None, None, rel_bias),
+        "all": (50.0, slopes, rel_bias),
+    }
+    return {name: check_score_mods(*args[name], q, k) for name in MODIFIERS}
+
+
+def _run_modifiers(seq: int, heads: int, dim: int, window: int, repeats: int, bar) -> dict:
+    """Forward with each modifier set, forward + backward without and with all, by the C++ kernel (fp32)."""
+    import sparse_attn as sa
+    from sparse_attn import backends
+    from sparse_attn.backends import cpu_kernel
+
+    q, k, v = (t.detach() for t in _inputs(seq, heads, dim, torch.float32))
+    layout = sa.sliding_window(window).layout(seq, block_size=backends.get("torch").default_block_size)
+    scale = dim**-0.5
+    mods = _modifier_sets(q, k)
+    do = torch.ones_like(q)
+
+    def forward(m):
+        return lambda: cpu_kernel.forward(q, k, v, layout, scale, None, m)
+
+    def forward_backward(m):
+        def run():
+            out, lse = cpu_kernel.forward(q, k, v, layout, scale, None, m)
+            cpu_kernel.backward(do, None, q, k, v, out, lse, layout, scale, None, m)
+
+        return run
+
+    bar.set_postfix_str("float32 modifiers forward")
+    per = {"forward": _interleaved({n: forward(m) for n, m in mods.items()}, repeats, bar)}
+    bar.set_postfix_str("float32 modifiers forward + backward")
+    both = {n: forward_backward(mods[n]) for n in ("none", "all")}
+    per["forward_backward"] = _interleaved(both, repeats, bar)
+    per["ratio_to_none"] = {
+        case: {
+            name: {m: t[m] / per[case]["none"][m] for m in ("wall_s", "cpu_s")}
+            for name, t in per[case].items()
+        }
+        for case in ("forward", "forward_backward")
+    }
+    return per
+
+
+def run(
+    quick: bool,
+    repeats: int,
+    threads: int,
+    dtypes: list[str],
+    flex: bool,
+    memory: bool,
+    modifiers: bool = True,
+) -> dict:
     from tqdm import tqdm
 
     import sparse_attn as sa
@@ -227,10 +298,13 @@ def run(quick: bool, repeats: int, threads: int, dtypes: list[str], flex: bool, 
         "density": density,
         "load_before": _load(),
     }
-    bar = tqdm(total=len(dtypes) * (3 * repeats + (1 if flex else 0)), desc="cpu attention", unit="round")
+    rounds = len(dtypes) * (3 * repeats + (1 if flex else 0)) + (2 * repeats if modifiers else 0)
+    bar = tqdm(total=rounds, desc="cpu attention", unit="round")
     for dtype_name in dtypes:
         q, k, v = _inputs(seq, heads, dim, getattr(torch, dtype_name))
         results[dtype_name] = _run_dtype(q, k, v, window_pat, big, window, density, repeats, flex, bar)
+    if modifiers:
+        results["modifiers"] = _run_modifiers(seq, heads, dim, window, repeats, bar)
     bar.close()
     results["load_after"] = _load()
     if memory:
@@ -241,10 +315,11 @@ def run(quick: bool, repeats: int, threads: int, dtypes: list[str], flex: bool, 
 
 def _table(results: dict, dtypes: list[str]) -> str:
     full = results["config"]["S"] == 8192
-    lines = [
-        f"load average before/after: {results['load_before']} / {results['load_after']}",
-        f"{'dtype':<9}{'case':<18}{'impl':<15}{'wall ms':>9}{'cpu ms':>9}{'of ideal (wall/cpu)':>22}  target",
-    ]
+    lines = [f"load average before/after: {results['load_before']} / {results['load_after']}"]
+    if dtypes:
+        lines.append(
+            f"{'dtype':<9}{'case':<18}{'impl':<15}{'wall ms':>9}{'cpu ms':>9}{'of ideal (wall/cpu)':>22}  target"
+        )
     for dtype in dtypes:
         for case in CASES:
             timings, fractions = results[dtype][case], results[dtype]["fraction_of_ideal"][case]
@@ -261,6 +336,26 @@ def _table(results: dict, dtypes: list[str]) -> str:
                 lines.append(
                     f"{dtype:<9}{case:<18}{impl:<15}{t['wall_s'] * 1e3:>9.1f}{t['cpu_s'] * 1e3:>9.1f}"
                     f"{shown:>22}  {verdict}"
+                )
+    mods = results.get("modifiers")
+    if mods:
+        lines.append(f"float32 score modifiers, C++ kernel, same inputs ({'full run' if full else 'quick'}):")
+        lines.append(
+            f"{'case':<18}{'modifiers':<12}{'wall ms':>9}{'cpu ms':>9}{'x none (wall/cpu)':>20}  target"
+        )
+        for case in ("forward", "forward_backward"):
+            for name, t in mods[case].items():
+                r = mods["ratio_to_none"][case][name]
+                target = MODIFIER_TARGETS.get(name) if case == "forward" else None
+                verdict = ""
+                if target is not None and not full:
+                    verdict = f"<= {target}x (full run only)"
+                elif target is not None:
+                    said = lambda x, target=target: "meets" if x <= target else "MISSES"
+                    verdict = f"<= {target}x: wall {said(r['wall_s'])}, cpu {said(r['cpu_s'])}"
+                lines.append(
+                    f"{case:<18}{name:<12}{t['wall_s'] * 1e3:>9.1f}{t['cpu_s'] * 1e3:>9.1f}"
+                    f"{r['wall_s']:>11.2f}x / {r['cpu_s']:.2f}x  {verdict}"
                 )
     mem = results.get("memory_fwd_bwd")
     if mem:
@@ -282,8 +377,12 @@ def _plot(results: dict, dtypes: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     impls = ("sparse_attn", "previous", "flex_compiled")
-    fig, axes = plt.subplots(1, len(dtypes), figsize=(5 * len(dtypes), 3.6), squeeze=False)
-    for ax, dtype in zip(axes[0], dtypes, strict=True):
+    mods = results.get("modifiers")
+    panels = len(dtypes) + (1 if mods else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
+    if mods:
+        _plot_modifiers(axes[0][-1], mods)
+    for ax, dtype in zip(axes[0], dtypes, strict=False):
         width = 0.27
         for i, impl in enumerate(impls):
             fr = results[dtype]["fraction_of_ideal"]
@@ -312,6 +411,26 @@ def _plot(results: dict, dtypes: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def _plot_modifiers(ax, mods: dict) -> None:
+    """Forward (and forward + backward) time with each modifier over the time without one."""
+    names = list(mods["forward"])
+    ratios = mods["ratio_to_none"]
+    bars = ax.bar(range(len(names)), [ratios["forward"][n]["cpu_s"] for n in names], 0.6, label="forward")
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.plot(range(len(names)), [ratios["forward"][n]["wall_s"] for n in names], "k.", label="wall-clock")
+    xs = [names.index(n) for n in ratios["forward_backward"]]
+    ax.plot(xs, [r["cpu_s"] for r in ratios["forward_backward"].values()], "rx", label="fwd + bwd")
+    for x, name in enumerate(names):
+        if name in MODIFIER_TARGETS:
+            ax.hlines(MODIFIER_TARGETS[name], x - 0.4, x + 0.4, colors="k", linestyles="dashed", linewidth=1)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("time / time without modifier\nbars: CPU time; dots: wall-clock")
+    ax.set_title("float32 score modifiers (C++ kernel, window)", fontsize=9)
+    top = max(r["cpu_s"] for case in ratios.values() for r in case.values())
+    ax.set_ylim(0, max(1.9, 1.25 * top))
+    ax.legend(fontsize=7, loc="upper left", ncol=3)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -324,10 +443,18 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated (float32, bfloat16)")
     parser.add_argument("--no-flex", action="store_true", help="skip compiled FlexAttention")
     parser.add_argument("--no-memory", action="store_true", help="skip the S=65,536 memory subprocess")
+    parser.add_argument("--no-modifiers", action="store_true", help="skip the score-modifier overhead case")
+    parser.add_argument(
+        "--modifiers-only",
+        action="store_true",
+        help="only the score-modifier case (saved as cpu_attention_modifiers-*.json/.png)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.modifiers_only and args.no_modifiers:
+        parser.error("--modifiers-only and --no-modifiers exclude each other")
     repeats = args.repeats or (2 if args.quick else 7)
-    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    dtypes = [] if args.modifiers_only else [d.strip() for d in args.dtypes.split(",") if d.strip()]
     for d in dtypes:
         if d not in ("float32", "bfloat16", "float16"):
             parser.error(f"unsupported dtype {d!r}")
@@ -337,7 +464,8 @@ def main(argv=None) -> int:
         args.threads,
         dtypes,
         flex=not (args.quick or args.no_flex),
-        memory=not args.no_memory,
+        memory=not (args.no_memory or args.modifiers_only),
+        modifiers=not args.no_modifiers,
     )
     results["hardware"] = f"{_cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     results["command"] = "python bench/cpu_attention.py " + " ".join(
@@ -345,7 +473,8 @@ def main(argv=None) -> int:
     )
     print(_table(results, dtypes))
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "cpu_attention-quick-cpu" if args.quick else "cpu_attention-cpu"
+    name = "cpu_attention_modifiers" if args.modifiers_only else "cpu_attention"
+    name += "-quick-cpu" if args.quick else "-cpu"
     (args.out / f"{name}.json").write_text(json.dumps(results, indent=2))
     _plot(results, dtypes, args.out / f"{name}.png")
     print(f"saved {args.out / name}.json and .png")

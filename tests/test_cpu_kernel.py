@@ -194,7 +194,8 @@ def test_16k_window_memory_is_linear(monkeypatch):
 
 
 def test_benchmark_quick_run(tmp_path):
-    """The benchmark runs both engines, SDPA and the fraction of ideal, and saves its JSON and PNG."""
+    """The benchmark runs both engines, SDPA, the fraction of ideal and the score-modifier overhead, and
+    saves its JSON and PNG."""
     sys.path.insert(0, str(ROOT / "bench"))
     try:
         import cpu_attention
@@ -207,7 +208,26 @@ def test_benchmark_quick_run(tmp_path):
         assert set(results["float32"][case]) == {"sparse_attn", "previous", "sdpa"}
         fractions = results["float32"]["fraction_of_ideal"][case]
         assert all(f["wall_s"] > 0 and f["cpu_s"] > 0 for f in fractions.values())
+    mods = results["modifiers"]
+    assert set(mods["forward"]) == set(cpu_attention.MODIFIERS)
+    assert set(mods["forward_backward"]) == {"none", "all"}
+    assert mods["ratio_to_none"]["forward"]["none"] == {"wall_s": 1.0, "cpu_s": 1.0}
+    assert all(r["cpu_s"] > 0 for r in mods["ratio_to_none"]["forward"].values())
     assert (tmp_path / "cpu_attention-quick-cpu.png").stat().st_size > 0
+
+
+def test_benchmark_modifiers_only_quick_run(tmp_path):
+    """`--modifiers-only` runs the score-modifier case alone and saves it under its own name."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import cpu_attention
+    finally:
+        sys.path.pop(0)
+    assert cpu_attention.main(["--quick", "--modifiers-only", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cpu_attention_modifiers-quick-cpu.json").read_text())
+    assert "float32" not in results and "memory_fwd_bwd" not in results
+    assert set(results["modifiers"]["ratio_to_none"]["forward"]) == set(cpu_attention.MODIFIERS)
+    assert (tmp_path / "cpu_attention_modifiers-quick-cpu.png").stat().st_size > 0
 
 
 def test_gpu_check_without_cuda_says_so_and_exits_0(tmp_path):

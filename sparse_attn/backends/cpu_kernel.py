@@ -15,6 +15,11 @@ Inputs: the kernel computes in float32 (float64 for float64 inputs, for gradchec
 converted once per call, O(S x D), and the results converted back; fp32 inputs are read in place (any
 strides with a contiguous last dimension). Keys hidden by `key_mask` are zeroed in copies of K and V (a
 masked key may hold NaN) while the kernel masks their scores.
+
+Score modifiers (`sparse_attn.score_mods.ScoreMods`: softcap, ALiBi slopes, rel_bias) go to the kernel in
+its accumulation type; the backward also gets rel_bias reversed along its last dimension (so that a key's
+row of queries reads it forwards) and returns rel_bias' gradient, converted back to rel_bias' dtype. Without modifiers the kernel
+runs its modifier-free instantiation.
 """
 
 from __future__ import annotations
@@ -163,20 +168,39 @@ def _shared_layout(layout: BlockLayout):
     return tensors, ints[:5]
 
 
-def forward(q, k, v, layout: BlockLayout, scale: float, key_mask):
-    """``(out, lse)`` like `torch_backend.forward`, by the C++ kernel."""
+def _mods(mods, acc: torch.dtype) -> tuple:
+    """The kernel's modifier arguments ``(softcap or 0, alibi_slopes, rel_bias)``, tensors in `acc`."""
+    if mods is None:
+        return 0.0, None, None
+    slopes = None if mods.alibi_slopes is None else mods.alibi_slopes.to(acc).contiguous()
+    rel_bias = None if mods.rel_bias is None else mods.rel_bias.to(acc).contiguous()
+    return float(mods.softcap or 0.0), slopes, rel_bias
+
+
+def forward(q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
+    """``(out, lse)`` like `torch_backend.forward`, by the C++ kernel; `mods` a `ScoreMods` or None."""
     module = load(strict=True)
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
     tensors, ints = _shared_layout(layout)
     out, lse = module.forward(
-        _rows(q, acc), _rows(k, acc), _rows(v, acc), tensors, ints, _tiles_t(layout), mask, blocks, scale
+        _rows(q, acc),
+        _rows(k, acc),
+        _rows(v, acc),
+        tensors,
+        ints,
+        _tiles_t(layout),
+        mask,
+        blocks,
+        scale,
+        *_mods(mods, acc),
     )
     return out.to(q.dtype), lse.to(backend_spec("torch").lse_dtype(q.dtype))
 
 
-def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key_mask):
-    """``(dq, dk, dv)`` like `torch_backend.backward`, by the C++ kernel; ``delta = rowsum(dO O) - dlse``."""
+def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key_mask, mods=None):
+    """``(dq, dk, dv, d_rel_bias)`` like `torch_backend.backward`, by the C++ kernel; ``delta = rowsum(dO O)
+    - dlse``. `d_rel_bias` (rel_bias' gradient, in its dtype) is None unless `mods` has a rel_bias."""
     module = load(strict=True)
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
@@ -187,7 +211,27 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
     # Rows that see no key: +inf makes P = exp(s - lse) exactly 0 there.
     lse = lse.to(acc).masked_fill(lse == float("-inf"), float("inf")).contiguous()
     tensors, ints = _shared_layout(layout)
-    dq, dk, dv = module.backward(
-        qf, kf, vf, dof, lse, delta.contiguous(), tensors, ints, _tiles_t(layout), mask, blocks, scale
+    softcap, slopes, rel_bias = _mods(mods, acc)
+    # Along a key row the diagonals j - i + Sq - 1 decrease with i: the kernel reads them reversed.
+    rel_bias_rev = None if rel_bias is None else rel_bias.flip(-1).contiguous()
+    grads = module.backward(
+        qf,
+        kf,
+        vf,
+        dof,
+        lse,
+        delta.contiguous(),
+        tensors,
+        ints,
+        _tiles_t(layout),
+        mask,
+        blocks,
+        scale,
+        softcap,
+        slopes,
+        rel_bias,
+        rel_bias_rev,
     )
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dq, dk, dv = grads[:3]
+    d_rel_bias = grads[3].to(mods.rel_bias.dtype) if rel_bias is not None else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_rel_bias

@@ -14,6 +14,17 @@
 //   Every task writes only its own rows: no atomics, and the result does not depend on the thread
 //   count or on which thread ran which task.
 //
+// Score modifiers (sparse_attn/score_mods.py): softcap, ALiBi and rel_bias are applied to a row of the
+// score tile right after the GEMM, in one vectorized pass that also scales (full and partial blocks
+// alike, before the mask). ALiBi's |j - qpos| comes from the row's first relative position; rel_bias is
+// contiguous along a query row's keys (`rel_bias[h, j - i + Sq - 1]`), and along a key row's queries in
+// its copy reversed along the diagonals. The backward keeps tanh of the softcapped row to apply its
+// derivative to dS; d_rel_bias is the per-diagonal sum of dS before that derivative: each dQ task adds
+// each run's dS into its own slice of partial sums (m + w - 1 diagonals per run, so the memory follows
+// the kept blocks), and the slices are then added per head in task order, in double: deterministic
+// for any thread count. Every kernel is instantiated with and without modifiers; without them the code
+// is the modifier-free one.
+//
 // Inputs (prepared by sparse_attn/backends/cpu_kernel.py): everything in the accumulation type T
 // (float, or double for gradcheck) with a contiguous last dimension, any other strides; keys hidden by
 // the key mask zeroed in K and V (such a key may hold NaN), their scores set to -inf here.
@@ -32,6 +43,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <vector>
 
@@ -82,6 +94,28 @@ inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int6
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
 inline Vectorized<double> vexp(const Vectorized<double>& x) { return x.exp(); }
+
+// tanh in float: a rational approximation (Eigen's fast tanh: odd degree-13 over even degree-6 polynomial,
+// within 7 ulp, 4e-7 absolute), about 3x faster than ATen's (Sleef, 1 ulp), whose cost would double the
+// forward's element-wise work under a softcap. Double keeps ATen's.
+inline Vectorized<float> vtanh(const Vectorized<float>& x) {
+  using V = Vectorized<float>;
+  using at::vec::fmadd;
+  const V y = at::vec::clamp(x, V(-7.90531110763549805f), V(7.90531110763549805f));
+  const V y2 = y * y;
+  V p = fmadd(y2, V(-2.76076847742355e-16f), V(2.00018790482477e-13f));
+  p = fmadd(y2, p, V(-8.60467152213735e-11f));
+  p = fmadd(y2, p, V(5.12229709037114e-08f));
+  p = fmadd(y2, p, V(1.48572235717979e-05f));
+  p = fmadd(y2, p, V(6.37261928875436e-04f));
+  p = fmadd(y2, p, V(4.89352455891786e-03f));
+  V r = fmadd(y2, V(1.19825839466702e-06f), V(1.18534705686654e-04f));
+  r = fmadd(y2, r, V(2.26843463243900e-03f));
+  r = fmadd(y2, r, V(4.89352518554385e-03f));
+  // Below 4e-4, tanh(x) rounds to x.
+  return V::blendv((p * y) / r, x, x.abs() < V(0.0004f));
+}
+inline Vectorized<double> vtanh(const Vectorized<double>& x) { return x.tanh(); }
 
 template <typename T>
 constexpr T neg_inf() {
@@ -163,6 +197,81 @@ inline void dsoftmax(T* ds, const T* p, int64_t n, const T* delta, int64_t delta
     (V::loadu(p + c) * (V::loadu(ds + c) - d) * V(a)).store(ds + c);
   }
   for (; c < n; ++c) ds[c] = p[c] * (ds[c] - delta[c * delta_step]) * a;
+}
+
+// ds *= (1 - th^2) a: the softcap derivative (th = tanh of the capped score) and the scale.
+template <typename T>
+inline void softcap_grad_(T* ds, const T* th, int64_t n, T a) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V t = V::loadu(th + c);
+    (V::loadu(ds + c) * (V(T(1)) - t * t) * V(a)).store(ds + c);
+  }
+  for (; c < n; ++c) ds[c] *= (T(1) - th[c] * th[c]) * a;
+}
+
+// dst += src.
+template <typename T>
+inline void add_to(T* dst, const T* src, int64_t n) {
+  using V = Vectorized<T>;
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(dst + c) + V::loadu(src + c)).store(dst + c);
+  for (; c < n; ++c) dst[c] += src[c];
+}
+
+// The score modifiers of one call, in T (see the header and sparse_attn/score_mods.py).
+template <typename T>
+struct Mods {
+  T cap = 0;                      // softcap c, 0 for none
+  const T* slopes = nullptr;      // ALiBi [1 or B, Hq], or null
+  int64_t slopes_b = 0;           // the slopes' batch stride: 0 when they are shared
+  const T* rel = nullptr;         // rel_bias [Hq, Sq + Skv - 1], or null
+  const T* rel_rev = nullptr;     // rel_bias reversed along its last dimension (the dK/dV pass), or null
+  int64_t diags = 0;              // Sq + Skv - 1
+  bool any() const { return cap != 0 || slopes != nullptr || rel != nullptr; }
+  T slope(int64_t b, int64_t h) const { return slopes ? slopes[b * slopes_b + h] : T(0); }
+  // rel_bias of head h from diagonal d = j - i + Sq - 1 on, along increasing keys j.
+  const T* bias(int64_t h, int64_t d) const { return rel ? rel + h * diags + d : nullptr; }
+  // rel_bias of head h from diagonal d on, along increasing queries i (decreasing diagonals).
+  const T* bias_rev(int64_t h, int64_t d) const {
+    return rel_rev ? rel_rev + h * diags + (diags - 1 - d) : nullptr;
+  }
+};
+
+// One row of the score tile, scaled and modified in place: x = cap * tanh(scale x / cap) (tanh kept in
+// `th` when given), then -slope |rel0 + dir c| (ALiBi; dir 1 along a query row's keys, -1 along a key
+// row's queries), then bias[c]. Returns the row's max.
+template <typename T>
+inline T modify_row_(T* x, int64_t n, T scale, T cap, T* th, T slope, int64_t rel0, int64_t dir,
+                     const T* bias) {
+  using V = Vectorized<T>;
+  const T inv_cap = cap != 0 ? T(1) / cap : T(0);
+  const V iota = V::arange(T(0), static_cast<T>(dir));
+  auto apply = [&](V y, int64_t c, int64_t lanes) {
+    y = y * V(scale);
+    if (cap != 0) {
+      const V t = vtanh(y * V(inv_cap));
+      if (th) t.store(th + c, lanes);
+      y = t * V(cap);
+    }
+    if (slope != 0) y = y - V(slope) * (V(static_cast<T>(rel0 + dir * c)) + iota).abs();
+    if (bias) y = y + V::loadu(bias + c, lanes);
+    return y;
+  };
+  V m(neg_inf<T>());
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    const V y = apply(V::loadu(x + c), c, V::size());
+    y.store(x + c);
+    m = at::vec::maximum(m, y);
+  }
+  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
+  if (c < n) {
+    apply(V::loadu(x + c, n - c), c, n - c).store(x + c, n - c);
+    for (; c < n; ++c) out = std::max(out, x[c]);
+  }
+  return out;
 }
 
 // 0 or -inf for each bit of a byte: a tile row's mask, 8 columns at a time, as an addition.
@@ -330,9 +439,10 @@ KeyMask<T> key_mask_of(const std::optional<at::Tensor>& real, const std::optiona
 
 // ---------------------------------------------------------------------------------------------------
 // forward
-template <typename T>
+template <typename T, bool MODS>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const Layout& lay, const KeyMask<T>& km, double scale_arg) {
+                                     const Layout& lay, const KeyMask<T>& km, double scale_arg,
+                                     const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = v.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
@@ -361,6 +471,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     std::fill(mx, mx + m, neg_inf<T>());
     std::fill(sum, sum + m, T(0));
     const T* q_rows = Q.at(b, h, i0);
+    const T slope = md.slope(b, h);
     kept_blocks(kept, nqb, l, qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr, lay.row_part_idx,
                 lay.row_part_tile, lay.tiles, bq * lay.words);
     for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
@@ -371,17 +482,24 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         masked |= kept[first + i].tile != nullptr || km.keys(b, kept[first + i].idx) != nullptr;
       for (int64_t r = 0; r < m; ++r) {
         T* s = S + r * W;
-        T row_max;
-        if (masked) {
+        T row_max = neg_inf<T>();
+        if constexpr (MODS) {
+          // Query row i sits at qpos = i + Skv - Sq; key j0 + c is on diagonal j0 + c - i + Sq - 1.
+          const int64_t i = i0 + r;
+          row_max = modify_row_(s, w, scale, md.cap, static_cast<T*>(nullptr), slope,
+                                j0 - (i + lay.kv_len - lay.q_len), 1, md.bias(h, j0 - i + lay.q_len - 1));
+        } else if (masked) {
           scale_by(s, w, scale);
+        } else {
+          row_max = scale_max_(s, w, scale);
+        }
+        if (masked) {
           for (int64_t i = 0; i < blocks; ++i) {
             const int64_t c0 = i * bk, n = std::min(bk, w - c0);
             if (const int32_t* tile = kept[first + i].tile) mask_tile_(s + c0, n, tile + r * lay.words);
             if (const bool* keys = km.keys(b, kept[first + i].idx)) mask_keys_(s + c0, n, keys);
           }
           row_max = max_of(s, w);
-        } else {
-          row_max = scale_max_(s, w, scale);
         }
         const T new_max = std::max(mx[r], row_max);
         if (new_max == neg_inf<T>()) {  // nothing visible yet: weights 0
@@ -413,11 +531,69 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 
 // ---------------------------------------------------------------------------------------------------
 // backward: lse has +inf on rows that see nothing (so P recomputes to 0), delta = rowsum(dO O) - dlse.
+// d_rel_bias without atomics: where each dQ task's runs keep their partial sums of dS over diagonals. A
+// run of rows i0..i0+m-1 and keys j0..j0+w-1 covers the m + w - 1 diagonals j - i + Sq - 1 from
+// j0 - (i0 + m - 1) + Sq - 1 on; row r adds its dS at offset m - 1 - r.
+struct DiagonalParts {
+  std::vector<int64_t> task_first;      // [tasks + 1]: each task's first run
+  std::vector<int64_t> offset, diag, len;  // per run: where its sums start, first diagonal, count
+  int64_t total = 0;
+};
+
+// The runs of every dQ task (b, h, qb), in task order, exactly as the dQ pass walks them.
+DiagonalParts diagonal_parts(const Layout& lay, int64_t B, int64_t Hq, int64_t run_max) {
+  DiagonalParts parts;
+  std::vector<Kept> kept;
+  const int64_t nqb = lay.nqb;
+  parts.task_first.reserve(B * Hq * nqb + 1);
+  for (int64_t t = 0; t < B * Hq * nqb; ++t) {
+    parts.task_first.push_back(static_cast<int64_t>(parts.offset.size()));
+    const int64_t h = (t / nqb) % Hq, qb = t % nqb, i0 = qb * lay.bq, m = std::min(lay.bq, lay.q_len - i0);
+    kept_blocks(kept, nqb, lay.head(h), qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr,
+                lay.row_part_idx, lay.row_part_tile, lay.tiles, lay.bq * lay.words);
+    for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
+      const int64_t j0 = kept[first].idx * lay.bk, w = std::min(blocks * lay.bk, lay.kv_len - j0);
+      parts.offset.push_back(parts.total);
+      parts.diag.push_back(j0 - (i0 + m - 1) + lay.q_len - 1);
+      parts.len.push_back(m + w - 1);
+      parts.total += m + w - 1;
+    });
+  }
+  parts.task_first.push_back(static_cast<int64_t>(parts.offset.size()));
+  return parts;
+}
+
+// [Hq, Sq + Skv - 1]: the partial sums added per head over batches and tasks in a fixed order, in double.
 template <typename T>
-at::Tensor backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                            const at::Tensor& dout, const at::Tensor& lse,
-                            const at::Tensor& delta, const Layout& lay, const KeyMask<T>& km,
-                            double scale_arg) {
+at::Tensor reduce_diagonals(const DiagonalParts& parts, const T* sums, int64_t B, int64_t Hq, int64_t nqb,
+                            int64_t diags, const at::TensorOptions& options) {
+  auto out = at::empty({Hq, diags}, options);
+  T* o = out.data_ptr<T>();
+  at::parallel_for(0, Hq, 1, [&](int64_t h0, int64_t h1) {
+    std::vector<double> acc(diags);
+    for (int64_t h = h0; h < h1; ++h) {
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t qb = 0; qb < nqb; ++qb) {
+          const int64_t t = (b * Hq + h) * nqb + qb;
+          for (int64_t run = parts.task_first[t]; run < parts.task_first[t + 1]; ++run) {
+            const T* src = sums + parts.offset[run];
+            double* dst = acc.data() + parts.diag[run];
+            for (int64_t x = 0; x < parts.len[run]; ++x) dst[x] += src[x];
+          }
+        }
+      for (int64_t d = 0; d < diags; ++d) o[h * diags + d] = static_cast<T>(acc[d]);
+    }
+  });
+  return out;
+}
+
+// {dq}, and d_rel_bias [Hq, Sq + Skv - 1] after it when the modifiers have a rel_bias.
+template <typename T, bool MODS>
+std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const at::Tensor& dout, const at::Tensor& lse,
+                                         const at::Tensor& delta, const Layout& lay, const KeyMask<T>& km,
+                                         double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
@@ -425,6 +601,14 @@ at::Tensor backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::
   auto dq = at::empty({B, Hq, lay.q_len, D}, q.options());
   const Strided<T> Q(q), K(k), V(v), DO(dout), DQ(dq);
   const T *LSE = lse.data_ptr<T>(), *DELTA = delta.data_ptr<T>();
+  // d_rel_bias: every task's partial sums (zeroed by the task that owns them).
+  const bool rel_grad = MODS && md.rel != nullptr;
+  DiagonalParts parts;
+  std::unique_ptr<T[]> sums;
+  if (rel_grad) {
+    parts = diagonal_parts(lay, B, Hq, run_max);
+    sums.reset(new T[parts.total]);
+  }
 
   std::vector<int64_t> cost(B * Hq * nqb);
   for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
@@ -434,44 +618,75 @@ at::Tensor backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::
   run_tasks(by_cost(cost), [&](int64_t t) {
     thread_local std::vector<T> scratch;
     thread_local std::vector<Kept> kept;
-    scratch.resize(2 * bq * W + bq * D);
+    scratch.resize(2 * bq * W + bq * D + (MODS ? W : 0));
     T* P = scratch.data();  // [bq, W]
     T* dS = P + bq * W;     // [bq, W]
     T* acc = dS + bq * W;   // [bq, D]
+    T* th = acc + bq * D;   // [W] tanh of one softcapped row (with modifiers)
     const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, g = h / group;
     const int64_t l = lay.head(h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
     std::fill(acc, acc + m * D, T(0));
     const T* lse_rows = LSE + (b * Hq + h) * lay.q_len + i0;
     const T* delta_rows = DELTA + (b * Hq + h) * lay.q_len + i0;
+    const T slope = md.slope(b, h);
+    int64_t run = rel_grad ? parts.task_first[t] : 0;
     kept_blocks(kept, nqb, l, qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr, lay.row_part_idx,
                 lay.row_part_tile, lay.tiles, bq * lay.words);
     for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
       const int64_t j0 = kept[first].idx * bk, w = std::min(blocks * bk, lay.kv_len - j0);
+      T* diag_sums = nullptr;
+      if (rel_grad) {
+        diag_sums = sums.get() + parts.offset[run++];
+        std::fill(diag_sums, diag_sums + m + w - 1, T(0));
+      }
       gemm(true, m, w, D, Q.at(b, h, i0), Q.ss, K.at(b, g, j0), K.ss, P, W, false);
       gemm(true, m, w, D, DO.at(b, h, i0), DO.ss, V.at(b, g, j0), V.ss, dS, W, false);
       for (int64_t r = 0; r < m; ++r) {
         T* p = P + r * W;
-        scale_by(p, w, scale);
+        T* ds = dS + r * W;
+        if constexpr (MODS) {
+          const int64_t i = i0 + r;
+          modify_row_(p, w, scale, md.cap, th, slope, j0 - (i + lay.kv_len - lay.q_len), 1,
+                      md.bias(h, j0 - i + lay.q_len - 1));
+        } else {
+          scale_by(p, w, scale);
+        }
         for (int64_t i = 0; i < blocks; ++i) {
           const int64_t c0 = i * bk, n = std::min(bk, w - c0);
           if (const int32_t* tile = kept[first + i].tile) mask_tile_(p + c0, n, tile + r * lay.words);
           if (const bool* keys = km.keys(b, kept[first + i].idx)) mask_keys_(p + c0, n, keys);
         }
         exp_sum(p, w, lse_rows[r]);
-        dsoftmax(dS + r * W, p, w, delta_rows + r, 0, scale);
+        if constexpr (MODS) {
+          if (md.cap == 0 && !diag_sums) {
+            dsoftmax(ds, p, w, delta_rows + r, 0, scale);
+          } else {
+            // dS of the modified score (rel_bias' gradient), then through the softcap and the scale.
+            dsoftmax(ds, p, w, delta_rows + r, 0, T(1));
+            if (diag_sums) add_to(diag_sums + (m - 1 - r), ds, w);
+            if (md.cap != 0) {
+              softcap_grad_(ds, th, w, scale);
+            } else {
+              scale_by(ds, w, scale);
+            }
+          }
+        } else {
+          dsoftmax(ds, p, w, delta_rows + r, 0, scale);
+        }
       }
       gemm(false, m, D, w, dS, W, K.at(b, g, j0), K.ss, acc, D, true);
     });
     for (int64_t r = 0; r < m; ++r) std::copy(acc + r * D, acc + (r + 1) * D, DQ.at(b, h, i0 + r));
   });
-  return dq;
+  if (!rel_grad) return {dq};
+  return {dq, reduce_diagonals<T>(parts, sums.get(), B, Hq, nqb, md.diags, q.options())};
 }
 
-template <typename T>
+template <typename T, bool MODS>
 std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& dout, const at::Tensor& lse,
                                            const at::Tensor& delta, const Layout& lay,
-                                           const KeyMask<T>& km, double scale_arg) {
+                                           const KeyMask<T>& km, double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nkb = lay.nkb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bq), W = run_max * bq;
@@ -490,11 +705,12 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
   run_tasks(by_cost(cost), [&](int64_t t) {
     thread_local std::vector<T> scratch;
     thread_local std::vector<Kept> kept;
-    scratch.resize(2 * bk * W + 2 * bk * D);
+    scratch.resize(2 * bk * W + 2 * bk * D + (MODS ? W : 0));
     T* P = scratch.data();     // [bk, W]: P^T
     T* dS = P + bk * W;        // [bk, W]: dS^T
     T* dk_acc = dS + bk * W;   // [bk, D]
     T* dv_acc = dk_acc + bk * D;
+    T* th = dv_acc + bk * D;   // [W] tanh of one softcapped row (with modifiers)
     const int64_t b = t / (Hkv * nkb), g = (t / nkb) % Hkv, kb = t % nkb;
     const int64_t j0 = kb * bk, n = std::min(bk, lay.kv_len - j0);
     std::fill(dk_acc, dk_acc + n * D, T(0));
@@ -503,6 +719,7 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
     for (int64_t h = g * group; h < (g + 1) * group; ++h) {
       const T* lse_h = LSE + (b * Hq + h) * lay.q_len;
       const T* delta_h = DELTA + (b * Hq + h) * lay.q_len;
+      const T slope = md.slope(b, h);
       kept_blocks(kept, nkb, lay.head(h), kb, lay.col_full_ptr, lay.col_full_idx, lay.col_part_ptr,
                   lay.col_part_idx, lay.col_part_tile, lay.tiles_t, bk * lay.words_t);
       for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
@@ -519,9 +736,16 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
             std::fill(ds, ds + w, T(0));
             continue;
           }
-          if (tiled) {  // masked after scaling, so that a negative scale cannot turn -inf into +inf
+          if constexpr (MODS) {
+            // Key jj against queries i0 + c: rel = jj - (i0 + c + Skv - Sq), diagonal jj - i0 - c + Sq - 1.
+            const int64_t jj = j0 + j;
+            modify_row_(p, w, scale, md.cap, th, slope, jj - (i0 + lay.kv_len - lay.q_len), -1,
+                        md.bias_rev(h, jj - i0 + lay.q_len - 1));
+          } else if (tiled) {  // masked after scaling, so that a negative scale cannot turn -inf into +inf
             scale_by(p, w, scale);
-            for (int64_t i = 0; i < blocks; ++i) {
+          }
+          if (MODS || tiled) {
+            for (int64_t i = 0; i < blocks && tiled; ++i) {
               const int64_t c0 = i * bq;
               if (const int32_t* tile = kept[first + i].tile)
                 mask_tile_(p + c0, std::min(bq, w - c0), tile + j * lay.words_t);
@@ -530,7 +754,12 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
           } else {
             scale_sub_exp(p, w, scale, lse_h + i0);
           }
-          dsoftmax(ds, p, w, delta_h + i0, 1, scale);
+          if (MODS && md.cap != 0) {
+            dsoftmax(ds, p, w, delta_h + i0, 1, T(1));
+            softcap_grad_(ds, th, w, scale);
+          } else {
+            dsoftmax(ds, p, w, delta_h + i0, 1, scale);
+          }
         }
         gemm(false, n, D, w, P, W, DO.at(b, h, i0), DO.ss, dv_acc, D, true);
         gemm(false, n, D, w, dS, W, Q.at(b, h, i0), Q.ss, dk_acc, D, true);
@@ -548,37 +777,103 @@ void check_float_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be 4-D with a contiguous last dimension");
 }
 
+// The modifiers in T, checked against the problem: softcap 0 for none; slopes [1 or B, Hq]; rel_bias and
+// its reverse [Hq, Sq + Skv - 1], contiguous.
+template <typename T>
+Mods<T> mods_of(double softcap, const std::optional<at::Tensor>& slopes, const std::optional<at::Tensor>& rel,
+                const std::optional<at::Tensor>& rel_rev, const at::Tensor& q, const Layout& lay) {
+  const auto dtype = q.scalar_type();
+  const int64_t B = q.size(0), Hq = q.size(1);
+  Mods<T> md;
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be finite and >= 0 (0: none)");
+  md.cap = static_cast<T>(softcap);
+  md.diags = lay.q_len + lay.kv_len - 1;
+  if (slopes.has_value() && slopes->defined()) {
+    TORCH_CHECK(slopes->scalar_type() == dtype && slopes->is_contiguous() && slopes->dim() == 2 &&
+                    (slopes->size(0) == 1 || slopes->size(0) == B) && slopes->size(1) == Hq,
+                "alibi_slopes must be contiguous [1 or B, Hq] in the kernel's dtype");
+    md.slopes = slopes->data_ptr<T>();
+    md.slopes_b = slopes->size(0) == 1 ? 0 : Hq;
+  }
+  auto check_bias = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 2 && t.size(0) == Hq &&
+                    t.size(1) == md.diags,
+                name, " must be contiguous [Hq, Sq + Skv - 1] in the kernel's dtype");
+    return t.data_ptr<T>();
+  };
+  if (rel.has_value() && rel->defined()) md.rel = check_bias(*rel, "rel_bias");
+  if (rel_rev.has_value() && rel_rev->defined()) {
+    TORCH_CHECK(md.rel != nullptr, "rel_bias_rev needs rel_bias");
+    md.rel_rev = check_bias(*rel_rev, "rel_bias_rev");
+  }
+  return md;
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const Layout& lay, const KeyMask<T>& km, double scale,
+                                      const Mods<T>& md) {
+  return md.any() ? forward_impl<T, true>(q, k, v, lay, km, scale, md)
+                  : forward_impl<T, false>(q, k, v, lay, km, scale, md);
+}
+
+// {dq, dk, dv}, and d_rel_bias after them when there is a rel_bias.
+template <typename T>
+std::vector<at::Tensor> backward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                       const Layout& lay, const KeyMask<T>& km, double scale,
+                                       const Mods<T>& md) {
+  std::vector<at::Tensor> dq, dkdv;
+  if (md.any()) {
+    TORCH_CHECK(md.rel == nullptr || md.rel_rev != nullptr, "the backward needs rel_bias_rev with rel_bias");
+    dq = backward_dq_impl<T, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dkdv = backward_dkdv_impl<T, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
+  } else {
+    dq = backward_dq_impl<T, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dkdv = backward_dkdv_impl<T, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
+  }
+  std::vector<at::Tensor> out{dq[0], dkdv[0], dkdv[1]};
+  if (dq.size() > 1) out.push_back(dq[1]);
+  return out;
+}
+
+// Modifiers: softcap (0 for none), alibi_slopes, rel_bias (None for none), in q's dtype.
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
                                 const std::optional<at::Tensor>& key_mask,
-                                const std::optional<at::Tensor>& block_masked, double scale) {
+                                const std::optional<at::Tensor>& block_masked, double scale, double softcap,
+                                const std::optional<at::Tensor>& alibi_slopes,
+                                const std::optional<at::Tensor>& rel_bias) {
   for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check_float_rows(t, name);
   const Layout lay(layout, ints, tiles_t);
   if (q.scalar_type() == at::kDouble)
-    return forward_impl<double>(q, k, v, lay, key_mask_of<double>(key_mask, block_masked, lay), scale);
+    return forward_typed<double>(q, k, v, lay, key_mask_of<double>(key_mask, block_masked, lay), scale,
+                                 mods_of<double>(softcap, alibi_slopes, rel_bias, std::nullopt, q, lay));
   TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
-  return forward_impl<float>(q, k, v, lay, key_mask_of<float>(key_mask, block_masked, lay), scale);
+  return forward_typed<float>(q, k, v, lay, key_mask_of<float>(key_mask, block_masked, lay), scale,
+                              mods_of<float>(softcap, alibi_slopes, rel_bias, std::nullopt, q, lay));
 }
 
+// As forward, and rel_bias_rev: rel_bias reversed along its last dimension (given with rel_bias).
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
                                  at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
                                  const std::optional<at::Tensor>& key_mask,
-                                 const std::optional<at::Tensor>& block_masked, double scale) {
+                                 const std::optional<at::Tensor>& block_masked, double scale, double softcap,
+                                 const std::optional<at::Tensor>& alibi_slopes,
+                                 const std::optional<at::Tensor>& rel_bias,
+                                 const std::optional<at::Tensor>& rel_bias_rev) {
   for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}, {dout, "dout"}}) check_float_rows(t, name);
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
   const Layout lay(layout, ints, tiles_t);
-  if (q.scalar_type() == at::kDouble) {
-    auto km = key_mask_of<double>(key_mask, block_masked, lay);
-    auto dq = backward_dq_impl<double>(q, k, v, dout, lse, delta, lay, km, scale);
-    auto dkdv = backward_dkdv_impl<double>(q, k, v, dout, lse, delta, lay, km, scale);
-    return {dq, dkdv[0], dkdv[1]};
-  }
+  if (q.scalar_type() == at::kDouble)
+    return backward_typed<double>(q, k, v, dout, lse, delta, lay,
+                                  key_mask_of<double>(key_mask, block_masked, lay), scale,
+                                  mods_of<double>(softcap, alibi_slopes, rel_bias, rel_bias_rev, q, lay));
   TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
-  auto km = key_mask_of<float>(key_mask, block_masked, lay);
-  auto dq = backward_dq_impl<float>(q, k, v, dout, lse, delta, lay, km, scale);
-  auto dkdv = backward_dkdv_impl<float>(q, k, v, dout, lse, delta, lay, km, scale);
-  return {dq, dkdv[0], dkdv[1]};
+  return backward_typed<float>(q, k, v, dout, lse, delta, lay,
+                               key_mask_of<float>(key_mask, block_masked, lay),
+                               scale, mods_of<float>(softcap, alibi_slopes, rel_bias, rel_bias_rev, q, lay));
 }
 
 }  // namespace
