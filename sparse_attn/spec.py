@@ -13,6 +13,7 @@ Atoms (positional arguments in this order; any of them also as key=value):
     dilated:LEFT[:DILATION[:RIGHT]]      dilated(LEFT, RIGHT, dilation=DILATION)
     global:N  or  global:0,17,99         global_tokens(N) or explicit positions
     causal                               causal()
+    chunked:SIZE                         chunked(SIZE) (Llama 4: chunked:8192&causal)
     random:N[:BLOCK[:SEED]]              random_blocks(N, BLOCK, seed=SEED)
     longformer:WINDOW[:GLOBAL[:DILATION]]
     bigbird[:WINDOW[:GLOBAL[:RANDOM[:BLOCK[:SEED]]]]]
@@ -77,6 +78,7 @@ SPEC_ATOMS = {
     "global": (_global, ("n_or_positions",), 1),
     "global_tokens": (_global, ("n_or_positions",), 1),
     "causal": (P.causal, (), 0),
+    "chunked": (P.chunked, ("size",), 1),
     "random": (_random, ("num_blocks", "block_size", "seed"), 1),
     "random_blocks": (_random, ("num_blocks", "block_size", "seed"), 1),
     "longformer": (_longformer, ("window", "global_tokens", "dilation"), 1),

@@ -256,24 +256,12 @@ def test_bart_encoder_and_cross_attention_equal_sdpa():
     assert torch.equal(outputs[NAME][1], outputs["sdpa"][1])
 
 
-def test_t5_position_bias_raises_instead_of_being_dropped():
-    torch.manual_seed(0)
-    config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, decoder_start_token_id=0
-    )
-    model = transformers.T5ForConditionalGeneration(config).eval()
-    model.set_attn_implementation(NAME)
-    ids, mask = _batch()
-    with pytest.raises(ValueError, match="position_bias"):
-        model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7])
-
-
 def test_mask_alignment_is_required_only_where_it_matters():
     mu = transformers.masking_utils
-    # A static cache: keys do not end at the last query; a causal or windowed mask would shift.
+    # Key states that end before the last query: no cache makes them; a causal or windowed mask would shift.
     for mask_function in (mu.causal_mask_function, mu.sliding_window_bidirectional_mask_function(3)):
         with pytest.raises(ValueError, match="cache_implementation='dynamic'"):
-            sa_hf.sparse_mask(2, 1, 16, q_offset=3, kv_offset=0, mask_function=mask_function)
+            sa_hf.sparse_mask(2, 4, 16, q_offset=14, kv_offset=0, mask_function=mask_function)
     # Cross-attention: every query sees every real key, whatever the lengths.
     padding = torch.ones(2, 9, dtype=torch.bool)
     padding[0, 7:] = False
@@ -361,3 +349,316 @@ def test_packed_batch_with_a_custom_pattern_keeps_documents_apart():
         )
     sa_hf.set_pattern(model, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- score modifiers, chunked attention and static caches (issue 16) ---------------------------------------
+CHUNK = 8  # Llama 4's attention_chunk_size: smaller than the prompt and than prompt + generated tokens
+
+
+def _gemma2():
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,  # a sliding-window layer and a full one
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=WINDOW,
+        attn_logit_softcapping=1.0,
+        final_logit_softcapping=None,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+    )
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    model = transformers.Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            # Scores of several units: the cap changes them (random init gives scores far below it).
+            layer.self_attn.q_proj.weight.mul_(30.0)
+    return model
+
+
+def _llama4():
+    torch.manual_seed(0)
+    config = transformers.Llama4TextConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        intermediate_size_mlp=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        attention_chunk_size=CHUNK,
+        max_position_embeddings=128,
+        attention_dropout=0.0,
+    )
+    assert set(config.layer_types) == {"chunked_attention"}
+    return transformers.Llama4ForCausalLM(config)
+
+
+def _t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,  # the first layer owns the relative bias, the second reuses it
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,  # logarithmic buckets within the sequence lengths used here
+        decoder_start_token_id=0,
+        dropout_rate=0.0,
+    )
+    model = transformers.T5ForConditionalGeneration(config)
+    with torch.no_grad():
+        for stack in (model.encoder, model.decoder):
+            stack.block[0].layer[0].SelfAttention.relative_attention_bias.weight.normal_(std=2.0)
+    return model
+
+
+def _loss_logits_grads(model, impl, **inputs):
+    model.set_attn_implementation(impl)
+    model.zero_grad()
+    out = model(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), grads
+
+
+def _check_training_step(model, real, **inputs):
+    model.train()
+    ref_logits, ref_grads = _loss_logits_grads(model, "eager", **inputs)
+    logits, grads = _loss_logits_grads(model, NAME, **inputs)
+    torch.testing.assert_close(logits[real], ref_logits[real], rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+    return ref_grads
+
+
+def _greedy(model, impl, ids, mask, new, **kwargs):
+    model.eval().set_attn_implementation(impl)
+    return model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, **kwargs
+    )
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "llama4"])
+def test_gemma2_softcap_and_llama4_chunks_equal_eager(kind):
+    """Logits (left padding) and training gradients equal eager; greedy decoding past the window / chunk
+    equals eager's tokens; the softcap / the chunks are in force (without them the logits differ)."""
+    model = _gemma2() if kind == "gemma2" else _llama4()
+    ids, mask = _batch()
+    real = mask.bool()
+    # Labels whose prediction comes from a padded position are ignored: eager gives padded queries (no
+    # visible key) a softmax over masked scores, sparse_attn gives them 0.
+    predicted_from_padding = torch.cat([~real[:, :1], ~real[:, :-1]], 1)
+    labels = ids.masked_fill(predicted_from_padding, -100)
+    _check_training_step(model, real, input_ids=ids, attention_mask=mask, labels=labels)
+    model.eval()
+    ref = _logits(model, "eager", ids, mask)
+    if kind == "gemma2":
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert not torch.allclose(_logits(model, NAME, ids, mask)[real], ref[real], atol=1e-3)
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = model.config.attn_logit_softcapping
+    else:
+        sa_hf.set_pattern(model, causal())
+        assert not torch.allclose(_logits(model, NAME, ids, mask)[real], ref[real], atol=1e-3)
+        sa_hf.set_pattern(model, None)
+        # Without padding the chunks start at 0 for every element: the shared chunked(8) & causal() layout.
+        torch.testing.assert_close(_logits(model, NAME, ids, None), _logits(model, "eager", ids, None))
+    new = 3 * CHUNK
+    want = _greedy(model, "eager", ids, mask, new)
+    CALLS.clear()
+    assert torch.equal(_greedy(model, "sparse_attn_spy", ids, mask, new), want)
+    assert len([q for q, _ in CALLS if q == 1]) == 2 * (new - 1)
+
+
+@pytest.mark.parametrize("left_padding", [[0, 0], [0, 3]])
+@pytest.mark.parametrize("q_length, kv_length, kv_offset", [(13, 13, 0), (1, 13, 0), (4, 9, 6), (1, 7, 10)])
+def test_chunked_mask_info_equals_transformers_sdpa_mask(left_padding, q_length, kv_length, kv_offset):
+    """Llama 4's chunked causal mask (chunks counted from each element's first real token), token for token,
+    with a sliding cache's offset too."""
+    mu = transformers.masking_utils
+    mask_function = mu.chunked_causal_mask_function(4, torch.tensor(left_padding))
+    q_offset = kv_offset + kv_length - q_length
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[1, : left_padding[1]] = False
+    kwargs = dict(q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function, attention_mask=padding)
+    expected = mu.sdpa_mask(2, q_length, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]
+    info = sa_hf.sparse_mask(2, q_length, kv_length, **kwargs)
+    pattern_mask = info.pattern().mask(q_length, kv_length)
+    assert info.chunk == 4 and (info.chunk_start is None) == (left_padding == [0, 0] and kv_offset == 0)
+    ours = (pattern_mask if pattern_mask.dim() == 3 else pattern_mask[None]) & info.key_mask[:, None, :]
+    assert torch.equal(ours, expected)
+
+
+def test_t5_relative_bias_equals_eager_in_training_and_generation():
+    """Encoder self-attention (padding), decoder self-attention (causal, KV cache in generate) and
+    cross-attention; gradients reach relative_attention_bias.weight; the bias is never a dense tensor."""
+    model = _t5()
+    ids, mask = _batch()
+    labels = ids[:, :9].clone()
+    grads = _check_training_step(model, slice(None), input_ids=ids, attention_mask=mask, labels=labels)
+    for stack in ("encoder", "decoder"):
+        name = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        assert grads[name].abs().sum() > 0
+    model.eval()
+    attention = model.encoder.block[0].layer[0].SelfAttention
+    model.set_attn_implementation(NAME)
+    assert isinstance(attention.compute_bias(5, 5), sa_hf.RelativePositionBias)
+    model.set_attn_implementation("eager")
+    assert attention.compute_bias(5, 5).shape == (1, 4, 5, 5)
+    new = 10
+    want = _greedy(model, "eager", ids, mask, new)
+    assert torch.equal(_greedy(model, NAME, ids, mask, new), want)
+    # A static decoder cache: the bias of every decode step follows the cache's position.
+    assert torch.equal(_greedy(model, NAME, ids, mask, new, cache_implementation="static"), want)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma2", "llama4"])
+def test_static_cache_generate_equals_dynamic(kind):
+    """generate(cache_implementation="static"): key states run past the last query into the unwritten
+    tail of a preallocated cache; prefill uses the written keys, decode steps one fixed-size layout."""
+    model = {"gemma2": _gemma2, "llama4": _llama4}.get(kind, lambda: _model(kind))()
+    ids, mask = _batch()
+    new = 3 * WINDOW
+    want = _greedy(model, "eager", ids, mask, new)
+    CALLS.clear()
+    assert torch.equal(_greedy(model, "sparse_attn_spy", ids, mask, new, cache_implementation="static"), want)
+    # Full-attention layers run prefill and every decode step against the whole preallocated cache (its
+    # tail unwritten); sliding-window layers hold the last WINDOW keys once full.
+    full = PROMPT + new - 1
+    decode_kv = {kv for q, kv in CALLS if q == 1}
+    assert (
+        decode_kv == {"llama": {full}, "mistral": {WINDOW}, "gemma2": {full, WINDOW}, "llama4": {CHUNK}}[kind]
+    )
+    assert ((PROMPT, full) in CALLS) == (kind in ("llama", "gemma2"))
+
+
+@pytest.mark.parametrize("q_offset", [torch.tensor(9), 9])
+@pytest.mark.parametrize("left_padding", [[0, 0], [0, 3]])
+def test_static_cache_decode_key_mask_equals_transformers_sdpa_mask(q_offset, left_padding):
+    """One query against a static cache (its position a tensor, as StaticLayer gives it, or an int, as a
+    sliding-window layer that is not full gives it): the row of the mask folded into the key mask, for
+    causal, windowed and chunked masks."""
+    mu = transformers.masking_utils
+    kv_length = 16
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[1, : left_padding[1]] = False
+    for mask_function in (
+        mu.causal_mask_function,
+        mu.sliding_window_causal_mask_function(4),
+        mu.chunked_causal_mask_function(4, torch.tensor(left_padding)),
+    ):
+        kwargs = dict(q_offset=q_offset, kv_offset=0, mask_function=mask_function, attention_mask=padding)
+        expected = mu.sdpa_mask(2, 1, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]
+        info = sa_hf.sparse_mask(2, 1, kv_length, **kwargs)
+        assert repr(info.pattern()) == "dense()" and int(info.decode_position) == 9
+        assert torch.equal(info.key_mask[:, None, :], expected)
+
+
+@pytest.mark.parametrize("kind, graphs", [("llama", 1), ("mistral", 2), ("t5", 1)])
+def test_compiled_static_cache_generate_equals_eager_without_recompiles(kind, graphs):
+    """The way people compile generation: a static cache and generate's compiled decode step (inductor).
+    Tokens equal eager's (dynamic cache); no graph break; one graph for every decode step (Mistral's
+    sliding-window layer recompiles once when its cache fills, as transformers' own attention does)."""
+    from torch._dynamo.utils import counters
+
+    model = _t5() if kind == "t5" else _model(kind)
+    ids, mask = _batch()
+    new = 8 if kind != "mistral" else 2 * WINDOW
+    want = _greedy(model, "eager", ids, mask, new)
+    config = transformers.CompileConfig(fullgraph=False, mode="default")
+    config._compile_all_devices = True  # generate compiles on CUDA only unless told
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        got = _greedy(model, NAME, ids, mask, new, cache_implementation="static", compile_config=config)
+        assert torch.equal(got, want)
+        assert counters["stats"]["unique_graphs"] == graphs and not counters["graph_break"]
+    finally:
+        torch._dynamo.reset()
+
+
+def test_what_cannot_be_exact_still_raises():
+    model = _model("llama")
+    ids, mask = _batch()
+    # A set_pattern pattern cannot be folded into a static-cache decode step's key mask.
+    sa_hf.set_pattern(model, causal() & sliding_window(3, 0))
+    try:
+        with pytest.raises(ValueError, match="set_pattern"):
+            _greedy(model, NAME, ids, mask, 3, cache_implementation="static")
+    finally:
+        sa_hf.set_pattern(model, None)
+    # Dense additive biases other than T5's, and ALiBi given to the attention function.
+    attention = model.model.layers[0].self_attn
+    q = k = v = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match="position_bias"):
+        sa_hf.sparse_attention_forward(attention, q, k, v, None, position_bias=torch.zeros(1, 4, 5, 5))
+    with pytest.raises(ValueError, match="'alibi'"):
+        sa_hf.sparse_attention_forward(attention, q, k, v, None, alibi=torch.zeros(4))
+
+
+# Architectures on transformers' attention interface, each as a tiny random model: logits with left padding and
+# greedy generate() equal to eager, through our attention function (the spy counts its calls).
+_SURVEY = {
+    "qwen3": {},
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32
+    ),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "gemma3_text": dict(sliding_window=WINDOW, sliding_window_pattern=2),
+    "phi3": dict(sliding_window=WINDOW),
+    "cohere2": dict(sliding_window=WINDOW),
+    "starcoder2": dict(sliding_window=WINDOW),
+    "olmo2": {},
+    "granite": {},
+    "smollm3": {},
+    "glm4": {},
+    "exaone4": dict(sliding_window=WINDOW),
+    "ministral": dict(sliding_window=WINDOW),
+    "gpt_neox": dict(rotary_pct=1.0),
+    "opt": dict(ffn_dim=96, word_embed_proj_dim=64),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "bert": {},
+    "modernbert": dict(global_attn_every_n_layers=2, local_attention=8),
+}
+
+
+@pytest.mark.parametrize("kind", _SURVEY)
+def test_architecture_survey_equals_eager(kind):
+    torch.manual_seed(0)
+    config = transformers.AutoConfig.for_model(
+        kind,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, attention_dropout=0.0, **_SURVEY[kind],
+    )  # fmt: skip
+    encoder = kind in ("bert", "modernbert")
+    auto = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
+    model = auto.from_config(config, attn_implementation="eager").eval()
+    ids, mask = _batch()
+    real = mask.bool()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)[0]
+        model.set_attn_implementation("sparse_attn_spy")
+        CALLS.clear()
+        out = model(input_ids=ids, attention_mask=mask)[0]
+    assert len(CALLS) == 2, "the model did not run our attention function in both layers"
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+    if not encoder:
+        model.set_attn_implementation("eager")
+        want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        model.set_attn_implementation("sparse_attn_spy")
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+        assert torch.equal(got, want)

@@ -2,6 +2,7 @@
 
 from .base import Pattern, per_head
 from .block_sparse import block_sparse, random_blocks
+from .chunked import chunked
 from .compositions import bigbird, longformer
 from .documents import documents
 from .global_tokens import global_tokens
@@ -15,6 +16,7 @@ __all__ = [
     "bigbird",
     "block_sparse",
     "causal",
+    "chunked",
     "dense",
     "dilated",
     "documents",
