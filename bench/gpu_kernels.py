@@ -43,7 +43,10 @@ LENGTHS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
 QUICK_LENGTHS = (1024, 4096, 16384)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 PASSES = ("fwd", "bwd", "fwd_bwd")
-METHODS = ("sparse_attn", "dense_flash", "flash_causal", "flex", "xformers")
+#: sparse_attn with one score modifier each (softcap as Gemma 2's 50; ALiBi's geometric slopes; a random
+#: rel_bias that requires grad, so its gradient is part of the backward), timed beside the plain kernels.
+MOD_METHODS = ("sparse_attn+softcap", "sparse_attn+alibi", "sparse_attn+rel_bias")
+METHODS = ("sparse_attn", *MOD_METHODS, "dense_flash", "flash_causal", "flex", "xformers")
 #: Backward runs five matmuls per pair (recomputed scores, dV, dP, dQ, dK) to the forward's two.
 PASS_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 QUANTILES = [0.5, 0.2, 0.8]
@@ -308,6 +311,9 @@ def _methods_for(case, seq, args, dtype):
 
     if "sparse_attn" in args.methods:
         methods["sparse_attn"] = lambda q, k, v: sa.sparse_attention(q, k, v, layout, backend="triton")
+    for name in MOD_METHODS:
+        if name in args.methods:
+            methods[name] = _modified_method(name, layout)
     if "dense_flash" in args.methods:
         methods["dense_flash"] = flash(False)
     if "flash_causal" in args.methods and case.family == "causal":
@@ -323,6 +329,33 @@ def _methods_for(case, seq, args, dtype):
         except Exception as e:
             notes["xformers"] = f"{type(e).__name__}: {e}"[:160]
     return layout, methods, notes
+
+
+def modifier_kwargs(name: str, heads: int, q_len: int, kv_len: int, device="cpu") -> dict:
+    """The score-modifier arguments of method `name` (one of MOD_METHODS) for `heads` query heads."""
+    if name == "sparse_attn+softcap":
+        return {"softcap": 50.0}
+    if name == "sparse_attn+alibi":
+        return {"alibi_slopes": 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device) / heads)}
+    if name == "sparse_attn+rel_bias":
+        g = torch.Generator(device=device).manual_seed(0)
+        bias = torch.randn(heads, q_len + kv_len - 1, generator=g, device=device)
+        return {"rel_bias": bias.requires_grad_(True)}
+    raise ValueError(f"no modifier method {name!r}")
+
+
+def _modified_method(name, layout):
+    import sparse_attn as sa
+
+    cache = {}
+
+    def run(q, k, v):
+        key = (q.shape[1], q.shape[2], k.shape[2])
+        if key not in cache:
+            cache[key] = modifier_kwargs(name, *key, device=q.device)
+        return sa.sparse_attention(q, k, v, layout, backend="triton", **cache[key])
+
+    return run
 
 
 _FLEX = None
@@ -480,12 +513,19 @@ def add_derived(rows):
         if r.get("method") == "dense_flash"
     }
     for r in rows:
-        if r.get("method") in ("sparse_attn", "flex", "xformers") and r.get("median_ms"):
+        if r.get("method") in ("sparse_attn", *MOD_METHODS, "flex", "xformers") and r.get("median_ms"):
             d = dense.get((r["seq"], r["head_dim"], r["dtype"], r["pass"]))
             r["speedup_vs_dense"] = None if d is None else d / r["median_ms"]
             r["ideal_speedup"] = 1.0 / r["density"]
             r["fraction_of_ideal"] = fraction_of_ideal(d, r["median_ms"], r["density"])
     return rows
+
+
+def modifier_cost(plain: dict, modified: dict) -> float | None:
+    """Time with a modifier over time without (same case, pass and inputs), or None."""
+    if not plain.get("median_ms") or not modified.get("median_ms"):
+        return None
+    return modified["median_ms"] / plain["median_ms"]
 
 
 def format_table(rows) -> str:
@@ -500,6 +540,7 @@ def format_table(rows) -> str:
         f"{'case':16s}{'seq':>7s}{'D':>5s}{'dtype':>6s}{'pass':>8s}{'density':>9s}"
         f"{'sparse ms [p20-p80]':>24s}{'TFLOP/s':>9s}{'dense':>9s}{'flex':>9s}{'xformers':>9s}"
         f"{'x dense':>9s}{'ideal':>8s}{'of ideal':>9s}"
+        + "".join(f"{'x ' + name.split('+')[1]:>12s}" for name in MOD_METHODS)
     )
     lines = [head, "-" * len(head)]
     fmt = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731
@@ -517,6 +558,7 @@ def format_table(rows) -> str:
             f"{fmt(by.get('flex', {}).get('median_ms'), '.3f'):>9s}{fmt(by.get('xformers', {}).get('median_ms'), '.3f'):>9s}"
             f"{fmt(s.get('speedup_vs_dense'), '.2f'):>9s}{fmt(s.get('ideal_speedup'), '.1f'):>8s}"
             f"{fmt(s.get('fraction_of_ideal'), '.0%'):>9s}"
+            + "".join(f"{fmt(modifier_cost(s, by.get(name, {})), '.2f'):>12s}" for name in MOD_METHODS)
         )
     return "\n".join(lines)
 

@@ -4,7 +4,10 @@
 (``triton.compile(ASTSource(...), target=GPUTarget(...))``; no GPU needed), fp16 and bf16, head dims 64 and
 128, every shipped config, in every variant the launcher can produce: the 32 combinations of the
 EVEN_M/EVEN_N/HAS_KEY_MASK/PER_HEAD_LAYOUT/PER_BATCH_LAYOUT flags (ptxas allocates registers for each variant on its own,
-so a config clean in one variant can spill in another). From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
+so a config clean in one variant can spill in another), plus the score-modifier variants (HAS_SOFTCAP,
+HAS_ALIBI, HAS_REL_BIAS; ``--modifiers``: by default each alone and all three on the base variants with the
+most and the least mask work, ``all`` for every modifier set on every base variant) with the configs
+`launch.family_for` gives them, and the rel_bias gradient's reduction kernel. From the cubin, Triton's bundled ``cuobjdump`` gives registers, stack and shared memory
 (``--dump-resource-usage``) and the SASS (``--dump-sass``), where we count tensor-core instructions (HMMA on
 sm_80; HGMMA, or HMMA for tiles under 64 rows, on sm_90a) and the bytes stored by local-memory spill stores
 (STL).
@@ -37,10 +40,36 @@ KERNELS = {
     "_bsattn_bwd_dkdv_kernel": "dkdv",
     "_bsattn_bwd_dq_kernel": "dq",
     "_bsattn_bwd_preprocess": None,
+    "_bsattn_rel_bias_reduce": None,
 }
 #: The constexpr flags the launcher sets per call; the three main kernels are compiled for every combination.
 VARIANT_FLAGS = ("EVEN_M", "EVEN_N", "HAS_KEY_MASK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT")
+#: The score-modifier flags; each is off in the 32 base variants.
+MOD_FLAGS = ("HAS_SOFTCAP", "HAS_ALIBI", "HAS_REL_BIAS")
+#: Modifier sets the default ("subset") report compiles: each alone and all together ...
+MOD_SUBSET = (("HAS_SOFTCAP",), ("HAS_ALIBI",), ("HAS_REL_BIAS",), MOD_FLAGS)
+#: ... on these base variants: the one with the most mask work (ragged ends, key mask, per-batch and per-head
+#: layout) and the one with the least (all even, no key mask, one shared layout).
+MOD_BASE_VARIANTS = (
+    {
+        "EVEN_M": False,
+        "EVEN_N": False,
+        "HAS_KEY_MASK": True,
+        "PER_HEAD_LAYOUT": True,
+        "PER_BATCH_LAYOUT": True,
+    },
+    {
+        "EVEN_M": True,
+        "EVEN_N": True,
+        "HAS_KEY_MASK": False,
+        "PER_HEAD_LAYOUT": False,
+        "PER_BATCH_LAYOUT": False,
+    },
+)
+MODIFIER_CHOICES = ("none", "subset", "all")
 PREPROCESS_FLAGS = {"HAS_DLSE": True}
+#: The rel_bias reduction kernel: its two variants (a layout per head or shared by the heads).
+REDUCE_VARIANTS = ({"PER_HEAD_LAYOUT": False}, {"PER_HEAD_LAYOUT": True})
 RECORD_KEYS = (
     "kernel",
     "target",
@@ -55,43 +84,74 @@ RECORD_KEYS = (
     "tensor_core_instructions",
 )
 _INT_SCALARS = (
-    "num_q_heads", "num_kv_heads", "group", "q_len", "kv_len", "num_q_blocks", "num_k_blocks", "layout_heads"
+    "num_q_heads", "num_kv_heads", "group", "q_len", "kv_len", "num_q_blocks", "num_k_blocks", "layout_heads",
+    "num_full_entries", "part_groups", "num_chunks", "chunk_shift", "batch_groups", "rb_zero",
 )  # fmt: skip
 _DATA_POINTERS = ("Q", "K", "V", "Out", "DO", "DK", "DV", "DQ")
-_FP32_POINTERS = ("Lse", "Delta", "DLse")
+_FP32_POINTERS = ("Lse", "Delta", "DLse", "Slopes", "RelBias", "DRelPart", "Part", "DRelBias")
+_FP32_SCALARS = ("qk_scale", "scale", "softcap2")
 
 
-def variants(kernel: str) -> list[dict]:
-    """The flag combinations `kernel` is compiled with."""
-    if KERNELS[kernel] is None:
+def variants(kernel: str, modifiers: str = "none") -> list[dict]:
+    """The flag combinations `kernel` is compiled with: the 32 base variants (modifiers off), then with
+    `modifiers` "subset" each modifier alone and all three on `MOD_BASE_VARIANTS`, with "all" every non-empty
+    modifier set on every base variant (``7 x 32``)."""
+    if kernel == "_bsattn_bwd_preprocess":
         return [PREPROCESS_FLAGS]
-    return [
+    if kernel == "_bsattn_rel_bias_reduce":
+        return list(REDUCE_VARIANTS) if modifiers != "none" else []
+    base = [
         dict(zip(VARIANT_FLAGS, bits, strict=True))
         for bits in itertools.product((False, True), repeat=len(VARIANT_FLAGS))
     ]
+    if modifiers == "none":
+        return base
+    if modifiers == "subset":
+        mod_sets, mod_bases = MOD_SUBSET, MOD_BASE_VARIANTS
+    elif modifiers == "all":
+        mod_sets = [c for n in range(1, 4) for c in itertools.combinations(MOD_FLAGS, n)]
+        mod_bases = base
+    else:
+        raise ValueError(f"modifiers must be one of {MODIFIER_CHOICES}, got {modifiers!r}")
+    with_mods = [
+        {**flags, **{name: name in mods for name in MOD_FLAGS}} for mods in mod_sets for flags in mod_bases
+    ]
+    return base + with_mods
 
 
 def variant_name(flags: dict) -> str:
-    """``EVEN_M=1,EVEN_N=0,HAS_KEY_MASK=1,PER_HEAD_LAYOUT=0``-style label of a variant."""
+    """``EVEN_M=1,EVEN_N=0,HAS_KEY_MASK=1,PER_HEAD_LAYOUT=0``-style label of a variant (modifier flags are
+    named only in the variants that have them)."""
     return ",".join(f"{name}={int(value)}" for name, value in flags.items())
 
 
-def jobs(head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS)) -> list[tuple]:
-    """Every (kernel, target, dtype, head_dim, config, flags) the report compiles; config None = preprocess."""
+def config_family(kernel: str, flags: dict) -> str | None:
+    """The `launch.SHIPPED_CONFIGS` family a variant runs with (`launch.family_for`: modifier variants of
+    some kernels have their own tiles)."""
+    from sparse_attn.triton_kernels.launch import family_for
+
+    family = KERNELS[kernel]
+    return family and family_for(family, *(flags.get(name, False) for name in MOD_FLAGS))
+
+
+def jobs(head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS), modifiers="none") -> list[tuple]:
+    """Every (kernel, target, dtype, head_dim, config, flags) the report compiles; config None = a kernel
+    with one fixed config (the preprocess, the rel_bias reduction)."""
     from sparse_attn.triton_kernels.launch import configs_for
 
     out = []
-    for kernel, family in KERNELS.items():
+    for kernel in KERNELS:
         for head_dim in head_dims:
-            for config in configs_for(family, head_dim) if family else [None]:
-                for flags in variants(kernel):
+            for flags in variants(kernel, modifiers):
+                family = config_family(kernel, flags)
+                for config in configs_for(family, head_dim) if family else [None]:
                     out += [(kernel, t, d, head_dim, config, flags) for t in targets for d in dtypes]
     return out
 
 
 def _signature(fn, dtype: str, head_dim: int, config, flags: dict):
     """ASTSource signature, constexprs and divisibility attrs: contiguous last dims, 16-aligned pointers."""
-    from sparse_attn.triton_kernels.launch import PREPROCESS_BLOCK_M
+    from sparse_attn.triton_kernels.launch import PREPROCESS_BLOCK_M, REL_BIAS_DIAGS
 
     pad = max(16, 1 << (head_dim - 1).bit_length())
     constexprs = {
@@ -101,6 +161,8 @@ def _signature(fn, dtype: str, head_dim: int, config, flags: dict):
         "LAYOUT_BK": LAYOUT_BLOCK,
         "WORDS": -(-LAYOUT_BLOCK // 32),
         "DOT_PRECISION": "tf32",
+        "DIAGS": REL_BIAS_DIAGS,
+        **dict.fromkeys(MOD_FLAGS, False),
         **flags,
     }
     if config is None:
@@ -122,13 +184,16 @@ def _signature(fn, dtype: str, head_dim: int, config, flags: dict):
             signature[name] = "*u8"
         elif name[0].isupper():
             signature[name] = "*i32"
-        elif name in ("qk_scale", "scale"):
+        elif name in _FP32_SCALARS:
             signature[name] = "fp32"
         elif name.startswith("stride_") or name in _INT_SCALARS:
             signature[name] = "i32"
         else:
             raise ValueError(f"no signature rule for parameter {name!r} of {fn.__name__}")
-        if signature[name].startswith("*") or name.startswith("stride_"):
+        # The ALiBi slopes' batch stride (Hq or 0) and rel_bias' padded row: not assumed divisible by 16.
+        if signature[name].startswith("*") or (
+            name.startswith("stride_") and name not in ("stride_slb", "stride_rbh")
+        ):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, {k: v for k, v in constexprs.items() if k in fn.arg_names}, attrs
 
@@ -148,6 +213,15 @@ def _spill_store_bytes(sass: str) -> int:
     return total
 
 
+def fixed_config_name(kernel: str) -> str:
+    """The config label of a kernel with one fixed config."""
+    from sparse_attn.triton_kernels.launch import REDUCE_NUM_WARPS, REL_BIAS_DIAGS
+
+    if kernel == "_bsattn_rel_bias_reduce":
+        return f"DIAGS{REL_BIAS_DIAGS}-w{REDUCE_NUM_WARPS}"
+    return "BLOCK_M64-w4"
+
+
 def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, flags: dict) -> dict:
     """Compile one kernel variant for one target; return its record."""
     import triton
@@ -155,10 +229,14 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, fla
     from triton.compiler import ASTSource
 
     from sparse_attn.triton_kernels import bsattn
+    from sparse_attn.triton_kernels.launch import REDUCE_NUM_WARPS
 
     fn = getattr(bsattn, kernel)
     signature, constexprs, attrs = _signature(fn, dtype, head_dim, config, flags)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages} if config else {"num_warps": 4}
+    if config:
+        options = config.options()
+    else:
+        options = {"num_warps": REDUCE_NUM_WARPS if kernel == "_bsattn_rel_bias_reduce" else 4}
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", TARGETS[target], 32),
@@ -176,7 +254,7 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, fla
         "target": target,
         "dtype": dtype,
         "head_dim": head_dim,
-        "config": str(config) if config else "BLOCK_M64-w4",
+        "config": str(config) if config else fixed_config_name(kernel),
         "variant": variant_name(flags),
         "registers": int(fields["REG"]),
         "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
@@ -200,14 +278,23 @@ def _without_interpreter():
 
 
 def run_report(
-    head_dims=HEAD_DIMS, dtypes=DTYPES, targets=tuple(TARGETS), workers=None, progress=True
+    head_dims=HEAD_DIMS,
+    dtypes=DTYPES,
+    targets=tuple(TARGETS),
+    workers=None,
+    progress=True,
+    modifiers="subset",
 ) -> list[dict]:
     """Compile every job in spawned worker processes; records sorted like `jobs()`."""
+    return run_jobs(jobs(head_dims, dtypes, targets, modifiers), workers, progress)
+
+
+def run_jobs(todo: list[tuple], workers=None, progress=True) -> list[dict]:
+    """Compile `todo` (entries of `jobs()`) in spawned worker processes; records in the same order."""
     import multiprocessing
 
     from tqdm import tqdm
 
-    todo = jobs(head_dims, dtypes, targets)
     workers = workers or min(len(todo), os.cpu_count() or 1)
     records = [None] * len(todo)
     with _without_interpreter():
@@ -254,8 +341,20 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=list(DTYPES))
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count)")
+    parser.add_argument(
+        "--modifiers",
+        choices=MODIFIER_CHOICES,
+        default="subset",
+        help="score-modifier variants: none; subset (default: each modifier alone and all three, on the base "
+        "variants with the most and the least mask work); all (every modifier set on every base variant)",
+    )
     args = parser.parse_args(argv)
-    records = run_report(head_dims=tuple(args.head_dims), dtypes=tuple(args.dtypes), workers=args.workers)
+    records = run_report(
+        head_dims=tuple(args.head_dims),
+        dtypes=tuple(args.dtypes),
+        workers=args.workers,
+        modifiers=args.modifiers,
+    )
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -277,7 +376,7 @@ def problems(record: dict) -> list[str]:
         found.append(f"{record['spill_bytes']} spill bytes")
     if record["stack_bytes"]:
         found.append(f"{record['stack_bytes']} stack bytes")
-    if record["kernel"] != "_bsattn_bwd_preprocess" and not record["tensor_core_instructions"]:
+    if KERNELS[record["kernel"]] is not None and not record["tensor_core_instructions"]:
         found.append("no tensor-core instructions")
     return found
 

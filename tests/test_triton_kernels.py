@@ -265,7 +265,10 @@ def test_every_shipped_config(head_dim, fwd, dkdv, dq):
     scale = head_dim**-0.5
     out, lse = launch.attention_fwd(q, k, v, layout, scale, config=fwd)
     do = torch.randn_like(out)
-    grads = launch.attention_bwd(do, None, q, k, v, out, lse, layout, scale, configs={"dkdv": dkdv, "dq": dq})
+    *grads, no_rel_bias_grad = launch.attention_bwd(
+        do, None, q, k, v, out, lse, layout, scale, configs={"dkdv": dkdv, "dq": dq}
+    )
+    assert no_rel_bias_grad is None
     leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
     ref_out, ref_lse = attention_reference(*leaves, layout, scale=scale)
     ref_out.backward(do.double())

@@ -10,6 +10,13 @@ Algorithm
   runs one program per (key tile, batch x kv head), walks the layout *columns* (CSC) of every query head
   that shares its kv head (GQA) and accumulates dK, dV in registers; `_bsattn_bwd_dq_kernel` runs one
   program per (query tile, batch x query head) over the layout rows. No atomics: bitwise deterministic.
+- Score modifiers (`sparse_attn.score_mods`), each a constexpr flag (off: the code of a call without them):
+  HAS_SOFTCAP (``c * tanh(s / c)``, in log2 units with cap ``c * log2(e)``), HAS_ALIBI (``-slope * |j - qpos|``)
+  and HAS_REL_BIAS (``rel_bias[h, j - i + Sq - 1]``), applied to every kept tile, full or partial, from the
+  tile's row and column indices, before the mask. The backward recomputes the modified score; dQ/dK take
+  ``dS * (1 - tanh**2)`` with a softcap. d rel_bias (the per-diagonal sums of dS) comes from the dQ pass:
+  each tile stores its diagonal sums per (layout entry, sub-tile), and `_bsattn_rel_bias_reduce` adds them
+  up per 32-diagonal chunk in a fixed order (see ``launch._RelBiasGrad``): no atomics there either.
 
 Assumptions and limits
 - The kernel tile divides the layout block: ``LAYOUT_BQ % BLOCK_M == 0`` and ``LAYOUT_BK % BLOCK_N == 0``;
@@ -35,6 +42,8 @@ import triton.language as tl
 # Globals a jit function reads must be constexpr.
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+#: rel_bias gradient: the per-tile diagonal sums are added up in aligned chunks of this many diagonals.
+DIAG_CHUNK = tl.constexpr(32)
 
 
 # -- loads and stores of one head's rows ---------------------------------------------------------------
@@ -176,6 +185,78 @@ def _hide_invisible(
     return x
 
 
+# -- score modifiers (softcap, ALiBi, relative-position bias) ------------------------------------------
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 from exp2 (Triton's interpreter has no libdevice): ``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``,
+    and an odd Taylor polynomial below |x| = 1/8, where that quotient loses relative accuracy (about 2 ulp
+    everywhere against float64)."""
+    a = tl.abs(x)
+    e = tl.math.exp2(a * (-2.0 * LOG2E))
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a + a * a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0))))
+    y = tl.where(a < 0.125, small, big)
+    return tl.where(x < 0.0, -y, y)
+
+
+@triton.jit
+def _modify_scores(
+    s, rows, cols, q_len, kv_len, softcap2, slope2, rb_base,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr, TRANSPOSED: tl.constexpr,
+):  # fmt: skip
+    """Scores `s` in log2 units (``[rows, cols]``, or ``[cols, rows]`` when TRANSPOSED) after the score modifiers:
+    ``(s, t)`` with t = tanh of the capped score over the cap (for the softcap derivative ``1 - t**2``; `s`
+    itself without a softcap). All three are in log2 units already: ``softcap2 = c * log2(e)``, ``slope2 =
+    slope * log2(e)``, `rb_base` the head's ``rel_bias * log2(e)`` in float32, at diagonal 0 of a row padded
+    on both sides so that every tile's rows and columns (up to the layout-block-rounded lengths) index inside
+    it: the bias loads need no mask. Positions come from the tile's row and column indices."""
+    t = s
+    if HAS_SOFTCAP:
+        t = _tanh(s * (1.0 / softcap2))
+        s = softcap2 * t
+    if HAS_ALIBI or HAS_REL_BIAS:
+        # Diagonal j - i + Sq - 1 (the rel_bias index): rel = j - qpos = diag - (Skv - 1).
+        if TRANSPOSED:
+            diag = cols[:, None] - rows[None, :] + (q_len - 1)
+        else:
+            diag = cols[None, :] - rows[:, None] + (q_len - 1)
+        if HAS_ALIBI:
+            s = s - slope2 * tl.abs(diag - (kv_len - 1)).to(tl.float32)
+        if HAS_REL_BIAS:
+            s = s + tl.load(rb_base + diag)
+    return s, t
+
+
+@triton.jit
+def _diagonal_sums(x, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sums of `x` ``[BLOCK_M, BLOCK_N]`` along its diagonals: ``[BLOCK_M + BLOCK_N]``, entry w the sum over
+    ``jj - ii == w - BLOCK_M`` (entry 0 is always 0). Row ii is skewed right by ``BLOCK_M - ii`` with a
+    gather within the row, then the rows are summed."""
+    ii = tl.arange(0, BLOCK_M)
+    w = tl.arange(0, BLOCK_M + BLOCK_N)
+    # [BLOCK_M, BLOCK_M + BLOCK_N]: the column of row ii on diagonal w
+    src = w[None, :] - BLOCK_M + ii[:, None]
+    ok = (src >= 0) & (src < BLOCK_N)
+    skewed = tl.where(ok, tl.gather(x, tl.where(ok, src, 0), 1), 0.0)
+    return tl.sum(skewed, 0)
+
+
+@triton.jit
+def _mod_params(
+    Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr
+):  # fmt: skip
+    """One (batch, query head)'s ALiBi slope (log2 units) and its rel_bias row at diagonal 0 (`rb_zero` is where
+    diagonal 0 sits in a padded row of `stride_rbh` entries)."""
+    slope2 = 0.0
+    if HAS_ALIBI:
+        slope2 = tl.load(Slopes + batch * stride_slb + head)
+    rb_base = RelBias
+    if HAS_REL_BIAS:
+        rb_base = RelBias + head.to(tl.int64) * stride_rbh + rb_zero
+    return slope2, rb_base
+
+
 # -- forward -------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_tile(
@@ -183,9 +264,11 @@ def _fwd_tile(
     k_base, stride_kn, stride_kd,
     v_base, stride_vn, stride_vd,
     km_base, tiles_ptr, tile_id, n_start, in_block_rows, in_block_col0, kv_len, qk_scale,
+    rows, q_len, softcap2, slope2, rb_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
     IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
 ):  # fmt: skip
     """One online-softmax step of the forward pass over keys ``[n_start, n_start + BLOCK_N)``."""
     real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
@@ -202,6 +285,11 @@ def _fwd_tile(
     )  # fmt: skip
     # [BLOCK_M, BLOCK_N], log2 units
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
+        s, _ = _modify_scores(
+            s, rows, n_start + tl.arange(0, BLOCK_N), q_len, kv_len, softcap2, slope2, rb_base,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, False,
+        )  # fmt: skip
     s = _hide_invisible(
         s, float("-inf"), tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
@@ -226,10 +314,12 @@ def _bsattn_fwd_kernel(
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
     num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
     PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
 ):  # fmt: skip
     """Forward: out and natural-log lse of one query tile of one (batch, query head)."""
     pid_m = tl.program_id(0)
@@ -252,6 +342,9 @@ def _bsattn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    slope2, rb_base = _mod_params(
+        Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
+    )
 
     layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
     layout_row = layout_seq * (num_q_blocks + 1) + m_start // LAYOUT_BQ
@@ -264,8 +357,9 @@ def _bsattn_fwd_kernel(
             acc, m_i, l_i = _fwd_tile(
                 acc, m_i, l_i, q, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
                 km_base, Tiles, tile_id, k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N,
-                kv_len, qk_scale,
+                kv_len, qk_scale, rows, q_len, softcap2, slope2, rb_base,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, PARTIAL, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+                EVEN_M, HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS,
             )  # fmt: skip
 
     # Empty rows (l = 0): out 0, lse -inf.
@@ -325,10 +419,11 @@ def _bwd_dkdv_tile(
     q_base, stride_qm, stride_qd,
     do_base, stride_dom, stride_dod,
     lse_base, delta_base, real_keys, tiles_ptr, tile_id, m_start, in_block_row0, in_block_col0,
-    q_len, qk_scale,
+    q_len, qk_scale, cols, kv_len, softcap2, slope2, rb_base,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
     IS_PARTIAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, EVEN_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV of one key tile over queries ``[m_start, m_start + BLOCK_M)`` (transposed math)."""
     rows = m_start + tl.arange(0, BLOCK_M)
@@ -347,6 +442,11 @@ def _bwd_dkdv_tile(
     delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)
     # [BLOCK_N, BLOCK_M]
     s_t = tl.dot(k, q_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
+        s_t, t_t = _modify_scores(
+            s_t, rows, cols, q_len, kv_len, softcap2, slope2, rb_base,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, True,
+        )  # fmt: skip
     p_t = tl.math.exp2(s_t - lse2[None, :])
     # Keys past kv_len are zero vectors whose dK/dV rows are never stored: no bounds check needed.
     p_t = _hide_invisible(
@@ -354,6 +454,9 @@ def _bwd_dkdv_tile(
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, False, True,
     )  # fmt: skip
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+    if HAS_SOFTCAP:
+        # d(c * tanh(s / c)) / ds = 1 - tanh(s / c)**2, folded into p now so that t dies before dP is made.
+        p_t = p_t * (1.0 - t_t * t_t)
     # [BLOCK_N, BLOCK_M]
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
@@ -374,10 +477,12 @@ def _bsattn_bwd_dkdv_kernel(
     KeyMask, stride_kmb,
     ColFullPtr, ColFullIdx, ColPartPtr, ColPartIdx, ColPartTile, Tiles,
     num_q_heads, num_kv_heads, group, q_len, kv_len, num_k_blocks, layout_heads, qk_scale, scale,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
     PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
 ):  # fmt: skip
     """dK, dV of one key tile of one (batch, kv head): walks the layout columns of its query heads."""
     pid_n = tl.program_id(0)
@@ -410,6 +515,9 @@ def _bsattn_bwd_dkdv_kernel(
         do_base = _head_base(DO, batch, head, stride_dob, stride_doh)
         lse_base = Lse + (batch * num_q_heads + head).to(tl.int64) * q_len
         delta_base = Delta + (batch * num_q_heads + head).to(tl.int64) * q_len
+        slope2, rb_base = _mod_params(
+            Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
+        )
         layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
         layout_col = layout_seq * (num_k_blocks + 1) + n_start // LAYOUT_BK
         for PARTIAL in tl.static_range(2):
@@ -420,8 +528,9 @@ def _bsattn_bwd_dkdv_kernel(
                     dk, dv, k, v, q_base, stride_qm, stride_qd, do_base, stride_dom, stride_dod,
                     lse_base, delta_base, real, Tiles, tile_id,
                     q_block * LAYOUT_BQ + sub * BLOCK_M, sub * BLOCK_M, n_start % LAYOUT_BK, q_len, qk_scale,
+                    n_start + tl.arange(0, BLOCK_N), kv_len, softcap2, slope2, rb_base,
                     HEAD_DIM, HEAD_DIM_PAD, BLOCK_M, BLOCK_N, LAYOUT_BQ, WORDS,
-                    PARTIAL, HAS_KEY_MASK, EVEN_M, DOT_PRECISION,
+                    PARTIAL, HAS_KEY_MASK, EVEN_M, DOT_PRECISION, EVEN_N, HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS,
                 )  # fmt: skip
 
     if HAS_KEY_MASK:
@@ -442,11 +551,15 @@ def _bwd_dq_tile(
     k_base, stride_kn, stride_kd,
     v_base, stride_vn, stride_vd,
     km_base, tiles_ptr, tile_id, n_start, in_block_rows, in_block_col0, kv_len, qk_scale,
+    rows, q_len, softcap2, slope2, rb_base, part_ptr,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, WORDS: tl.constexpr,
     IS_PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate dQ of one query tile over keys ``[n_start, n_start + BLOCK_N)``."""
+    """Accumulate dQ of one query tile over keys ``[n_start, n_start + BLOCK_N)``; with HAS_REL_BIAS, also store
+    the tile's per-diagonal sums of dS at `part_ptr` ``[BLOCK_M + BLOCK_N]`` (see `_diagonal_sums`)."""
     real = _real_keys(km_base, n_start + tl.arange(0, BLOCK_N), kv_len, HAS_KEY_MASK)
     # A padding key may hold garbage (NaN, inf): its ds column is hidden by a select after the product
     # (which drops NaN from its scores and from dO @ V^T alike), and its K row loads as zeros with a key
@@ -461,12 +574,22 @@ def _bwd_dq_tile(
     )
     # [BLOCK_M, BLOCK_N]
     s = tl.dot(q, k_t, input_precision=DOT_PRECISION) * qk_scale
+    if HAS_SOFTCAP or HAS_ALIBI or HAS_REL_BIAS:
+        s, t = _modify_scores(
+            s, rows, n_start + tl.arange(0, BLOCK_N), q_len, kv_len, softcap2, slope2, rb_base,
+            HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, False,
+        )  # fmt: skip
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, v_t, input_precision=DOT_PRECISION)
     ds = _hide_invisible(
         p * (dp - delta[:, None]), 0.0, tiles_ptr, tile_id, in_block_rows, in_block_col0, real,
         BLOCK_N, LAYOUT_BQ, WORDS, IS_PARTIAL, HAS_KEY_MASK, not EVEN_N, False,
     )  # fmt: skip
+    if HAS_REL_BIAS:
+        # dS w.r.t. the modified score (before the softcap derivative): its diagonal sums are d rel_bias.
+        tl.store(part_ptr + tl.arange(0, BLOCK_M + BLOCK_N), _diagonal_sums(ds, BLOCK_M, BLOCK_N))
+    if HAS_SOFTCAP:
+        ds = ds * (1.0 - t * t)
     dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PRECISION)
     return dq
 
@@ -483,12 +606,21 @@ def _bsattn_bwd_dq_kernel(
     KeyMask, stride_kmb,
     RowFullPtr, RowFullIdx, RowPartPtr, RowPartIdx, RowPartTile, Tiles,
     num_q_heads, group, q_len, kv_len, num_q_blocks, layout_heads, qk_scale, scale,
+    softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero,
+    DRelPart, DRelKey, num_full_entries, part_groups, num_chunks, chunk_shift,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,
     LAYOUT_BQ: tl.constexpr, LAYOUT_BK: tl.constexpr, WORDS: tl.constexpr,
     PER_HEAD_LAYOUT: tl.constexpr, PER_BATCH_LAYOUT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_REL_BIAS: tl.constexpr,
 ):  # fmt: skip
-    """dQ of one query tile of one (batch, query head): walks the layout row of its query block."""
+    """dQ of one query tile of one (batch, query head): walks the layout row of its query block.
+
+    With HAS_REL_BIAS, every visited tile also stores its per-diagonal dS sums (``BLOCK_M + BLOCK_N`` floats)
+    in `DRelPart` ``[slots, part_groups, BLOCK_M + BLOCK_N]``, slot = (layout entry, key sub-tile, query
+    sub-tile), column = this (batch, head) among the `part_groups` that share the layout sequence; and in
+    `DRelKey[slot]` its first diagonal chunk: ``head_key * num_chunks + (j - i + chunk_shift) // DIAG_CHUNK``
+    of the tile's entry 0. `_bsattn_rel_bias_reduce` then adds the chunks up in a fixed order."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // num_q_heads
@@ -517,6 +649,19 @@ def _bsattn_bwd_dq_kernel(
     v_base = _head_base(V, batch, kv_head, stride_vb, stride_vh)
     km_base = KeyMask + batch.to(tl.int64) * stride_kmb
     dq = tl.zeros([BLOCK_M, HEAD_DIM_PAD], tl.float32)
+    slope2, rb_base = _mod_params(
+        Slopes, stride_slb, RelBias, stride_rbh, rb_zero, batch, head, HAS_ALIBI, HAS_REL_BIAS
+    )
+    if HAS_REL_BIAS:
+        # This (batch, head)'s column among those sharing its layout sequence, and its head in the sort key.
+        part_col = (0 if PER_BATCH_LAYOUT else batch) * (1 if PER_HEAD_LAYOUT else num_q_heads) + (
+            0 if PER_HEAD_LAYOUT else head
+        )
+        # The tile's diagonal j - i starts at n_start - m_start - BLOCK_M (its entry 0); chunk_shift, a
+        # multiple of DIAG_CHUNK, makes every start >= 0, and every tile start is a multiple of DIAG_CHUNK.
+        key_base = (
+            (head if PER_HEAD_LAYOUT else 0) * num_chunks * DIAG_CHUNK + chunk_shift - m_start - BLOCK_M
+        )
 
     layout_seq = (batch * layout_heads if PER_BATCH_LAYOUT else 0) + (head if PER_HEAD_LAYOUT else 0)
     layout_row = layout_seq * (num_q_blocks + 1) + m_start // LAYOUT_BQ
@@ -525,14 +670,54 @@ def _bsattn_bwd_dq_kernel(
         lo, hi = _walk_bounds(RowFullPtr, RowPartPtr, layout_row, SUBS, PARTIAL)
         for i in range(lo, hi):
             k_block, sub, tile_id = _walk_step(RowFullIdx, RowPartIdx, RowPartTile, i, SUBS, PARTIAL)
+            n_start = k_block * LAYOUT_BK + sub * BLOCK_N
+            part_ptr = DRelPart
+            if HAS_REL_BIAS:
+                slot = (i + PARTIAL * num_full_entries * SUBS) * (LAYOUT_BQ // BLOCK_M) + (
+                    m_start % LAYOUT_BQ
+                ) // BLOCK_M
+                part_ptr = DRelPart + (slot.to(tl.int64) * part_groups + part_col) * (BLOCK_M + BLOCK_N)
+                if part_col == 0:
+                    tl.store(DRelKey + slot, (key_base + n_start) // DIAG_CHUNK)
             dq = _bwd_dq_tile(
                 dq, q, do, lse2, delta, k_base, stride_kn, stride_kd, v_base, stride_vn, stride_vd,
-                km_base, Tiles, tile_id, k_block * LAYOUT_BK + sub * BLOCK_N, in_block_rows, sub * BLOCK_N,
-                kv_len, qk_scale,
+                km_base, Tiles, tile_id, n_start, in_block_rows, sub * BLOCK_N,
+                kv_len, qk_scale, rows, q_len, softcap2, slope2, rb_base, part_ptr,
                 HEAD_DIM, HEAD_DIM_PAD, BLOCK_N, LAYOUT_BQ, WORDS, PARTIAL, EVEN_N, HAS_KEY_MASK, DOT_PRECISION,
+                EVEN_M, HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS, BLOCK_M,
             )  # fmt: skip
 
     _store_rows(
         _head_base(DQ, batch, head, stride_dqb, stride_dqh), m_start, stride_dqm, stride_dqd, q_len,
         dq * scale, BLOCK_M, HEAD_DIM, HEAD_DIM_PAD, EVEN_M,
     )  # fmt: skip
+
+
+@triton.jit
+def _bsattn_rel_bias_reduce(
+    Part, Order, ChunkPtr, DRelBias,
+    num_chunks, part_groups, batch_groups, num_q_heads,
+    DIAGS: tl.constexpr, PER_HEAD_LAYOUT: tl.constexpr,
+):  # fmt: skip
+    """One chunk of DIAG_CHUNK diagonals of d rel_bias for one query head: the sum, in a fixed order, of the
+    tile chunks that land there (no atomics: bitwise deterministic).
+
+    `Order` lists tile chunks (``slot * (DIAGS // DIAG_CHUNK) + chunk``) sorted by key ``head_key *
+    num_chunks + chunk index``; ``ChunkPtr[key]`` .. ``ChunkPtr[key + 1]`` are the key's. Each tile chunk is
+    summed over the `batch_groups` columns of `Part` (``[slots, part_groups, DIAGS]``) of this head."""
+    chunk = tl.program_id(0)
+    head = tl.program_id(1)
+    key = (head if PER_HEAD_LAYOUT else 0) * num_chunks + chunk
+    lo = tl.load(ChunkPtr + key)
+    hi = tl.load(ChunkPtr + key + 1)
+    offs = tl.arange(0, DIAG_CHUNK)
+    acc = tl.zeros([DIAG_CHUNK], tl.float32)
+    PER_TILE: tl.constexpr = DIAGS // DIAG_CHUNK
+    for it in range(lo, hi):
+        item = tl.load(Order + it)
+        slot = item // PER_TILE
+        base = Part + slot.to(tl.int64) * part_groups * DIAGS + (item % PER_TILE) * DIAG_CHUNK + offs
+        for b in range(batch_groups):
+            col = b if PER_HEAD_LAYOUT else b * num_q_heads + head
+            acc += tl.load(base + col * DIAGS)
+    tl.store(DRelBias + head.to(tl.int64) * num_chunks * DIAG_CHUNK + chunk * DIAG_CHUNK + offs, acc)

@@ -1,7 +1,9 @@
 """Launchers for the block-sparse attention kernels: allocate, pick a config, build the grid, call.
 
-`attention_fwd` returns ``(out, lse)``; `attention_bwd` returns ``(dq, dk, dv)``. No autograd here (that is
-`sparse_attn._ops`). Configs are a short list per kernel, pruned by head dim (`configs_for`) and by the
+`attention_fwd` returns ``(out, lse)``; `attention_bwd` returns ``(dq, dk, dv, d_rel_bias)`` (d_rel_bias None
+without a rel_bias). Both take the score modifiers as a `sparse_attn.score_mods.ScoreMods` or None: each
+modifier is a constexpr flag (HAS_SOFTCAP, HAS_ALIBI, HAS_REL_BIAS), so a call without one compiles to the
+kernels it always had. No autograd here (that is `sparse_attn._ops`). Configs are a short list per kernel, pruned by head dim (`configs_for`) and by the
 layout block size (a tile must divide it); the autotune key is head dim, layout block, dtype and flags,
 never a sequence length.
 
@@ -19,17 +21,21 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from .bsattn import DIAG_CHUNK as _DIAG_CHUNK
 from .bsattn import (
     _bsattn_bwd_dkdv_kernel,
     _bsattn_bwd_dq_kernel,
     _bsattn_bwd_preprocess,
     _bsattn_fwd_kernel,
+    _bsattn_rel_bias_reduce,
 )
 
 #: Run the first fitting config instead of autotuning.
 PIN_CONFIG = False
 PREPROCESS_BLOCK_M = 64
 LOG2E = math.log2(math.e)
+#: Diagonals per chunk of the rel_bias gradient's reduction (the kernels' constexpr, as an int).
+DIAG_CHUNK = int(_DIAG_CHUNK.value)
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,21 @@ class TileConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    #: ptxas' register ceiling (``.maxnreg``); None leaves ptxas its own choice, which for some tiles is 128
+    #: registers and a few spilled bytes rather than more registers.
+    maxnreg: int | None = None
 
     def kwargs(self) -> dict:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
 
     def __str__(self) -> str:
-        return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}"
+        regs = f"-r{self.maxnreg}" if self.maxnreg else ""
+        return f"M{self.block_m}xN{self.block_n}-w{self.num_warps}-s{self.num_stages}{regs}"
+
+    def options(self) -> dict:
+        """Compile options: warps, stages and (if set) the register ceiling."""
+        opts = {"num_warps": self.num_warps, "num_stages": self.num_stages}
+        return opts | ({"maxnreg": self.maxnreg} if self.maxnreg else {})
 
 
 # Shipped configs per kernel and head-dim class (<= 64, <= 128, <= 256), best guess first (the first fitting
@@ -76,7 +91,42 @@ SHIPPED_CONFIGS = {
         128: [_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(32, 32, 8, 2)],
         256: [_C(32, 32, 8, 2), _C(64, 32, 8, 2)],
     },
+    # dK/dV with any score modifier. At head dim 64 the 32x64 8-warp tile already holds 248 registers on sm_80
+    # and spills with a softcap or a rel_bias (24-32 B), the 2-warp 32x32 one with all three; the 4-warp 32x32
+    # tile with one stage is clean once ptxas may use more than 128 registers (it chose 128 and spilled 8-24 B
+    # in even variants on sm_90a). At head dim 128 the 32x64 8-warp tile spilled 4 B with all three on sm_90a.
+    "dkdv_mods": {
+        64: [_C(32, 32, 4, 1, maxnreg=255)],
+        128: [_C(32, 32, 4, 2)],
+        256: [_C(32, 32, 8, 2)],
+    },
+    # dQ with a rel_bias: the tile also reduces dS along its diagonals through a [BLOCK_M, BLOCK_M + BLOCK_N]
+    # skewed copy, so it takes square 32x32 tiles (the buffers of the per-tile sums are sized for them).
+    "dq_rel": {
+        64: [_C(32, 32, 4, 2)],
+        128: [_C(32, 32, 8, 2)],
+        256: [_C(32, 32, 8, 2)],
+    },
 }
+#: The dQ tile of rel_bias calls, and the per-tile diagonal sums it stores (entry 0 is always 0).
+REL_BIAS_TILE = 32
+REL_BIAS_DIAGS = 2 * REL_BIAS_TILE
+#: Warps of the rel_bias reduction (one 32-diagonal chunk per program).
+REDUCE_NUM_WARPS = 1
+assert all(
+    (c.block_m, c.block_n) == (REL_BIAS_TILE, REL_BIAS_TILE)
+    for cs in SHIPPED_CONFIGS["dq_rel"].values()
+    for c in cs
+)
+
+
+def family_for(kernel: str, softcap=False, alibi=False, rel_bias=False) -> str:
+    """The config family (key of SHIPPED_CONFIGS) kernel "fwd", "dkdv" or "dq" runs with for these modifiers."""
+    if kernel == "dq" and rel_bias:
+        return "dq_rel"
+    if (softcap or alibi or rel_bias) and f"{kernel}_mods" in SHIPPED_CONFIGS:
+        return f"{kernel}_mods"
+    return kernel
 
 
 def configs_for(kernel: str, head_dim: int) -> list[TileConfig]:
@@ -121,9 +171,12 @@ _KERNELS = {
     "fwd": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_fwd_kernel),
     "dkdv": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
     "dq": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
+    "dq_rel": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dq_kernel),
+    "dkdv_mods": triton.heuristics({"EVEN_M": _even_m, "EVEN_N": _even_n})(_bsattn_bwd_dkdv_kernel),
 }
 _AUTOTUNE_KEY = [
-    "HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION"
+    "HEAD_DIM", "LAYOUT_BQ", "LAYOUT_BK", "PER_HEAD_LAYOUT", "PER_BATCH_LAYOUT", "HAS_KEY_MASK", "DOT_PRECISION",
+    "HAS_SOFTCAP", "HAS_ALIBI", "HAS_REL_BIAS",
 ]  # fmt: skip
 _autotuned: dict = {}
 
@@ -131,8 +184,9 @@ _autotuned: dict = {}
 def _autotuned_kernel(name: str):
     """`triton.autotune` over every shipped config of `name`, pruned per launch by head dim and layout block."""
     if name not in _autotuned:
-        every = {c: triton.Config(c.kwargs(), num_warps=c.num_warps, num_stages=c.num_stages) for d in (64, 128, 256)
-                 for c in configs_for(name, d)}  # fmt: skip
+        every = {
+            c: triton.Config(c.kwargs(), **c.options()) for d in (64, 128, 256) for c in configs_for(name, d)
+        }
 
         def prune(configs, named_args, **kwargs):
             keep = fitting_configs(name, kwargs["HEAD_DIM"], kwargs["LAYOUT_BQ"], kwargs["LAYOUT_BK"])
@@ -153,9 +207,7 @@ def _launch(name: str, grid, args: list, meta: dict, config: TileConfig | None, 
     config = config or fitting[0]
     if not fits(config, block_q, block_k):
         raise ValueError(f"config {config} does not fit layout block size ({block_q}, {block_k})")
-    _KERNELS[name][grid](
-        *args, **meta, **config.kwargs(), num_warps=config.num_warps, num_stages=config.num_stages
-    )
+    _KERNELS[name][grid](*args, **meta, **config.kwargs(), **config.options())
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
@@ -174,7 +226,7 @@ def _with_strides(t: torch.Tensor) -> list:
     return [t, *t.stride()]
 
 
-def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
+def _common_meta(q: torch.Tensor, layout, key_mask, mods=None) -> dict:
     head_dim = q.shape[-1]
     return {
         "HEAD_DIM": head_dim,
@@ -187,7 +239,31 @@ def _common_meta(q: torch.Tensor, layout, key_mask) -> dict:
         "HAS_KEY_MASK": key_mask is not None,
         # fp32 stays exact fp32 math (no TF32) so it matches the fp32 reference.
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "HAS_SOFTCAP": mods is not None and mods.softcap is not None,
+        "HAS_ALIBI": mods is not None and mods.alibi_slopes is not None,
+        "HAS_REL_BIAS": mods is not None and mods.rel_bias is not None,
     }
+
+
+def _mod_args(mods, q, layout) -> list:
+    """``softcap2, Slopes, stride_slb, RelBias, stride_rbh, rb_zero``: the modifiers in log2 units, as the
+    kernels take them (the scores are in log2 units): ``c * log2(e)``, float32 slopes ``[1 or B, Hq]`` times
+    log2(e) with their batch stride (0 when shared), float32 ``rel_bias * log2(e)`` ``[Hq, Sq + Skv - 1]``
+    padded with zeros on both sides to the layout-block-rounded lengths (every tile's diagonals fall inside:
+    no masked loads), its row stride and where diagonal 0 sits; dummies when absent."""
+    softcap2, slopes, stride_slb, rel_bias, stride_rbh, rb_zero = 0.0, q, 0, q, 0, 0
+    if mods is not None and mods.softcap is not None:
+        softcap2 = float(mods.softcap) * LOG2E
+    if mods is not None and mods.alibi_slopes is not None:
+        slopes = (mods.alibi_slopes.to(torch.float32) * LOG2E).contiguous()
+        stride_slb = slopes.shape[1] if slopes.shape[0] > 1 else 0
+    if mods is not None and mods.rel_bias is not None:
+        g = layout.geometry
+        rb_zero = g.num_q_blocks * g.block_q - g.q_len
+        pad_right = g.num_k_blocks * g.block_k - g.kv_len
+        rel_bias = torch.nn.functional.pad(mods.rel_bias.to(torch.float32) * LOG2E, (rb_zero, pad_right))
+        stride_rbh = rel_bias.shape[1]
+    return [softcap2, slopes, stride_slb, rel_bias, stride_rbh, rb_zero]
 
 
 def _key_mask_arg(key_mask, q) -> list:
@@ -210,8 +286,8 @@ def _col_lists(layout):
 
 
 # -- launchers ----------------------------------------------------------------------------------------------
-def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConfig | None = None):
-    """Forward: ``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq] float32)``."""
+def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConfig | None = None, mods=None):
+    """Forward: ``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq] float32)``; `mods` a ScoreMods or None."""
     batch, heads, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     out = empty_buffer(q.shape, like=q)
@@ -219,19 +295,25 @@ def attention_fwd(q, k, v, layout, scale: float, key_mask=None, config: TileConf
     args = [*_with_strides(q), *_with_strides(k), *_with_strides(v), *_with_strides(out), lse]
     args += [*_key_mask_arg(key_mask, q), *_row_lists(layout)]
     args += [heads, heads // kv_heads, q_len, kv_len, layout.num_q_blocks, layout.num_heads, scale * LOG2E]
+    args += _mod_args(mods, q, layout)
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * heads)
-    _launch("fwd", grid, args, _common_meta(q, layout, key_mask), config, layout.block_q, layout.block_k)
+    _launch(
+        "fwd", grid, args, _common_meta(q, layout, key_mask, mods), config, layout.block_q, layout.block_k
+    )
     return out, lse
 
 
 def attention_bwd(
-    do, dlse, q, k, v, out, lse, layout, scale: float, key_mask=None, configs: dict | None = None
+    do, dlse, q, k, v, out, lse, layout, scale: float, key_mask=None, configs: dict | None = None, mods=None
 ):
-    """Backward: ``(dq, dk, dv)`` shaped like q, k, v. `configs` may force {"dkdv": ..., "dq": ...}."""
+    """Backward: ``(dq, dk, dv, d_rel_bias)``, the first three shaped like q, k, v; d_rel_bias like
+    ``mods.rel_bias`` (its dtype), or None without one. `configs` may force {"dkdv": ..., "dq": ...} (and
+    "dq_rel", the dQ config of rel_bias calls)."""
     configs = configs or {}
     batch, heads, q_len, head_dim = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
-    meta = _common_meta(q, layout, key_mask)
+    meta = _common_meta(q, layout, key_mask, mods)
+    mod_args = _mod_args(mods, q, layout)
     lse = lse.float().contiguous()
     delta = empty_buffer((batch, heads, q_len), like=q, dtype=torch.float32)
     has_dlse = dlse is not None
@@ -258,9 +340,11 @@ def attention_bwd(
         layout.num_heads,
         scale * LOG2E,
         scale,
+        *mod_args,
     ]
     grid = lambda m: (triton.cdiv(kv_len, m["BLOCK_N"]), batch * kv_heads)
-    _launch("dkdv", grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
+    flags = (meta["HAS_SOFTCAP"], meta["HAS_ALIBI"], meta["HAS_REL_BIAS"])
+    _launch(family_for("dkdv", *flags), grid, args, meta, configs.get("dkdv"), layout.block_q, layout.block_k)
 
     args = [*inputs, *_with_strides(dq), *key_mask_arg, *_row_lists(layout)]
     args += [
@@ -272,7 +356,66 @@ def attention_bwd(
         layout.num_heads,
         scale * LOG2E,
         scale,
+        *mod_args,
     ]
     grid = lambda m: (triton.cdiv(q_len, m["BLOCK_M"]), batch * heads)
-    _launch("dq", grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
-    return dq, dk, dv
+    if not meta["HAS_REL_BIAS"]:
+        args += [q, q, 0, 0, 0, 0]
+        _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq"), layout.block_q, layout.block_k)
+        return dq, dk, dv, None
+    rel = _RelBiasGrad(layout, batch, heads, q_len, kv_len, q.device)
+    args += [rel.part, rel.keys, rel.num_full_entries, rel.part_groups, rel.num_chunks, rel.chunk_shift]
+    # Forced with configs={"dq_rel": ...}: the buffers are sized for REL_BIAS_TILE tiles.
+    _launch(family_for("dq", *flags), grid, args, meta, configs.get("dq_rel"), layout.block_q, layout.block_k)
+    return dq, dk, dv, rel.reduce(mods.rel_bias.dtype)
+
+
+class _RelBiasGrad:
+    """d rel_bias without atomics, in memory proportional to the kept tiles.
+
+    1. The dQ kernel (32x32 tiles, one program per query tile and (batch, head)) stores each visited tile's
+       64 per-diagonal sums of dS in `part` ``[slots, part_groups, 64]``: a slot per (layout entry, key
+       sub-tile, query sub-tile) of the layout's row lists (unique, so no two programs write one place), a
+       column per (batch, head) sharing the layout sequence; and in `keys[slot]` the sort key of the tile's
+       first 32-diagonal chunk (``head_key * num_chunks + chunk index``; slots no program visits keep the
+       sentinel, sorted last and never read).
+    2. Here: the two chunks of every slot, sorted by key (a stable sort: the order is the slots' order), and
+       the offsets of each key in that order (`searchsorted`).
+    3. `_bsattn_rel_bias_reduce`: one program per (32-diagonal chunk, head) adds its tile chunks, and the
+       batch columns, in that fixed order. Every step has a fixed order, so the result is bitwise
+       reproducible; the diagonals are then sliced out of the chunk grid.
+    """
+
+    def __init__(self, layout, batch, heads, q_len, kv_len, device):
+        tile = REL_BIAS_TILE
+        per_head, per_batch = layout.num_heads > 1, layout.batch is not None and layout.batch > 1
+        subs = (layout.block_q // tile) * (layout.block_k // tile)
+        self.num_full_entries = _nonempty(layout.row_full_idx).numel()
+        n_slots = (self.num_full_entries + _nonempty(layout.row_part_idx).numel()) * subs
+        self.batch_groups = 1 if per_batch else batch
+        self.part_groups = self.batch_groups * (1 if per_head else heads)
+        self.head_keys = heads if per_head else 1
+        self.heads, self.per_head, self.q_len, self.kv_len = heads, per_head, q_len, kv_len
+        # Diagonal j - i of a tile's entry 0 is n_start - m_start - 32 >= -ceil(Sq / 32) * 32 = -chunk_shift.
+        self.chunk_shift = triton.cdiv(q_len, tile) * tile
+        self.num_chunks = (self.chunk_shift + layout.num_k_blocks * layout.block_k) // DIAG_CHUNK
+        self.sentinel = self.head_keys * self.num_chunks
+        self.part = empty_buffer((n_slots, self.part_groups, REL_BIAS_DIAGS), like=torch.empty(0, device=device),
+                                 dtype=torch.float32)  # fmt: skip
+        self.keys = torch.full((n_slots,), self.sentinel, dtype=torch.int32, device=device)
+
+    def reduce(self, dtype) -> torch.Tensor:
+        per_tile = REL_BIAS_DIAGS // DIAG_CHUNK
+        item_keys = (self.keys.long()[:, None] + torch.arange(per_tile, device=self.keys.device)).flatten()
+        sorted_keys, order = torch.sort(item_keys, stable=True)
+        bounds = torch.arange(self.sentinel + 1, device=self.keys.device)
+        chunk_ptr = torch.searchsorted(sorted_keys, bounds).to(torch.int32)
+        out = empty_buffer((self.heads, self.num_chunks * DIAG_CHUNK), like=self.part)
+        _bsattn_rel_bias_reduce[(self.num_chunks, self.heads)](
+            self.part, order.to(torch.int32), chunk_ptr, out,
+            self.num_chunks, self.part_groups, self.batch_groups, self.heads,
+            DIAGS=REL_BIAS_DIAGS, PER_HEAD_LAYOUT=self.per_head, num_warps=REDUCE_NUM_WARPS,
+        )  # fmt: skip
+        # Chunk grid position p holds diagonal j - i = p - chunk_shift, i.e. rel_bias index p - chunk_shift + Sq - 1.
+        first = self.chunk_shift - self.q_len + 1
+        return out[:, first : first + self.q_len + self.kv_len - 1].to(dtype)

@@ -62,15 +62,19 @@ def _check(q, layout) -> None:
         launch.fitting_configs(kernel, q.shape[-1], layout.block_q, layout.block_k)
 
 
-def forward(q, k, v, layout, scale, key_mask):
-    """``(out, lse)``: out like q, lse float32 ``[B, Hq, Sq]`` (natural log; -inf for rows with no key)."""
+def forward(q, k, v, layout, scale, key_mask, mods=None):
+    """``(out, lse)``: out like q, lse float32 ``[B, Hq, Sq]`` (natural log; -inf for rows with no key).
+    `mods` (a `sparse_attn.score_mods.ScoreMods` or None) switches the kernels' modifier flags on."""
     _check(q, layout)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _kernels().attention_fwd(q, k, v, layout.to(q.device), float(scale), key_mask)
+    return _kernels().attention_fwd(q, k, v, layout.to(q.device), float(scale), key_mask, mods=mods)
 
 
-def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask):
-    """``(dq, dk, dv)``; `dlse` (or None) enters as ``delta = rowsum(dO * O) - dlse``."""
+def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods=None):
+    """``(dq, dk, dv, d_rel_bias)``; `dlse` (or None) enters as ``delta = rowsum(dO * O) - dlse``; d_rel_bias
+    is None unless `mods` has a rel_bias (then shaped and typed like it)."""
     _check(q, layout)
     do, q, k, v, out = (_last_dim_contiguous(t) for t in (do, q, k, v, out))
-    return _kernels().attention_bwd(do, dlse, q, k, v, out, lse, layout.to(q.device), float(scale), key_mask)
+    return _kernels().attention_bwd(
+        do, dlse, q, k, v, out, lse, layout.to(q.device), float(scale), key_mask, mods=mods
+    )
