@@ -92,6 +92,12 @@ PATTERNS = {
     "per-head": sa.per_head(
         [sa.sliding_window(20), sa.causal(), sa.global_tokens(5), sa.sliding_window(60, 0)]
     ),
+    "dilated": sa.dilated(12, dilation=3) & sa.causal(),
+    "bigbird": sa.bigbird(window=20, global_tokens=4, num_random_blocks=1, block_size=64),
+    "block_sparse": sa.block_sparse(
+        torch.tensor([[1, 0, 1, 1], [0, 1, 0, 1], [1, 1, 0, 0]], dtype=torch.bool), 64
+    ),
+    "chunked&causal": sa.chunked(50) & sa.causal(),
 }
 
 

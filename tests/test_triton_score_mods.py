@@ -253,3 +253,18 @@ def test_content_selected_layout():
     layout = sa.select_layout(sa.topk_blocks(2) & sa.causal(), q.float(), k.float(), block_size=64)
     assert layout.batch == 2 and layout.num_heads == 2
     check(q, k, v, layout, make_mods(MODS["all"], 2, 2, 160, 160), key_mask=padding_mask(2, 160))
+
+
+FAMILIES = {
+    "dilated": sa.dilated(12, dilation=3) & sa.causal(),
+    "bigbird": sa.bigbird(window=20, global_tokens=4, num_random_blocks=1, block_size=64),
+    "block_sparse": sa.block_sparse(torch.tensor([[1, 0, 1], [0, 1, 0]], dtype=torch.bool), 64),
+    "chunked&causal": sa.chunked(50) & sa.causal(),
+    "globals": sa.global_tokens(5),
+}
+
+
+@pytest.mark.parametrize("pattern", FAMILIES)
+def test_all_modifiers_on_every_pattern_family(pattern):
+    q, k, v = make_qkv()
+    check(q, k, v, FAMILIES[pattern], make_mods(MODS["all"], 2, 2, 97, 130), key_mask=padding_mask(2, 130))
