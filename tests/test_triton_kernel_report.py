@@ -1,14 +1,13 @@
-"""GPU readiness without a GPU: every shipped config, in every flag variant the launcher can produce, compiles
-for sm_80 and sm_90a, spill-free, on tensor cores.
+"""GPU readiness without a GPU: every shipped config compiles for sm_80 and sm_90a, spill-free, on tensor
+cores, in a representative set of the launcher's flag variants.
 
-Runs `python -m sparse_attn kernel-report` logic (compiling in worker processes without the interpreter). It
-compiles fp16 only to stay fast; the CLI adds bf16, whose code differs only in the operand type and has
-given the same register counts in every config checked. The score-modifier variants are compiled on a
-representative subset (all three modifiers on every config they run with, each alone on the pinned config,
-all on the base variant with the most mask work); the CLI's default report adds the rest of its subset.
+Runs `python -m sparse_attn kernel-report` logic (compiling in worker processes without the interpreter).
+To stay within CI's time it compiles fp16 only and 10 of the 32 base flag variants (`SUITE_VARIANTS`); the
+CLI compiles all 32 and adds bf16, whose code differs only in the operand type and has given the same
+register counts in every config checked. The score-modifier variants are compiled on a representative
+subset (all three modifiers on every config they run with, each alone on the pinned config, all on the base
+variant with the most mask work); the CLI's default report adds the rest of its subset.
 """
-
-import json
 
 import pytest
 
@@ -18,31 +17,51 @@ from sparse_attn.triton_kernels.launch import configs_for  # noqa: E402
 
 from sparse_attn import kernel_report  # noqa: E402
 
+#: Base variants the suite compiles: every combination of the flags that change the tile's masks and loads
+#: (EVEN_M, EVEN_N, HAS_KEY_MASK: where spills were found), with shared layouts, plus per-head and per-batch
+#: layouts (scalar index work only) on the two most masked. The CLI compiles all 32 (`sparse-attn
+#: kernel-report`; its fp16 set, 964 records, was last compiled clean in full on 2026-12-03).
+SUITE_VARIANTS = [
+    dict(EVEN_M=m, EVEN_N=n, HAS_KEY_MASK=km, PER_HEAD_LAYOUT=False, PER_BATCH_LAYOUT=False)
+    for m in (False, True)
+    for n in (False, True)
+    for km in (False, True)
+] + [
+    dict(EVEN_M=False, EVEN_N=False, HAS_KEY_MASK=km, PER_HEAD_LAYOUT=True, PER_BATCH_LAYOUT=True)
+    for km in (False, True)
+]
 
-def test_every_shipped_config_compiles_clean_for_both_targets(tmp_path, capsys):
-    path = tmp_path / "report.json"
-    status = kernel_report.main(["--json", str(path), "--dtypes", "fp16", "--modifiers", "none"])
-    records = json.loads(path.read_text())
-    printed = capsys.readouterr().out
-    assert status == 0, printed
+
+def base_suite_jobs():
+    """Every shipped config of every kernel, both targets, head dims 64 and 128, fp16, in `SUITE_VARIANTS`."""
+    for job in kernel_report.jobs(dtypes=("fp16",), modifiers="none"):
+        kernel, flags = job[0], job[5]
+        if kernel_report.KERNELS[kernel] is None or flags in SUITE_VARIANTS:
+            yield job
+
+
+def test_every_shipped_config_compiles_clean_for_both_targets():
+    todo = list(base_suite_jobs())
+    records = kernel_report.run_jobs(todo, progress=False)
     for record in records:
         assert tuple(record) == kernel_report.RECORD_KEYS
-        assert record["spill_bytes"] == 0 and record["stack_bytes"] == 0, record
+        assert kernel_report.problems(record) == [], record
         assert record["registers"] > 0 and record["shared_bytes"] > 0, record
-        if record["kernel"] != "_bsattn_bwd_preprocess":
-            assert record["tensor_core_instructions"] > 0, record
-    # Every (kernel, config, head dim, flag variant) compiled for both targets: 32 variants per main kernel.
+    # Every (kernel, config, head dim, suite variant) compiled for both targets.
     seen = {(r["kernel"], r["config"], r["head_dim"], r["target"], r["variant"]) for r in records}
+    assert len(seen) == len(todo)
     for kernel, family in kernel_report.KERNELS.items():
         if kernel == "_bsattn_rel_bias_reduce":
             continue  # only with modifiers
         names = {kernel_report.variant_name(flags) for flags in kernel_report.variants(kernel)}
         assert len(names) == (32 if family else 1)
+        suite = {kernel_report.variant_name(f) for f in SUITE_VARIANTS} if family else names
+        assert suite <= names
         for head_dim in (64, 128):
             configs = [str(c) for c in configs_for(family, head_dim)] if family else ["BLOCK_M64-w4"]
             for config in configs:
                 for target in ("sm_80", "sm_90a"):
-                    for name in names:
+                    for name in suite:
                         assert (kernel, config, head_dim, target, name) in seen
 
 
