@@ -7,20 +7,21 @@ key, determinism across thread counts, and the modifier-free path.
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
 
 import pytest
 import torch
-from reference_check import FLOORS, max_err
+from reference_check import FLOORS, MOD_SETS, NAMES_WITH_BIAS, assert_close_with_mods, max_err
+from reference_check import make_mods as shared_make_mods
 
 import sparse_attn as sa
 from sparse_attn.backends import cpu_kernel
 from sparse_attn.reference import attention_reference
 from sparse_attn.score_mods import check_score_mods
 
-NAMES = ("out", "lse", "dq", "dk", "dv", "d_rel_bias")
 WINDOW_GLOBAL = sa.sliding_window(24) | sa.global_tokens(5)
 
 
@@ -39,19 +40,8 @@ def make_inputs(b, hq, hkv, sq, skv, d, seed=0):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def make_mods(names, b, hq, sq, skv, seed=1) -> dict:
-    """Keyword modifiers for `attention_reference` (float64 tensors)."""
-    g = torch.Generator().manual_seed(seed)
-    mods = {}
-    if "softcap" in names:
-        mods["softcap"] = 2.0  # small enough that tanh bends the scores
-    if "alibi" in names:
-        mods["alibi_slopes"] = torch.rand(hq, generator=g, dtype=torch.float64) * 0.5
-    if "alibi_batch" in names:
-        mods["alibi_slopes"] = torch.rand(b, hq, generator=g, dtype=torch.float64) * 0.5
-    if "rel_bias" in names:
-        mods["rel_bias"] = torch.randn(hq, sq + skv - 1, generator=g, dtype=torch.float64)
-    return mods
+#: Larger modifiers than the other modifier tests use (a softcap of 2 bends the scores more).
+make_mods = functools.partial(shared_make_mods, softcap=2.0, max_slope=0.5)
 
 
 def loss_weights(out_shape, lse_shape, dtype, seed=2):
@@ -107,26 +97,10 @@ def check(qkv, pattern, mods, dtype, block=32, key_mask=None, scale=None):
     got = kernel_run(rounded, layout, mods, dtype, scale, key_mask)
     truth = reference_run(rounded, pattern, mods, torch.float64, scale, key_mask)
     plain = reference_run(rounded, pattern, mods, dtype, scale, key_mask)
-    for name, g, t, p in zip(NAMES, got, truth, plain, strict=True):
-        if t is None:
-            assert g is None, f"{name} should be None"
-            continue
-        assert not g.isnan().any(), f"{name} has NaN"
-        want_dtype = torch.float32 if name == "lse" and dtype != torch.float64 else dtype
-        assert g.shape == t.shape and g.dtype == want_dtype, f"{name}: {tuple(g.shape)} {g.dtype}"
-        err = max_err(g, t)
-        allowed = 2 * max_err(p, t) + FLOORS[dtype] * max(1.0, t.abs().max().item())
-        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_close_with_mods(got, truth, plain, dtype)
     return got
 
 
-MOD_SETS = {
-    "softcap": ("softcap",),
-    "alibi": ("alibi",),
-    "alibi-per-batch": ("alibi_batch",),
-    "rel_bias": ("rel_bias",),
-    "all": ("softcap", "alibi_batch", "rel_bias"),
-}
 PATTERNS = {
     "causal": sa.causal(),  # partial tiles on the diagonal
     "window": sa.sliding_window(20),  # full blocks in the middle, partial at both edges
@@ -238,7 +212,7 @@ def test_key_mask_with_garbage_in_masked_keys(dtype):
     dirty = [qkv[0], qkv[1].masked_fill(hidden, float("nan")), qkv[2].masked_fill(hidden, float("inf"))]
     layout = WINDOW_GLOBAL.layout(sq, skv, block_size=32)
     got = kernel_run(dirty, layout, mods, dtype, 1.0 / math.sqrt(32), key_mask)
-    for name, a, g in zip(NAMES, clean, got, strict=True):
+    for name, a, g in zip(NAMES_WITH_BIAS, clean, got, strict=True):
         assert not g.isnan().any(), name
         assert torch.equal(a, g), name
 
@@ -269,7 +243,7 @@ def test_same_result_for_any_thread_count():
         again = kernel_run(qkv, layout, mods, torch.float32, 0.2)
     finally:
         torch.set_num_threads(before)
-    for name, a, b, c in zip(NAMES, one, two, again, strict=True):
+    for name, a, b, c in zip(NAMES_WITH_BIAS, one, two, again, strict=True):
         assert torch.equal(a, b) and torch.equal(b, c), name
 
 
@@ -282,7 +256,7 @@ def test_no_modifiers_is_the_plain_kernel():
     neutral = {"alibi_slopes": torch.zeros(4, dtype=torch.float64), "rel_bias": torch.zeros(4, 97 + 161 - 1)}
     layout = WINDOW_GLOBAL.layout(97, 161, block_size=32)
     with_mods = kernel_run(qkv, layout, neutral, torch.float32, 1.0 / math.sqrt(32))
-    for name, a, b in zip(NAMES[:5], got, with_mods, strict=False):
+    for name, a, b in zip(NAMES_WITH_BIAS[:5], got, with_mods, strict=False):
         assert torch.equal(a, b), name
 
 
@@ -343,7 +317,7 @@ def test_through_sparse_attention(dtype, monkeypatch):
     assert all(m is not None and m.softcap == 2.0 and m.rel_bias is not None for _, m in seen)
     truth = reference_run(qkv, WINDOW_GLOBAL, mods, torch.float64, 1.0 / math.sqrt(32), key_mask)
     plain = reference_run(qkv, WINDOW_GLOBAL, mods, dtype, 1.0 / math.sqrt(32), key_mask)
-    for name, g, t, p in zip(NAMES, got, truth, plain, strict=True):
+    for name, g, t, p in zip(NAMES_WITH_BIAS, got, truth, plain, strict=True):
         assert not g.isnan().any(), f"{name} has NaN"
         err = max_err(g, t)
         allowed = 2 * max_err(p, t) + FLOORS[dtype] * max(1.0, t.abs().max().item())

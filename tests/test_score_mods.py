@@ -11,9 +11,9 @@ import torch
 import sparse_attn as sa
 from sparse_attn.backends import cpu_kernel
 from sparse_attn.reference import attention_reference
-from tests.reference_check import FLOORS, loss_of, max_err
-
-NAMES = ("out", "lse", "dq", "dk", "dv", "d_rel_bias")
+from tests.reference_check import MOD_SETS as MODS
+from tests.reference_check import assert_close_with_mods, make_mods
+from tests.reference_check import run_with_grads as run
 
 
 @pytest.fixture(params=["aten", "auto"])
@@ -29,36 +29,6 @@ def make_inputs(b=2, hq=4, hkv=2, sq=150, skv=200, d=16, seed=0):
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
 
 
-def make_mods(names, b, hq, sq, skv, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mods = {}
-    if "softcap" in names:
-        mods["softcap"] = 1.5
-    if "alibi" in names:
-        mods["alibi_slopes"] = torch.rand(hq, generator=g, dtype=torch.float64) * 0.3
-    if "alibi_batch" in names:
-        mods["alibi_slopes"] = torch.rand(b, hq, generator=g, dtype=torch.float64) * 0.3
-    if "rel_bias" in names:
-        mods["rel_bias"] = torch.randn(hq, sq + skv - 1, generator=g, dtype=torch.float64)
-    return mods
-
-
-def run(fn, q, k, v, mods, dtype, **kw):
-    """(out, lse, dq, dk, dv, d_rel_bias) of `fn` (sparse_attention-like) on copies in `dtype`."""
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
-    mods = {n: (t.detach().to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in mods.items()}
-    if "rel_bias" in mods:
-        mods["rel_bias"].requires_grad_(True)
-        leaves.append(mods["rel_bias"])
-    out, lse = fn(*leaves[:3], **mods, **kw)
-    grads = torch.autograd.grad(loss_of(out, lse), leaves)
-    return (
-        (out.detach(), lse.detach(), *grads)
-        if len(grads) == 4
-        else (out.detach(), lse.detach(), *grads, None)
-    )
-
-
 def check(q, k, v, pattern, mods, dtype, key_mask=None, **kw):
     """The torch backend in `dtype` against the float64 reference, within twice the plain math's error."""
     ours = lambda *t, **m: sa.sparse_attention(  # noqa: E731
@@ -68,24 +38,10 @@ def check(q, k, v, pattern, mods, dtype, key_mask=None, **kw):
     got = run(ours, q, k, v, mods, dtype)
     truth = run(ref, q, k, v, mods, torch.float64)
     plain = run(ref, q, k, v, mods, dtype)
-    for name, g, t, p in zip(NAMES, got, truth, plain, strict=True):
-        if t is None:
-            assert g is None, name
-            continue
-        assert not g.isnan().any(), f"{name} has NaN"
-        assert g.shape == t.shape and (name == "lse" or g.dtype == dtype), f"{name}: {g.shape} {g.dtype}"
-        err, allowed = max_err(g, t), 2 * max_err(p, t) + FLOORS[dtype] * max(1.0, t.abs().max().item())
-        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_close_with_mods(got, truth, plain, dtype)
     return got
 
 
-MODS = {
-    "softcap": ("softcap",),
-    "alibi": ("alibi",),
-    "alibi-per-batch": ("alibi_batch",),
-    "rel_bias": ("rel_bias",),
-    "all": ("softcap", "alibi_batch", "rel_bias"),
-}
 PATTERNS = {
     "window+globals": sa.sliding_window(40) | sa.global_tokens(3),
     "causal": sa.causal(),

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_check import FLOORS, loss_of, max_err
+from reference_check import MOD_SETS as MODS
+from reference_check import NAMES_WITH_BIAS, assert_close_with_mods, make_mods
+from reference_check import run_with_grads as run
 
 import sparse_attn as sa
 from sparse_attn.reference import attention_reference
 from sparse_attn.score_mods import ScoreMods
 
 launch = pytest.importorskip("sparse_attn.triton_kernels.launch")
-
-NAMES = ("out", "lse", "dq", "dk", "dv", "d_rel_bias")
 
 
 @pytest.fixture(autouse=True)
@@ -32,20 +32,6 @@ def make_qkv(b=2, hq=2, hkv=1, sq=97, skv=130, d=32, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = ((b, hq, sq, d), (b, hkv, skv, d), (b, hkv, skv, d))
     return [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-
-
-def make_mods(names, b, hq, sq, skv, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mods = {}
-    if "softcap" in names:
-        mods["softcap"] = 1.5
-    if "alibi" in names:
-        mods["alibi_slopes"] = torch.rand(hq, generator=g, dtype=torch.float64) * 0.3
-    if "alibi_batch" in names:
-        mods["alibi_slopes"] = torch.rand(b, hq, generator=g, dtype=torch.float64) * 0.3
-    if "rel_bias" in names:
-        mods["rel_bias"] = torch.randn(hq, sq + skv - 1, generator=g, dtype=torch.float64)
-    return mods
 
 
 def padding_mask(b, skv):
@@ -65,17 +51,6 @@ def with_garbage(k, v, key_mask):
     return k, v
 
 
-def run(fn, q, k, v, mods, dtype):
-    """(out, lse, dq, dk, dv, d_rel_bias or None) of `fn(q, k, v, **mods) -> (out, lse)` on copies in `dtype`."""
-    leaves = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
-    mods = {n: (t.detach().to(dtype) if isinstance(t, torch.Tensor) else t) for n, t in mods.items()}
-    if "rel_bias" in mods:
-        leaves.append(mods["rel_bias"].requires_grad_(True))
-    out, lse = fn(*leaves[:3], **mods)
-    grads = torch.autograd.grad(loss_of(out, lse), leaves)
-    return (out.detach(), lse.detach(), *grads, *([None] if len(grads) == 3 else []))
-
-
 def check(q, k, v, pattern, mods, dtype=torch.float32, key_mask=None, garbage=True):
     """Triton in `dtype` (padding keys full of NaN/inf) against the float64 reference (clean keys), within
     twice the plain reference math's error in `dtype`, plus a floor scaled to the values' size."""
@@ -92,24 +67,10 @@ def check(q, k, v, pattern, mods, dtype=torch.float32, key_mask=None, garbage=Tr
     got = run(ours, q, k_in, v_in, mods, dtype)
     truth = run(ref, q, k, v, mods, torch.float64)
     plain = run(ref, q, k, v, mods, dtype)
-    for name, g, t, p in zip(NAMES, got, truth, plain, strict=True):
-        if t is None:
-            assert g is None, name
-            continue
-        assert not g.isnan().any(), f"{name} has NaN"
-        assert g.shape == t.shape and (name == "lse" or g.dtype == dtype), f"{name}: {g.shape} {g.dtype}"
-        err, allowed = max_err(g, t), 2 * max_err(p, t) + FLOORS[dtype] * max(1.0, t.abs().max().item())
-        assert err <= allowed, f"{name}: error {err:.3g} > allowed {allowed:.3g}"
+    assert_close_with_mods(got, truth, plain, dtype)
     return got
 
 
-MODS = {
-    "softcap": ("softcap",),
-    "alibi": ("alibi",),
-    "alibi-per-batch": ("alibi_batch",),
-    "rel_bias": ("rel_bias",),
-    "all": ("softcap", "alibi_batch", "rel_bias"),
-}
 PATTERNS = {
     # Full and partial blocks, a ragged last block on both axes.
     "causal|window": sa.causal() | sa.sliding_window(40, 10),
@@ -191,7 +152,7 @@ def test_d_rel_bias_is_bitwise_deterministic():
 
     first = run(ours, q, k, v, mods, torch.float16)
     second = run(ours, q, k, v, mods, torch.float16)
-    for name, a, b in zip(NAMES, first, second, strict=True):
+    for name, a, b in zip(NAMES_WITH_BIAS, first, second, strict=True):
         assert torch.equal(a, b), name
 
 
@@ -242,7 +203,7 @@ def test_calls_without_modifiers_run_no_modifier_code(monkeypatch):
     capped = run(ours, q, k, v, {"softcap": 1e9}, torch.float32)
     assert calls["_modify_scores"] > 0 and calls["_tanh"] > 0 and calls["_diagonal_sums"] == 0
     # A cap far above every score changes them by < 1 ulp: the same attention, through the modifier code.
-    for name, a, b in zip(NAMES[:5], plain[:5], capped[:5], strict=True):
+    for name, a, b in zip(NAMES_WITH_BIAS[:5], plain[:5], capped[:5], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
