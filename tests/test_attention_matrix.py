@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from reference_check import assert_close_to_reference, loss_of  # noqa: E402
+from reference_check import (
+    MOD_SETS,
+    assert_close_to_reference,
+    assert_close_with_mods,
+    loss_of,
+    make_mods,
+    run_with_grads,
+)
 
 import sparse_attn as sa
 from sparse_attn.reference import attention_reference
@@ -274,3 +281,25 @@ def test_gradcheck_torch_float64(name):
         return out, lse.masked_fill(lse.isinf(), 0.0)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mods", ["softcap", "alibi-per-batch", "rel_bias", "all"])
+def test_score_modifiers_match_reference(backend, mods):
+    """Score modifiers on each backend against the reference (on the GPU too, under `make gpu-check`)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 97, 64, generator=g, dtype=torch.float64).to(DEVICE)
+    k, v = (torch.randn(2, 2, 130, 64, generator=g, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    chosen = make_mods(MOD_SETS[mods], 2, 4, 97, 130).items()
+    kwargs = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) else t) for n, t in chosen}
+    pattern = sa.causal() | sa.sliding_window(40, 10)
+
+    def ours(*qkv, **m):
+        return sa.sparse_attention(*qkv, pattern, backend=backend, return_lse=True, **m)
+
+    def ref(*qkv, **m):
+        return attention_reference(*qkv, pattern, **m)
+
+    got = run_with_grads(ours, q, k, v, kwargs, torch.float32)
+    truth = run_with_grads(ref, q, k, v, kwargs, torch.float64)
+    assert_close_with_mods(got, truth, run_with_grads(ref, q, k, v, kwargs, torch.float32), torch.float32)
