@@ -39,10 +39,6 @@ class ScoreMods:
     def any(self) -> bool:
         return self.softcap is not None or self.alibi_slopes is not None or self.rel_bias is not None
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The tensors it holds, for saving in an autograd context."""
-        return [t for t in (self.alibi_slopes, self.rel_bias) if t is not None]
-
 
 def check_score_mods(softcap, alibi_slopes, rel_bias, q: torch.Tensor, k: torch.Tensor) -> ScoreMods | None:
     """The call's modifiers, checked against q ``[B, Hq, Sq, D]`` and k ``[B, Hkv, Skv, D]``; None when
