@@ -453,3 +453,70 @@ def test_video_and_long_1d_layouts_build_fast_without_s_by_s():
         assert layout.tiles.shape[0] < 32 and long_1d < 3.0, long_1d
     finally:
         torch.set_num_threads(threads)
+
+
+# -- pictures ----------------------------------------------------------------------------------------------
+def test_neighborhood_cells_are_a_row_of_the_truth_and_of_the_layout():
+    from sparse_attn.viz import neighborhood_cells
+
+    grid = (4, 5, 6)
+    pattern = sa.neighborhood(grid, (2, 3, 3), causal=(True, False, False), prefix=2) | sa.global_tokens(
+        [0, 1]
+    )
+    truth = pattern.mask(122)
+    for tiled in (False, True):
+        used = sa.tile_major(pattern, (2, 2, 4)) if tiled else pattern
+        layout = used.layout(122, block_size=16)
+        perm = used.perm if tiled else torch.arange(122)
+        inverse = torch.argsort(perm)
+        for cell in ((0, 0, 0), (3, 4, 5), (2, 1, 3)):
+            view = neighborhood_cells(used, cell, block_size=16)
+            user = 2 + int(torch.tensor(cell) @ torch.tensor([30, 6, 1]))
+            assert torch.equal(torch.from_numpy(view.visible).flatten(), truth[user, 2:])
+            assert view.other_visible == 2
+            row = int(inverse[user])
+            computed = layout.to_block_mask()[0, row // 16].repeat_interleave(16)[:122] > 0
+            assert torch.equal(torch.from_numpy(view.computed).flatten(), computed[inverse][2:])
+            assert (view.computed | ~view.visible).all()  # every visible key is computed
+
+
+def test_plot_neighborhood_draws_video_grids_without_s_by_s(monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from sparse_attn.patterns.grid import GridPattern
+    from sparse_attn.viz import plot_neighborhood
+
+    def no_mask(*args, **kwargs):
+        raise AssertionError("an S x S mask was built")
+
+    monkeypatch.setattr(GridPattern, "mask", no_mask)
+    video = sa.neighborhood((16, 48, 80), (3, 11, 11))
+    for pattern in (video, sa.tile_major(video, (2, 8, 8))):
+        fig = plot_neighborhood(pattern, [(8, 24, 40), (0, 0, 0)], max_frames=3)
+        titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+        assert any("363 visible" in t for t in titles)
+        plt.close(fig)
+    for pattern in (sa.neighborhood((40,), 5), sa.sliding_tile((12, 16), 4, 3)):
+        plt.close(plot_neighborhood(pattern))
+    with pytest.raises(ValueError, match=r"query must be a cell of the grid \(40,\)"):
+        plot_neighborhood(sa.neighborhood((40,), 5), [40])
+    with pytest.raises(TypeError, match="built from neighborhood or sliding_tile"):
+        plot_neighborhood(sa.causal())
+
+
+def test_show_draws_the_grid_view(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from sparse_attn import cli
+
+    out = tmp_path / "na.png"
+    assert cli.main(["show", "na:6,8,10:3,3,5+global:2", "--block-size", "32", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "q_len=480" in printed and out.exists() and (tmp_path / "na-grid.png").exists()
+    args = ["show", "sta:8,12:2,4:3", "--view", "grid", "--tile-major", "2,4", "--queries", "0,0;7,11"]
+    assert cli.main([*args, "-o", str(tmp_path / "sta.png")]) == 0
+    assert (tmp_path / "sta.png").exists() and not (tmp_path / "sta-grid.png").exists()
+    assert cli.main(["show", "causal", "--seq", "64", "--view", "grid", "-o", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["show", "na:6,8:3", "--queries", "a,b", "-o", str(tmp_path / "x.png")]) == 2
+    assert cli.main(["show", "na:6,8:3", "--queries", "9,9", "-o", str(tmp_path / "x.png")]) == 2
+    assert "query must be a cell of the grid" in capsys.readouterr().err
