@@ -525,3 +525,45 @@ def test_show_draws_the_grid_view(tmp_path, capsys):
     assert cli.main(["show", "na:6,8:3", "--queries", "a,b", "-o", str(tmp_path / "x.png")]) == 2
     assert cli.main(["show", "na:6,8:3", "--queries", "9,9", "-o", str(tmp_path / "x.png")]) == 2
     assert "query must be a cell of the grid" in capsys.readouterr().err
+
+
+# -- the benchmark -----------------------------------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "neighborhood.py"
+    spec = importlib.util.spec_from_file_location("bench_neighborhood", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_quick_run_saves_its_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    import json
+
+    bench = _bench_module()
+    assert bench.main(["--quick", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "neighborhood-cpu-quick.json").read_text())
+    assert result["cpu"]["model"] and (tmp_path / "neighborhood-cpu-quick.png").exists()
+    cases = result["cases"]
+    assert set(cases) >= {
+        "neighborhood",
+        "neighborhood_tile_major",
+        "sliding_tile",
+        "sliding_tile_tile_major",
+    }
+    for case in cases.values():
+        assert case["time"]["cpu_s"] > 0 and 0 < case["layout"]["density"] <= 1
+    # STA in tile-major order: every kept block is full and every computed pair is visible.
+    assert cases["sliding_tile_tile_major"]["layout"]["full_fraction"] == 1.0
+    assert cases["sliding_tile_tile_major"]["layout"]["useful"] == pytest.approx(1.0)
+
+
+def test_bench_flex_mask_mod_is_the_neighborhood():
+    bench = _bench_module()
+    grid, kernel = (4, 5, 6), (3, 3, 5)
+    mask_mod = bench.natten_mask_mod(grid, kernel)
+    q, kv = torch.arange(120)[:, None], torch.arange(120)[None, :]
+    assert torch.equal(mask_mod(None, None, q, kv), sa.neighborhood(grid, kernel).mask(120))
