@@ -38,7 +38,8 @@ def sparse_attention(
         q: ``[B, Hq, Sq, D]``; k, v: ``[B, Hkv, Skv, D]`` with ``Hq % Hkv == 0``. fp16, bf16 or fp32
             (float64 too on the PyTorch backend). Only the last dimension needs to be contiguous.
         pattern_or_layout: a `Pattern`, or a `BlockLayout` built for ``(Sq, Skv)``. A pattern holding
-            `topk_blocks` is selected from q and k in this call (see `select_layout`).
+            `topk_blocks` is selected from q and k in this call (see `select_layout`). A `tile_major`
+            pattern runs in its tile-major token order: q, k, v are permuted into it and out back.
         scale: multiplies ``q @ k^T``; defaults to ``1 / sqrt(D)``.
         key_mask: bool ``[B, Skv]``, True for a real key (padding is False).
         return_lse: also return the natural-log logsumexp ``[B, Hq, Sq]``, float32 (float64 for float64
@@ -57,27 +58,22 @@ def sparse_attention(
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     if isinstance(pattern_or_layout, Pattern) and pattern_or_layout.reorders_tokens:
-        return in_token_order(
-            pattern_or_layout,
-            lambda q, k, v, key_mask, pattern: sparse_attention(
-                q,
-                k,
-                v,
-                pattern,
-                scale=scale,
-                key_mask=key_mask,
-                return_lse=True,
-                backend=backend,
-                softcap=softcap,
-            ),
+        # tile_major: attend in the pattern's token order, hand out and lse back in the user's.
+        tiled = pattern_or_layout
+        q, k, v, key_mask = _to_layout_order(tiled, q, k, v, key_mask, alibi_slopes, rel_bias)
+        out, lse = sparse_attention(
             q,
             k,
             v,
-            key_mask,
-            return_lse,
-            alibi_slopes=alibi_slopes,
-            rel_bias=rel_bias,
+            tiled.permuted,
+            scale=scale,
+            key_mask=key_mask,
+            return_lse=True,
+            backend=backend,
+            softcap=softcap,
         )
+        out, lse = tiled.to_user_order(out, 2), tiled.to_user_order(lse, 2)
+        return (out, lse) if return_lse else out
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = _check_inputs(q, k, v, key_mask, scale, spec)
     mods = check_score_mods(softcap, alibi_slopes, rel_bias, q, k)
@@ -91,9 +87,9 @@ def sparse_attention(
     return (out, lse) if return_lse else out
 
 
-def in_token_order(pattern, attend, q, k, v, key_mask, return_lse, *, alibi_slopes=None, rel_bias=None):
-    """`attend(q, k, v, key_mask, layout_pattern) -> (out, lse)` run in a reordering pattern's token order
-    (`tile_major`): inputs are permuted into it, the output and lse back, exactly and differentiably."""
+def _to_layout_order(pattern, q, k, v, key_mask, alibi_slopes, rel_bias):
+    """q, k, v (and a ``[B, Skv]`` key_mask) permuted into a reordering pattern's token order: exact and
+    differentiable (an index_select)."""
     if alibi_slopes is not None or rel_bias is not None:
         raise ValueError(
             "alibi_slopes and rel_bias depend on token positions, which tile_major reorders: "
@@ -106,9 +102,7 @@ def in_token_order(pattern, attend, q, k, v, key_mask, return_lse, *, alibi_slop
     q, k, v = (pattern.to_layout_order(t, 2) for t in (q, k, v))
     if isinstance(key_mask, torch.Tensor) and key_mask.dim() == 2:
         key_mask = pattern.to_layout_order(key_mask, 1)
-    out, lse = attend(q, k, v, key_mask, pattern.permuted)
-    out, lse = pattern.to_user_order(out, 2), pattern.to_user_order(lse, 2)
-    return (out, lse) if return_lse else out
+    return q, k, v, key_mask
 
 
 def _check_inputs(q, k, v, key_mask, scale, spec: backends.BackendSpec) -> float:
