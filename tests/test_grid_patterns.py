@@ -338,6 +338,22 @@ def make_with_text(pattern, grid, prefix, suffix):
     return GridPattern(grid, bounds, pattern.dilation, pattern.description, prefix=prefix, suffix=suffix)
 
 
+def test_tile_major_of_per_head_patterns_and_compiled_attention():
+    grid, tile = (4, 6, 8), (2, 2, 4)
+    heads = sa.per_head(
+        [sa.neighborhood(grid, 3), sa.neighborhood(grid, (2, 3, 5), causal=True) | sa.global_tokens(1)]
+    )
+    tiled = sa.tile_major(heads, tile)
+    perm = tile_major_permutation(grid, tile)
+    truth = heads.mask(192, heads=2)[:, perm][:, :, perm]
+    assert torch.equal(tiled.layout(192, block_size=16).to_dense(), truth)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 192, 16, generator=g) for _ in range(3))
+    expected = sa.sparse_attention(q, k, v, heads, backend="torch")
+    module = torch.compile(sa.SparseAttention(tiled, backend="torch"), fullgraph=True, dynamic=False)
+    torch.testing.assert_close(module(q, k, v), expected, rtol=0, atol=2e-6)
+
+
 def test_tile_major_makes_a_neighbourhood_denser_in_blocks():
     """STA's point: in tile-major order, a sliding tile pattern is whole dense blocks."""
     grid, tile = (8, 16, 16), (2, 4, 8)

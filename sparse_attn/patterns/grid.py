@@ -500,7 +500,8 @@ class TileMajor(Pattern):
                 )
             tile = tiles.pop()
         tile = _per_dim("tile", tile, len(first.grid), 1)
-        self.pattern, self.grid, self.prefix, self.suffix = pattern, first.grid, first.prefix, first.suffix
+        self.pattern, self.leaf = pattern, first
+        self.grid, self.prefix, self.suffix = first.grid, first.prefix, first.suffix
         self.order = TokenOrder(first.grid, tile)
         self.cells = first.cells
         # Layout position a holds the user's token perm[a]; inverse[p] is where user token p goes.
@@ -521,7 +522,9 @@ class TileMajor(Pattern):
         return self.prefix + self.cells + self.suffix
 
     def check_lengths(self, q_len, kv_len):
-        self.permuted.check_lengths(q_len, kv_len)
+        # The grid decides the length; global tokens were checked against it when reordered. (Checking
+        # them again would read a tensor, which torch.compile cannot trace without a guard.)
+        self.leaf.check_lengths(q_len, kv_len)
         if q_len != kv_len:
             raise ValueError(
                 f"tile-major order needs q_len == kv_len (self-attention), got {q_len} and {kv_len}"
