@@ -8,6 +8,7 @@ importorskip only spares installs without the extra.
 """
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -176,6 +177,14 @@ def _run(model, inputs):
 
 
 def _run_sparse(kind, model, inputs):
+    """The model on sparse-attn (checked to be reached: a dense pattern alone could not tell)."""
+    with mock.patch.object(sa_diff, "sparse_attention", wraps=sa_diff.sparse_attention) as spy:
+        out = _run_switched(kind, model, inputs)
+    assert spy.call_count > 0, "sparse_attn was never called"
+    return out
+
+
+def _run_switched(kind, model, inputs):
     if kind in PROCESSOR_ROUTE:
         original = model.attn_processors
         model.set_attn_processor(sa_diff.sparse_processors(model))  # the one-line switch
@@ -380,7 +389,7 @@ def test_register_is_idempotent_and_checks_the_dispatcher(monkeypatch):
     from diffusers.models import attention_dispatch
 
     class Changed:  # a registry whose structure moved on
-        register = staticmethod(lambda *a, **k: None)
+        register = staticmethod(lambda backend, constraints=None: None)
 
     monkeypatch.setattr(attention_dispatch, "_AttentionBackendRegistry", Changed)
     with pytest.raises(RuntimeError, match="_backends is not a dict.*processor route"):

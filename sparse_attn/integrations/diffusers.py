@@ -1,6 +1,6 @@
 """diffusers integration: video and image diffusion transformers on sparse-attn, a pattern per layer.
 
-Two routes into a diffusers (0.35 to 0.42) transformer, both reading what `set_pattern` stored on each
+Two routes into a diffusers (0.36 to 0.42) transformer, both reading what `set_pattern` stored on each
 attention layer:
 
 - **The attention dispatcher** (models whose processors call ``dispatch_attention_fn``: Wan, HunyuanVideo,
@@ -49,7 +49,7 @@ BACKEND_NAME = "sparse_attn"
 #: diffusers' enum member name for the backend.
 _MEMBER_NAME = "SPARSE_ATTN"
 #: The diffusers releases this module was tested with (the range of the ``diffusers`` extra).
-TESTED_RANGE = ">=0.35,<0.43"
+TESTED_RANGE = ">=0.36,<0.43"
 #: Where `set_pattern` stores a layer's `LayerSetting`.
 _SETTING_ATTR = "_sparse_attn_setting"
 _HOOKED_ATTR = "_sparse_attn_hooked"
@@ -351,7 +351,7 @@ def register() -> str:
     enum, registry = _checked_dispatcher()
     member = _add_enum_member(enum, _MEMBER_NAME, BACKEND_NAME)
     if registry._backends.get(member) is not _sparse_attn_backend:
-        registry.register(member, constraints=[], supports_context_parallel=False)(_sparse_attn_backend)
+        registry.register(member, constraints=[])(_sparse_attn_backend)
     return BACKEND_NAME
 
 
@@ -381,8 +381,9 @@ def _checked_dispatcher():
         for attr, kind in (("_backends", dict), ("_constraints", dict), ("_supported_arg_names", dict)):
             if not isinstance(getattr(registry, attr, None), kind):
                 problems.append(f"_AttentionBackendRegistry.{attr} is not a {kind.__name__}")
-        if not callable(getattr(registry, "register", None)):
-            problems.append("_AttentionBackendRegistry.register is missing")
+        register = getattr(registry, "register", None)
+        if not callable(register) or "constraints" not in inspect.signature(register).parameters:
+            problems.append("_AttentionBackendRegistry.register(backend, constraints) is missing")
     dispatch = getattr(ad, "dispatch_attention_fn", None)
     wanted = {"query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale"}
     if dispatch is None or not wanted <= set(inspect.signature(dispatch).parameters):
