@@ -56,6 +56,28 @@ def sparse_attention(
     """
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
+    if isinstance(pattern_or_layout, Pattern) and pattern_or_layout.reorders_tokens:
+        return in_token_order(
+            pattern_or_layout,
+            lambda q, k, v, key_mask, pattern: sparse_attention(
+                q,
+                k,
+                v,
+                pattern,
+                scale=scale,
+                key_mask=key_mask,
+                return_lse=True,
+                backend=backend,
+                softcap=softcap,
+            ),
+            q,
+            k,
+            v,
+            key_mask,
+            return_lse,
+            alibi_slopes=alibi_slopes,
+            rel_bias=rel_bias,
+        )
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = _check_inputs(q, k, v, key_mask, scale, spec)
     mods = check_score_mods(softcap, alibi_slopes, rel_bias, q, k)
@@ -66,6 +88,26 @@ def sparse_attention(
     else:
         layout = _resolve_layout(pattern_or_layout, q, k, spec.default_block_size)
     out, lse = _ops.attention(q, k, v, layout, scale, key_mask, spec.name, mods)
+    return (out, lse) if return_lse else out
+
+
+def in_token_order(pattern, attend, q, k, v, key_mask, return_lse, *, alibi_slopes=None, rel_bias=None):
+    """`attend(q, k, v, key_mask, layout_pattern) -> (out, lse)` run in a reordering pattern's token order
+    (`tile_major`): inputs are permuted into it, the output and lse back, exactly and differentiably."""
+    if alibi_slopes is not None or rel_bias is not None:
+        raise ValueError(
+            "alibi_slopes and rel_bias depend on token positions, which tile_major reorders: "
+            "use the pattern without tile_major"
+        )
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor [B, H, S, D]")
+    pattern.check_lengths(q.shape[2], k.shape[2])
+    q, k, v = (pattern.to_layout_order(t, 2) for t in (q, k, v))
+    if isinstance(key_mask, torch.Tensor) and key_mask.dim() == 2:
+        key_mask = pattern.to_layout_order(key_mask, 1)
+    out, lse = attend(q, k, v, key_mask, pattern.permuted)
+    out, lse = pattern.to_user_order(out, 2), pattern.to_user_order(lse, 2)
     return (out, lse) if return_lse else out
 
 

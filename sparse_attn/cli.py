@@ -71,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--heads", default=None, help="heads to draw for per-head patterns, e.g. 0,2")
     show.add_argument("--max-pixels", type=int, default=512, help="image resolution per axis (default 512)")
     show.add_argument("-o", "--output", default="out/pattern.png", help="PNG path (default out/pattern.png)")
+    show.add_argument(
+        "--view",
+        choices=["matrix", "grid", "both"],
+        default=None,
+        help="N-D patterns (na:..., sta:...): the query-key matrix, each query's neighbourhood on the grid "
+        "(saved as OUTPUT with -grid before the suffix when both), or both (the default for them)",
+    )
+    show.add_argument(
+        "--queries",
+        default=None,
+        help="grid cells to draw, e.g. '0,0,0;8,24,40' (default: corner, edge, centre)",
+    )
+    show.add_argument(
+        "--tile-major", default=None, help="draw tile_major(pattern, T,H,W): tile-major token order"
+    )
 
     bench = sub.add_parser("bench", help="run a benchmark script from the repository's bench/ folder")
     bench.add_argument("name", choices=sorted(BENCH_SCRIPTS), help="which benchmark (required)")
@@ -200,35 +215,78 @@ def _show(args) -> int:
     # Large BigBird-style patterns take seconds to build; the bar shows only on a terminal.
     steps = tqdm(total=3, desc="show: building the layout", disable=None, leave=False)
     try:
+        pattern, grid_length = _grid_pattern(pattern, args.tile_major)
+        view = args.view or ("both" if grid_length is not None else "matrix")
+        if view != "matrix" and grid_length is None:
+            raise UsageError(f"--view {view} draws N-D patterns (na:..., sta:...); {args.spec!r} has no grid")
         if args.seq is None:
-            args.seq = _documents_length(pattern)
+            args.seq = grid_length if grid_length is not None else _documents_length(pattern)
         layout = pattern.layout(args.seq, args.kv_seq, block_size=block_size)
         steps.update()
         steps.set_description("show: drawing")
-        # The pattern, not the layout, so per-head panels can name each head's own pattern.
-        fig = plot_pattern(
-            pattern,
-            args.seq,
-            args.kv_seq,
-            block_size=block_size,
-            heads=_parse_heads(args.heads),
-            max_pixels=args.max_pixels,
-            title=args.spec,
+        figures = []
+        path = Path(args.output)
+        title = (
+            args.spec if args.tile_major is None else f"{args.spec} in tile-major order ({args.tile_major})"
         )
+        if view in ("matrix", "both"):
+            # The pattern, not the layout, so per-head panels can name each head's own pattern.
+            fig = plot_pattern(
+                pattern,
+                args.seq,
+                args.kv_seq,
+                block_size=block_size,
+                heads=_parse_heads(args.heads),
+                max_pixels=args.max_pixels,
+                title=title,
+            )
+            figures.append((path, fig))
+        if view in ("grid", "both"):
+            from .viz import plot_neighborhood
+
+            grid_path = path.with_name(f"{path.stem}-grid{path.suffix}") if view == "both" else path
+            fig = plot_neighborhood(pattern, _parse_queries(args.queries), block_size=block_size, title=title)
+            figures.append((grid_path, fig))
         steps.update()
     except (TypeError, ValueError) as e:
         steps.close()
         raise UsageError(str(e)) from e
     steps.set_description("show: saving")
-    path = Path(args.output)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    for where, fig in figures:
+        fig.savefig(where, dpi=130)
+        plt.close(fig)
     steps.update()
     steps.close()
     print(repr(layout).split("\n", 1)[0])
-    print(f"saved {path}")
+    for where, _ in figures:
+        print(f"saved {where}")
     return 0
+
+
+def _grid_pattern(pattern, tile_major_text):
+    """The pattern to draw (in tile-major order if asked) and its grid's sequence length (None: no grid)."""
+    from .patterns.grid import _grid_leaves, tile_major
+
+    leaves = list(_grid_leaves(pattern))
+    if tile_major_text is not None:
+        try:
+            tile = [int(t) for t in tile_major_text.split(",")]
+        except ValueError:
+            raise UsageError(f"--tile-major must be tile sizes like 2,8,8, got {tile_major_text!r}") from None
+        pattern = tile_major(pattern, tile if len(tile) > 1 else tile[0])
+    if not leaves:
+        return pattern, None
+    return pattern, leaves[0].prefix + leaves[0].cells + leaves[0].suffix
+
+
+def _parse_queries(text):
+    if text is None:
+        return None
+    try:
+        return [tuple(int(c) for c in cell.split(",")) for cell in text.split(";")]
+    except ValueError:
+        raise UsageError(f"--queries must be grid cells like '0,0;4,7', got {text!r}") from None
 
 
 def _bench_candidates() -> list[Path]:

@@ -104,7 +104,14 @@ class SparseAttention(nn.Module):
         """``sparse_attention(q, k, v, pattern, ...)`` with the cached layout."""
         if not isinstance(q, torch.Tensor) or q.dim() != 4 or not isinstance(k, torch.Tensor) or k.dim() != 4:
             raise ValueError("q, k and v must be 4-D tensors [B, H, S, D]")
-        if document_ids is not None:
+        if self.pattern.reorders_tokens:
+            if document_ids is not None:
+                raise ValueError(
+                    "document_ids need row-major token order; tile_major patterns reorder tokens"
+                )
+            # The pattern's layout is in its own token order; sparse_attention permutes around it.
+            layout = self.pattern
+        elif document_ids is not None:
             layout = documents(document_ids) & self.pattern
         elif torch.compiler.is_compiling() or selects(self.pattern):
             # sparse_attention builds (or fetches) the pattern's layout at trace time, as graph constants;

@@ -19,9 +19,14 @@ Atoms (positional arguments in this order; any of them also as key=value):
     bigbird[:WINDOW[:GLOBAL[:RANDOM[:BLOCK[:SEED]]]]]
     doc:L0,L1,...                        documents(ids) of packed documents of these lengths (their sum is
                                          the sequence length)
+    neighborhood:GRID:KERNEL[:DILATION[:STRIDE]]
+                                         neighborhood(GRID, KERNEL, ...), e.g. neighborhood:16,48,80:3,11,11;
+                                         causal=1 or causal=1,0,0 per dimension; prefix=N, suffix=N (alias na)
+    sliding_tile:GRID:TILE:WINDOW        sliding_tile(GRID, TILE, WINDOW) (alias sta)
 
 Examples: ``window:128+global:4``, ``dilated:64:2&causal``, ``(window:256|random:2:64)&causal``,
-``per_head(window:64, dilated:32:2, dilated:16:4)``, ``doc:100,300,50,574&causal``.
+``per_head(window:64, dilated:32:2, dilated:16:4)``, ``doc:100,300,50,574&causal``,
+``na:8,12,16:3,5,5:causal=1,0,0+global:4``.
 """
 
 from __future__ import annotations
@@ -70,6 +75,32 @@ def _bigbird(window=192, global_tokens=64, num_random_blocks=3, block_size=64, s
     return P.bigbird(window, global_tokens, num_random_blocks, block_size=block_size, seed=seed)
 
 
+def _dims(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _neighborhood(grid, kernel_size, dilation=1, stride=1, causal=0, prefix=0, suffix=0):
+    causal = tuple(bool(c) for c in causal) if isinstance(causal, list) else bool(causal)
+    grid = tuple(grid) if isinstance(grid, list) else (grid,)
+    return P.neighborhood(
+        grid,
+        _dims(kernel_size),
+        dilation=_dims(dilation),
+        stride=_dims(stride),
+        causal=causal,
+        prefix=prefix,
+        suffix=suffix,
+    )
+
+
+def _sliding_tile(grid, tile, window, prefix=0, suffix=0):
+    grid = tuple(grid) if isinstance(grid, list) else (grid,)
+    return P.sliding_tile(grid, _dims(tile), _dims(window), prefix=prefix, suffix=suffix)
+
+
+_NA_PARAMS = ("grid", "kernel_size", "dilation", "stride", "causal", "prefix", "suffix")
+_STA_PARAMS = ("grid", "tile", "window", "prefix", "suffix")
+
 #: atom name -> (builder, argument names in positional order, how many are required)
 SPEC_ATOMS = {
     "window": (_window, ("left", "right"), 1),
@@ -85,7 +116,13 @@ SPEC_ATOMS = {
     "doc": (_documents, ("lengths",), 1),
     "documents": (_documents, ("lengths",), 1),
     "bigbird": (_bigbird, ("window", "global_tokens", "num_random_blocks", "block_size", "seed"), 0),
+    "neighborhood": (_neighborhood, _NA_PARAMS, 2),
+    "na": (_neighborhood, _NA_PARAMS, 2),
+    "sliding_tile": (_sliding_tile, _STA_PARAMS, 3),
+    "sta": (_sliding_tile, _STA_PARAMS, 3),
 }
+#: Atoms whose arguments may be comma lists (positions, lengths, per-dimension sizes).
+_LIST_ATOMS = {"global", "global_tokens", "doc", "documents", "neighborhood", "na", "sliding_tile", "sta"}
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<name>[A-Za-z_][A-Za-z_0-9]*)|(?P<arg>:\s*(?:[A-Za-z_]+\s*=\s*)?-?\d+(?:\s*,\s*\d+)*)"
@@ -219,9 +256,11 @@ class _Parser:
             if key not in params:
                 self.error(f"{name} has no argument {key!r}; it takes {', '.join(params) or 'none'}", pos)
         values = [int(v) for v in text.split(",")]
-        if len(values) > 1 and name not in ("global", "global_tokens", "doc", "documents"):
+        if len(values) > 1 and name not in _LIST_ATOMS:
             self.error(
-                f"{name}: a list of values is only allowed for global positions and document lengths", pos
+                f"{name}: a list of values is only allowed for global positions, document lengths and "
+                "grid patterns' per-dimension sizes",
+                pos,
             )
         return key, values if len(values) > 1 else values[0]
 

@@ -22,12 +22,16 @@ import torch
 from .checks import check_int
 from .layout import BlockLayout, unpack_tiles
 from .patterns import Pattern
+from .patterns.base import check_block_size
 
 __all__ = [
+    "GridView",
     "PatternImage",
     "legend_handles",
+    "neighborhood_cells",
     "plot_density",
     "plot_heads",
+    "plot_neighborhood",
     "plot_pattern",
     "render_layout",
     "visible_fraction",
@@ -518,3 +522,180 @@ def plot_density(
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return ax.figure
+
+
+# -- N-D patterns on their grid ----------------------------------------------------------------------------
+#: Colours of a grid cell seen from one query: visible key, computed but masked (in a kept block), skipped.
+GRID_COLOURS = {
+    "visible": COLOURS["partial_visible"],
+    "computed": COLOURS["partial_masked"],
+    "skipped": COLOURS["empty"],
+    "query": (0.75, 0.0, 0.15),
+}
+GRID_LABELS = {
+    "visible": "visible key",
+    "computed": "masked key in a computed block",
+    "skipped": "key in a skipped block",
+    "query": "query",
+}
+
+
+@dataclass
+class GridView:
+    """What one query cell sees on its grid, in the user's (row-major) token order."""
+
+    query: tuple[int, ...]  # the query's grid coordinates
+    visible: np.ndarray  # bool [*grid]: keys the pattern lets it see
+    computed: np.ndarray  # bool [*grid]: keys in the blocks its query block keeps (what the kernels compute)
+    other_visible: int  # visible keys outside the grid (text tokens)
+    other_computed: int  # computed keys outside the grid
+
+
+def _grid_source(pattern):
+    """(grid, prefix, suffix, layout position of each user position) of a pattern built on one grid."""
+    from .patterns.grid import TileMajor, _grid_leaves
+
+    if isinstance(pattern, TileMajor):
+        return pattern.grid, pattern.prefix, pattern.suffix, pattern.inverse
+    leaves = list(_grid_leaves(pattern)) if isinstance(pattern, Pattern) else []
+    if not leaves:
+        raise TypeError(f"expected a pattern built from neighborhood or sliding_tile, got {pattern!r}")
+    first = leaves[0]
+    return first.grid, first.prefix, first.suffix, None
+
+
+def neighborhood_cells(pattern: Pattern, query, *, block_size=128, head: int = 0) -> GridView:
+    """The keys grid cell `query` (coordinates, one per dimension) sees, and those its kernels compute.
+
+    Costs O(S) per query (one row of the token predicate and one row of the block layout), never S x S."""
+    from .geometry import Geometry
+
+    grid, prefix, suffix, position_of = _grid_source(pattern)
+    query = tuple(int(c) for c in (query if isinstance(query, tuple | list) else (query,)))
+    if len(query) != len(grid) or not all(0 <= c < n for c, n in zip(query, grid, strict=True)):
+        raise ValueError(f"query must be a cell of the grid {grid}, got {query}")
+    cells = int(np.prod(grid))
+    length = prefix + cells + suffix
+    user = prefix + int(np.ravel_multi_index(query, grid))
+    position_of = torch.arange(length) if position_of is None else position_of
+    row = int(position_of[user])  # the query's row in the layout's token order
+    g = Geometry(length, length, 1, 1)
+    seen = pattern.visible(g, torch.tensor([[head]]), torch.tensor([[row]]), torch.arange(length)[None])
+    seen = seen.reshape(-1)[position_of]  # back to user order
+    layout = pattern.layout(length, block_size=block_size, heads=pattern.num_heads)
+    bq, bk = layout.block_size
+    kept = layout.to_block_mask()[min(head, layout.num_heads - 1), row // bq] > 0
+    computed = kept.repeat_interleave(bk)[:length][position_of]
+    inside = slice(prefix, prefix + cells)
+    outside = (
+        torch.cat([seen[:prefix], seen[prefix + cells :]]),
+        torch.cat([computed[:prefix], computed[prefix + cells :]]),
+    )
+    return GridView(
+        query,
+        seen[inside].reshape(grid).numpy(),
+        computed[inside].reshape(grid).numpy(),
+        int(outside[0].sum()),
+        int(outside[1].sum()),
+    )
+
+
+def _default_queries(grid) -> list[tuple[int, ...]]:
+    """A corner, an edge and the centre: the border shift is visible next to the interior window."""
+    centre = tuple(n // 2 for n in grid)
+    corner = tuple(0 for _ in grid)
+    edge = tuple(n // 2 for n in grid[:-1]) + (grid[-1] - 1,)
+    return list(dict.fromkeys([corner, edge, centre]))
+
+
+def _grid_rgb(view: GridView, frame: int | None) -> np.ndarray:
+    visible, computed = view.visible, view.computed
+    if frame is not None:
+        visible, computed = visible[frame], computed[frame]
+    if visible.ndim == 1:
+        visible, computed = visible[None], computed[None]
+    rgb = np.empty((*visible.shape, 3), dtype=np.float32)
+    rgb[:] = GRID_COLOURS["skipped"]
+    rgb[computed] = GRID_COLOURS["computed"]
+    rgb[visible] = GRID_COLOURS["visible"]
+    q = view.query if frame is None else view.query[1:]
+    if len(view.query) == 1 or frame is None or frame == view.query[0]:
+        rgb[(0, *q) if len(view.query) == 1 else q] = GRID_COLOURS["query"]
+    return rgb
+
+
+def _frames_to_show(view: GridView, max_frames: int) -> list[int]:
+    """Frames (first axis of a 3-D grid) with visible keys, centred on the query's frame."""
+    with_keys = [t for t in range(view.visible.shape[0]) if view.visible[t].any() or t == view.query[0]]
+    if len(with_keys) <= max_frames:
+        return with_keys
+    at = with_keys.index(view.query[0])
+    start = min(max(at - max_frames // 2, 0), len(with_keys) - max_frames)
+    return with_keys[start : start + max_frames]
+
+
+def plot_neighborhood(
+    pattern: Pattern,
+    queries=None,
+    *,
+    block_size=128,
+    head: int = 0,
+    max_frames: int = 5,
+    title: str | None = None,
+):
+    """Draw an N-D pattern on its grid: for each query cell, the keys it sees (dark orange), the masked
+    keys its kernels still compute because their block is kept (light), and the query (red); returns the
+    Figure.
+
+    `queries`: grid coordinates (default: a corner, an edge cell and the centre, so the window's shift at
+    the borders shows). A 1-D grid is a strip, a 2-D grid an image per query, a 3-D grid a row of frames
+    per query (the frames holding visible keys, at most `max_frames`). A `tile_major` pattern shows its
+    computed keys in the user's grid: the blocks follow its tiles. O(S) per query, never S x S.
+    """
+    grid = _grid_source(pattern)[0]
+    queries = (
+        _default_queries(grid)
+        if queries is None
+        else [tuple(q) if isinstance(q, tuple | list) else (q,) for q in queries]
+    )
+    if not queries:
+        raise ValueError("queries must name at least one grid cell")
+    views = [neighborhood_cells(pattern, q, block_size=block_size, head=head) for q in queries]
+    if len(grid) == 3:
+        frames = [_frames_to_show(v, max_frames) for v in views]
+        nrows, ncols = len(views), max(len(f) for f in frames)
+    else:
+        frames = [[None] for _ in views]
+        nrows, ncols = (len(views), 1) if len(grid) == 1 else (1, len(views))
+    cell_h, cell_w = (grid[-2], grid[-1]) if len(grid) > 1 else (1, grid[0])
+    panel_w = 3.2 if len(grid) > 1 else 9.0
+    panel_h = max(0.5, panel_w * cell_h / cell_w) + 0.6
+    fig, axes = _new_figure(nrows, ncols, figsize=(panel_w * ncols, panel_h * nrows + 1.0))
+    for r, (view, view_frames) in enumerate(zip(views, frames, strict=True)):
+        for c in range(ncols):
+            ax = axes[r, c] if len(grid) != 2 else axes[0, r]
+            if c >= len(view_frames) or (len(grid) == 2 and c > 0):
+                if len(grid) == 3:
+                    ax.set_axis_off()
+                continue
+            frame = view_frames[c]
+            # A 1-D strip is stretched to a visible height.
+            aspect = "auto" if len(grid) == 1 else "equal"
+            ax.imshow(_grid_rgb(view, frame), interpolation="nearest", aspect=aspect)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            label = f"query {view.query}"
+            if frame is not None:
+                label = f"{label}, frame {frame}" if c == 0 else f"frame {frame}"
+            if c == 0:
+                extra = f"; +{view.other_visible} text keys" if view.other_visible else ""
+                label += f"\n{int(view.visible.sum())} visible, {int(view.computed.sum())} computed{extra}"
+            ax.set_title(label, fontsize=8)
+    name = _describe(pattern) if title is None else title
+    bq, bk = check_block_size(block_size)
+    fig.suptitle(f"{name}\ngrid {grid}, blocks {bq}x{bk}", fontsize=10)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=GRID_COLOURS[k], edgecolor="0.3", label=GRID_LABELS[k]) for k in GRID_COLOURS]
+    fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8, frameon=False)
+    return fig

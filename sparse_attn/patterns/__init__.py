@@ -6,6 +6,7 @@ from .chunked import chunked
 from .compositions import bigbird, longformer
 from .documents import documents
 from .global_tokens import global_tokens
+from .grid import neighborhood, sliding_tile, tile_major
 from .token_mask import TokenMask
 from .topk import topk_blocks
 from .window import causal, dense, dilated, sliding_window, top_left_causal
@@ -22,9 +23,12 @@ __all__ = [
     "documents",
     "global_tokens",
     "longformer",
+    "neighborhood",
     "per_head",
     "random_blocks",
+    "sliding_tile",
     "sliding_window",
+    "tile_major",
     "topk_blocks",
     "top_left_causal",
 ]

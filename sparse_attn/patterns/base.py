@@ -49,6 +49,8 @@ class Pattern:
     batch_size: int | None = None
     #: True when the layout depends on data (document ids), not on lengths alone.
     from_data: bool = False
+    #: True for a pattern in another token order than the user's (`tile_major`): it does not compose.
+    reorders_tokens: bool = False
 
     # -- the hooks a pattern implements (see the module docstring) -----------------------------------
     def visible(self, g: Geometry, h: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -148,6 +150,8 @@ class _Binary(Pattern):
         for side in (left, right):
             if not isinstance(side, Pattern):
                 raise TypeError(f"patterns compose only with patterns, got {type(side).__name__}")
+            if side.reorders_tokens:
+                raise TypeError(f"compose patterns before reordering them: {side!r} is in tile-major order")
         if None not in (left.num_heads, right.num_heads) and left.num_heads != right.num_heads:
             raise ValueError(
                 f"cannot combine per-head patterns of {left.num_heads} and {right.num_heads} heads"
@@ -216,6 +220,8 @@ class PerHead(Pattern):
                 raise TypeError(f"per_head expects Patterns, item {k} is {type(p).__name__}")
             if p.num_heads is not None:
                 raise ValueError(f"per_head items must be shared patterns; item {k} is already per-head")
+            if p.reorders_tokens:
+                raise TypeError(f"per_head item {k} is in tile-major order: use tile_major(per_head([...]))")
         self.patterns = patterns
         self.num_heads = len(patterns)
         self.batch_size = functools.reduce(common_batch, (p.batch_size for p in patterns))
