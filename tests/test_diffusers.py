@@ -25,7 +25,7 @@ from diffusers.models.attention_dispatch import (  # noqa: E402
 
 import sparse_attn as sa  # noqa: E402
 from sparse_attn.integrations import diffusers as sa_diff  # noqa: E402
-from sparse_attn.patterns import TokenMask, dense  # noqa: E402
+from sparse_attn.patterns import dense  # noqa: E402
 from sparse_attn.reference import attention_reference  # noqa: E402
 
 NAME = sa_diff.register()
@@ -46,10 +46,6 @@ def _neighbourhood_mask(grid, kernel) -> torch.Tensor:
             visible.shape[0] * n, visible.shape[1] * n
         )
     return visible
-
-
-def _neighbourhood(grid, kernel) -> sa.Pattern:
-    return TokenMask(_neighbourhood_mask(grid, kernel))
 
 
 def _with_global_text(video_mask, n_text, text_first) -> torch.Tensor:
@@ -163,7 +159,7 @@ MODELS = {"wan": _wan, "hunyuan": _hunyuan, "flux": _flux, "cogvideox": _cogvide
 LAYERS = {"hunyuan": ("transformer_blocks", "single_transformer_blocks")}
 #: CogVideoX's processor calls SDPA itself: it takes the processor route.
 PROCESSOR_ROUTE = {"cogvideox"}
-KERNELS = {2: (3, 5), 3: (3, 3, 3)}
+KERNELS = {2: (3, 5), 3: (2, 3, 3)}
 
 
 def _build(kind):
@@ -216,7 +212,7 @@ def test_neighbourhood_equals_the_masked_reference(kind):
         with _MaskedSDPA(joint):
             expected = _run(model, inputs)
         sa_diff.set_pattern(
-            model, _neighbourhood(grid, kernel), grid=grid, text=text, layers=LAYERS.get(kind)
+            model, sa.neighborhood(grid, kernel), grid=grid, text=text, layers=LAYERS.get(kind)
         )
         got = _run_sparse(kind, model, inputs)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
@@ -226,7 +222,7 @@ def test_neighbourhood_equals_the_masked_reference(kind):
 
 def test_wan_gradients_equal_the_masked_reference():
     model, inputs, grid, _, _ = _build("wan")
-    pattern = _neighbourhood(grid, (3, 3, 3))
+    pattern = sa.neighborhood(grid, (3, 3, 3))
     sa_diff.set_pattern(model, pattern, grid=grid)
     x = inputs["hidden_states"].clone().requires_grad_(True)
     weight = torch.randn(_run(model, inputs).shape, generator=torch.Generator().manual_seed(3))
@@ -247,7 +243,7 @@ def test_wan_gradients_equal_the_masked_reference():
 
 def test_wan_under_inference_mode_and_the_processor_route():
     model, inputs, grid, _, _ = _build("wan")
-    pattern = _neighbourhood(grid, (3, 3, 3))
+    pattern = sa.neighborhood(grid, (3, 3, 3))
     sa_diff.set_pattern(model, pattern, grid=grid)
     with torch.no_grad():
         expected = _run_sparse("wan", model, inputs)
@@ -263,7 +259,7 @@ def test_wan_under_inference_mode_and_the_processor_route():
 
 def test_pattern_per_layer_callable():
     model, inputs, grid, _, _ = _build("wan")
-    pattern = _neighbourhood(grid, (3, 3, 3))
+    pattern = sa.neighborhood(grid, (3, 3, 3))
     calls = []
 
     def per_layer(name, q_len, kv_len):
@@ -312,7 +308,7 @@ def test_joint_sequence_with_text_mask_and_nan_in_masked_keys(text):
     k, v = k.clone(), v.clone()
     k[~key_mask], v[~key_mask] = float("nan"), float("nan")
     layer = _Layer()
-    sa_diff.set_pattern(layer, _neighbourhood(grid, (2, 3, 3)), grid=grid, text=text)
+    sa_diff.set_pattern(layer, sa.neighborhood(grid, (2, 3, 3)), grid=grid, text=text)
     got = layer(q, k, v, attn_mask=key_mask[:, None, None, :])
     joint = _with_global_text(_neighbourhood_mask(grid, (2, 3, 3)), n_text, text == "first")
     q64, k64, v64 = (t.transpose(1, 2).double().nan_to_num(0.0) for t in (q, k, v))
@@ -322,6 +318,29 @@ def test_joint_sequence_with_text_mask_and_nan_in_masked_keys(text):
     # An additive 0 / -inf mask is the same mask.
     additive = torch.zeros(2, n).masked_fill(~key_mask, float("-inf"))
     torch.testing.assert_close(layer(q, k, v, attn_mask=additive), got, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["hunyuan", "flux"])
+def test_a_whole_sequence_pattern_equals_text_global(kind):
+    """The joint sequence as one pattern (neighbourhood among the grid's cells, text tokens global, their count
+    read from the layer's length) gives what ``text=`` gives through merged parts."""
+    model, inputs, grid, n_text, text = _build(kind)
+    kernel, video = KERNELS[len(grid)], math.prod(grid)
+
+    def whole(name, q_len, kv_len):
+        n = q_len - video
+        if text == "first":
+            return sa.neighborhood(grid, kernel, prefix=n) | sa.global_tokens(n)
+        return sa.neighborhood(grid, kernel, suffix=n) | sa.global_tokens(list(range(video, q_len)))
+
+    with torch.no_grad():
+        sa_diff.set_pattern(
+            model, sa.neighborhood(grid, kernel), grid=grid, text=text, layers=LAYERS.get(kind)
+        )
+        expected = _run_sparse(kind, model, inputs)
+        sa_diff.set_pattern(model, whole, layers=LAYERS.get(kind))
+        got = _run_sparse(kind, model, inputs)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_cross_attention_and_unselected_layers_run_dense_exactly():
