@@ -169,7 +169,9 @@ def _build(kind):
 
 
 def _run(model, inputs):
-    return model(**inputs, return_dict=False)[0]
+    """The model with its own attention (diffusers' native backend, whatever another test made global)."""
+    with attention_backend("native"):
+        return model(**inputs, return_dict=False)[0]
 
 
 def _run_sparse(kind, model, inputs):
@@ -189,7 +191,7 @@ def _run_switched(kind, model, inputs):
         finally:
             model.set_attn_processor(original)
     with attention_backend(NAME):  # or model.set_attention_backend("sparse_attn")
-        return _run(model, inputs)
+        return model(**inputs, return_dict=False)[0]
 
 
 @pytest.mark.parametrize("kind", list(MODELS))
