@@ -154,7 +154,28 @@ def _cogvideox():
     return model, inputs, (3, 4, 4), 6, "first"
 
 
-MODELS = {"wan": _wan, "hunyuan": _hunyuan, "flux": _flux, "cogvideox": _cogvideox}
+def _ltx(prompt_tokens=6):
+    model = diffusers.LTXVideoTransformer3DModel(
+        in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
+        attention_head_dim=8, cross_attention_dim=16, num_layers=1, caption_channels=16,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    f, h, w = 2, 4, 5
+    prompt_mask = torch.ones(1, prompt_tokens)
+    prompt_mask[:, -2:] = 0
+    inputs = dict(
+        hidden_states=torch.randn(1, f * h * w, 4, generator=g),  # already patchified: [B, tokens, C]
+        encoder_hidden_states=torch.randn(1, prompt_tokens, 16, generator=g),
+        timestep=TIMESTEP,
+        encoder_attention_mask=prompt_mask,
+        num_frames=f,
+        height=h,
+        width=w,
+    )
+    return model, inputs, (f, h, w), 0, None
+
+
+MODELS = {"wan": _wan, "hunyuan": _hunyuan, "flux": _flux, "cogvideox": _cogvideox, "ltx": _ltx}
 #: Layers to give the pattern: HunyuanVideo's text-only token refiner stays dense.
 LAYERS = {"hunyuan": ("transformer_blocks", "single_transformer_blocks")}
 #: CogVideoX's processor calls SDPA itself: it takes the processor route.
@@ -174,16 +195,16 @@ def _run(model, inputs):
         return model(**inputs, return_dict=False)[0]
 
 
-def _run_sparse(kind, model, inputs):
+def _run_sparse(model, inputs, processor_route=False):
     """The model on sparse-attn (checked to be reached: a dense pattern alone could not tell)."""
     with mock.patch.object(sa_diff, "sparse_attention", wraps=sa_diff.sparse_attention) as spy:
-        out = _run_switched(kind, model, inputs)
+        out = _run_switched(model, inputs, processor_route)
     assert spy.call_count > 0, "sparse_attn was never called"
     return out
 
 
-def _run_switched(kind, model, inputs):
-    if kind in PROCESSOR_ROUTE:
+def _run_switched(model, inputs, processor_route):
+    if processor_route:
         original = model.attn_processors
         model.set_attn_processor(sa_diff.sparse_processors(model))  # the one-line switch
         try:
@@ -200,7 +221,7 @@ def test_dense_pattern_equals_the_models_attention(kind):
     with torch.no_grad():
         expected = _run(model, inputs)
         sa_diff.set_pattern(model, dense(), grid=grid, text=text, layers=LAYERS.get(kind))
-        got = _run_sparse(kind, model, inputs)
+        got = _run_sparse(model, inputs, kind in PROCESSOR_ROUTE)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -216,7 +237,7 @@ def test_neighbourhood_equals_the_masked_reference(kind):
         sa_diff.set_pattern(
             model, sa.neighborhood(grid, kernel), grid=grid, text=text, layers=LAYERS.get(kind)
         )
-        got = _run_sparse(kind, model, inputs)
+        got = _run_sparse(model, inputs, kind in PROCESSOR_ROUTE)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     # The pattern is sparse enough to matter: it changes the output.
     assert (got - dense_out).abs().max() > 1e-3
@@ -237,7 +258,7 @@ def test_wan_gradients_equal_the_masked_reference():
 
     with _MaskedSDPA(pattern.mask(math.prod(grid))):
         expected = grads(_run)
-    got = grads(lambda m, i: _run_sparse("wan", m, i))
+    got = grads(lambda m, i: _run_sparse(m, i))
     assert len(got) == len(expected) > 10
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -248,9 +269,9 @@ def test_wan_under_inference_mode_and_the_processor_route():
     pattern = sa.neighborhood(grid, (3, 3, 3))
     sa_diff.set_pattern(model, pattern, grid=grid)
     with torch.no_grad():
-        expected = _run_sparse("wan", model, inputs)
+        expected = _run_sparse(model, inputs)
     with torch.inference_mode():
-        got = _run_sparse("wan", model, inputs)
+        got = _run_sparse(model, inputs)
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     # The processor swap works for a dispatcher model too (its native backend ends in SDPA).
     with torch.no_grad():
@@ -270,18 +291,35 @@ def test_pattern_per_layer_callable():
 
     with torch.no_grad():
         sa_diff.set_pattern(model, per_layer, grid=grid)
-        got = _run_sparse("wan", model, inputs)
-        got_again = _run_sparse("wan", model, inputs)
+        got = _run_sparse(model, inputs)
+        got_again = _run_sparse(model, inputs)
         sa_diff.set_pattern(model, None)
         sa_diff.set_pattern(model, pattern, grid=grid, layers=["blocks.1.attn1"])
-        expected = _run_sparse("wan", model, inputs)
+        expected = _run_sparse(model, inputs)
         sa_diff.set_pattern(model, pattern, grid=grid)
-        all_layers = _run_sparse("wan", model, inputs)
+        all_layers = _run_sparse(model, inputs)
     # Self-attention layers only (the attn2 cross-attention runs dense), once per layer and length.
     assert calls == [("blocks.0.attn1", 60, 60), ("blocks.1.attn1", 60, 60)]
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     torch.testing.assert_close(got_again, got, atol=0, rtol=0)
     assert (all_layers - got).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("route", ["dispatcher", "processor"])
+def test_cross_attention_as_long_as_the_video_stays_dense(route):
+    """LTX's attn2 has no is_cross_attention flag; a 40-token prompt over 40 video tokens has equal lengths."""
+    torch.manual_seed(0)
+    model, inputs, grid, _, _ = _ltx(prompt_tokens=40)
+    model.eval()
+    with torch.no_grad():
+        sa_diff.set_pattern(model, sa.neighborhood(grid, (2, 3, 3)), grid=grid)
+        got = _run_sparse(model, inputs, route == "processor")
+        sa_diff.set_pattern(model, None)
+        sa_diff.set_pattern(
+            model, sa.neighborhood(grid, (2, 3, 3)), grid=grid, layers="transformer_blocks.0.attn1"
+        )
+        expected = _run_sparse(model, inputs, route == "processor")
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
 # -- the backend called directly: masks, NaN in masked keys, strides ----------------------------------------
@@ -339,9 +377,9 @@ def test_a_whole_sequence_pattern_equals_text_global(kind):
         sa_diff.set_pattern(
             model, sa.neighborhood(grid, kernel), grid=grid, text=text, layers=LAYERS.get(kind)
         )
-        expected = _run_sparse(kind, model, inputs)
+        expected = _run_sparse(model, inputs, kind in PROCESSOR_ROUTE)
         sa_diff.set_pattern(model, whole, layers=LAYERS.get(kind))
-        got = _run_sparse(kind, model, inputs)
+        got = _run_sparse(model, inputs, kind in PROCESSOR_ROUTE)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -379,10 +417,10 @@ def test_bad_input_raises_clear_errors():
         torch.no_grad(),
         pytest.raises(ValueError, match=r"attends over 60 tokens, but grid \(3, 4, 4\) has 48"),
     ):
-        _run_sparse("wan", model, inputs)
+        _run_sparse(model, inputs)
     sa_diff.set_pattern(model, lambda name, q, kv: "dense", grid=grid)
     with torch.no_grad(), pytest.raises(TypeError, match="returned str for layer 'blocks.0.attn1'"):
-        _run_sparse("wan", model, inputs)
+        _run_sparse(model, inputs)
     # A mask that varies per query cannot be a key mask.
     layer = _Layer()
     sa_diff.set_pattern(layer, dense())

@@ -163,7 +163,7 @@ def set_pattern(
         if not getattr(module, _HOOKED_ATTR, False):
             _hook(module)
             # Layers not chosen run dense, but are known: only unconfigured models trigger the warning.
-            setattr(module, _SETTING_ATTR, LayerSetting(name, None, None, None, True))
+            setattr(module, _SETTING_ATTR, LayerSetting(name, None, None, None, False))
         if name in chosen:
             cross = bool(getattr(module, "is_cross_attention", False))
             setattr(module, _SETTING_ATTR, LayerSetting(name, pattern, grid, text, cross))
@@ -198,23 +198,50 @@ def _select(found: dict, layers) -> list[str]:
 
 
 def _hook(module: torch.nn.Module) -> None:
-    """While `module` runs, its setting is the current one (the dispatcher's backend reads it)."""
+    """While `module` runs, its setting (for this call) is the current one (the dispatcher's backend reads it)."""
     tokens = []
 
-    def enter(mod, args):
-        tokens.append(_CURRENT.set(getattr(mod, _SETTING_ATTR, None)))
+    def enter(mod, args, kwargs):
+        tokens.append(_CURRENT.set(_Call(getattr(mod, _SETTING_ATTR, None), args, kwargs)))
 
     def leave(mod, args, output):
         _CURRENT.reset(tokens.pop())
 
-    module.register_forward_pre_hook(enter)
+    module.register_forward_pre_hook(enter, with_kwargs=True)
     module.register_forward_hook(leave, always_call=True)
     setattr(module, _HOOKED_ATTR, True)
 
 
-# -- the attention itself ------------------------------------------------------------------------------
-def _sparse_or_none(setting, q, k, v, attn_mask, dropout_p, is_causal, scale):
-    """Sparse attention for ``[B, H, S, D]`` q/k/v under `setting`, or None where the layer runs dense."""
+class _Call:
+    """One call of an attention layer: its setting, and the token counts of the ``hidden_states`` and
+    ``encoder_hidden_states`` it was given (None where unknown)."""
+
+    def __init__(self, setting: LayerSetting | None, args, kwargs):
+        self.setting = setting
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        # Sequences are [B, S, C] in video and image transformers; other shapes are left to the lengths.
+        self.hidden = _tokens(hidden)
+        self.encoder = _tokens(encoder)
+
+    def is_cross(self, q_len: int, kv_len: int) -> bool:
+        """Cross-attention: different lengths, a layer flagged ``is_cross_attention``, or queries from the
+        ``hidden_states`` and keys from the ``encoder_hidden_states`` as given (joint layers concatenate them,
+        so their queries outnumber the ``hidden_states``): LTX's ``attn2`` has no flag, and a prompt as long as
+        the video would otherwise look like self-attention."""
+        if q_len != kv_len or self.setting.cross:
+            return True
+        return self.encoder is not None and (q_len, kv_len) == (self.hidden, self.encoder)
+
+
+def _tokens(x) -> int | None:
+    return x.shape[1] if isinstance(x, torch.Tensor) and x.dim() == 3 else None
+
+
+def _sparse_or_none(call, q, k, v, attn_mask, dropout_p, is_causal, scale):
+    """Sparse attention for ``[B, H, S, D]`` q/k/v in a layer's `call` (a `_Call`, None outside any configured
+    layer), or None where the layer runs dense."""
+    setting = None if call is None else call.setting
     if setting is None:
         if not _WARNED:
             _WARNED.append(True)
@@ -225,7 +252,7 @@ def _sparse_or_none(setting, q, k, v, attn_mask, dropout_p, is_causal, scale):
             )
         return None
     q_len, kv_len = q.shape[2], k.shape[2]
-    if setting.pattern is None or setting.cross or q_len != kv_len:
+    if setting.pattern is None or call.is_cross(q_len, kv_len):
         return None
     pattern, n_text = setting.resolve(q_len, bool(is_causal))
     if pattern is None:
@@ -455,7 +482,7 @@ class SparseAttnProcessor:
         return self._run(*args, **kwargs)
 
     def _run(self, attn, *args, **kwargs):
-        with _SDPAToSparse(getattr(attn, _SETTING_ATTR, None)):
+        with _SDPAToSparse(_Call(getattr(attn, _SETTING_ATTR, None), args, kwargs)):
             return self.processor(attn, *args, **kwargs)
 
     def __getattr__(self, name):
@@ -475,11 +502,11 @@ def sparse_processors(model: torch.nn.Module) -> dict:
 
 
 class _SDPAToSparse(TorchFunctionMode):
-    """Routes ``F.scaled_dot_product_attention`` to sparse-attn under a layer's setting; all else as is."""
+    """Routes ``F.scaled_dot_product_attention`` to sparse-attn in a layer's `_Call`; all else as is."""
 
-    def __init__(self, setting):
+    def __init__(self, call):
         super().__init__()
-        self.setting = setting
+        self.call = call
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -492,4 +519,4 @@ class _SDPAToSparse(TorchFunctionMode):
     def _sparse(
         self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False
     ):
-        return _sparse_or_none(self.setting, query, key, value, attn_mask, dropout_p, is_causal, scale)
+        return _sparse_or_none(self.call, query, key, value, attn_mask, dropout_p, is_causal, scale)
