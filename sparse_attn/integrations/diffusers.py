@@ -21,8 +21,9 @@ text + video sequences set ``text="first"`` (Flux, CogVideoX) or ``"last"`` (Hun
 then covers the ``prod(grid)`` video tokens, and the text tokens are global (they see every key and every
 query sees them), exactly, through `merge_attention`. Dense, exactly as the model's own attention
 (diffusers' native backend, or the processor's own SDPA call): cross-attention (a layer with
-``is_cross_attention``, or different query and key lengths), layers `set_pattern` left out or set to None,
-and calls from layers no `set_pattern` configured. Masks: a key-padding mask (HunyuanVideo's text mask,
+``is_cross_attention``, different query and key lengths, or queries from the ``hidden_states`` and keys
+from the ``encoder_hidden_states`` the layer was given), layers `set_pattern` left out or set to None, and
+calls from layers no `set_pattern` configured (with a warning). Masks: a key-padding mask (HunyuanVideo's text mask,
 bool or 0/-inf, broadcast over heads and queries) applies on layers with a pattern; any other mask there
 raises, as do attention dropout, context parallelism and ``return_lse``.
 """
