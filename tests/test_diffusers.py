@@ -336,7 +336,7 @@ class _Layer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("text", ["first", "last"])
-def test_joint_sequence_with_text_mask_and_nan_in_masked_keys(text):
+def test_joint_sequence_with_text_mask_nan_in_masked_keys_and_gradients(text):
     grid, n_text, heads, dim = (2, 3, 5), 7, 2, 16
     n = math.prod(grid) + n_text
     g = torch.Generator().manual_seed(0)
@@ -347,17 +347,26 @@ def test_joint_sequence_with_text_mask_and_nan_in_masked_keys(text):
     key_mask[1, text_keys[-3:]] = False  # padded text tokens of the second prompt
     k, v = k.clone(), v.clone()
     k[~key_mask], v[~key_mask] = float("nan"), float("nan")
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     layer = _Layer()
     sa_diff.set_pattern(layer, sa.neighborhood(grid, (2, 3, 3)), grid=grid, text=text)
     got = layer(q, k, v, attn_mask=key_mask[:, None, None, :])
+    weight = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad((got * weight).sum(), (q, k, v))
+    # The float64 oracle, on the same values with the masked keys zeroed.
     joint = _with_global_text(_neighbourhood_mask(grid, (2, 3, 3)), n_text, text == "first")
-    q64, k64, v64 = (t.transpose(1, 2).double().nan_to_num(0.0) for t in (q, k, v))
-    expected = attention_reference(q64, k64, v64, joint, key_mask=key_mask)[0].transpose(1, 2)
-    assert not got.isnan().any()
+    leaves = [t.detach().transpose(1, 2).double().nan_to_num(0.0).requires_grad_(True) for t in (q, k, v)]
+    expected = attention_reference(*leaves, joint, key_mask=key_mask)[0].transpose(1, 2)
+    expected_grads = torch.autograd.grad((expected * weight.double()).sum(), leaves)
+    assert not got.isnan().any() and not any(d.isnan().any() for d in grads)
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
-    # An additive 0 / -inf mask is the same mask.
-    additive = torch.zeros(2, n).masked_fill(~key_mask, float("-inf"))
-    torch.testing.assert_close(layer(q, k, v, attn_mask=additive), got, atol=1e-6, rtol=1e-6)
+    for d, e in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(d.double(), e.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():
+        # An additive 0 / -inf mask is the same mask.
+        additive = torch.zeros(2, n).masked_fill(~key_mask, float("-inf"))
+        again = layer(q, k, v, attn_mask=additive)
+    torch.testing.assert_close(again, got.detach(), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["hunyuan", "flux"])

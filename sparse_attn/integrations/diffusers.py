@@ -54,7 +54,7 @@ TESTED_RANGE = ">=0.36,<0.43"
 #: Where `set_pattern` stores a layer's `LayerSetting`.
 _SETTING_ATTR = "_sparse_attn_setting"
 _HOOKED_ATTR = "_sparse_attn_hooked"
-#: The setting of the attention layer running now (set by the hooks `set_pattern` installs).
+#: The `_Call` of the attention layer running now (set by the hooks `set_pattern` installs).
 _CURRENT = contextvars.ContextVar("sparse_attn_diffusers_layer", default=None)
 _TEXT_PLACES = (None, "first", "last")
 #: Shared by every layer: its layouts are cached on it.
