@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 
@@ -283,15 +284,27 @@ class GridPattern(Pattern):
         return full
 
     def _tile_key(self, g, qb, kb):
-        """Equal keys, equal tiles (see the module docstring)."""
-        row_profile, row_ref = self._profiles(g, g.q_len, g.block_q, g.offset, with_bounds=True)
-        col_profile, col_ref = self._profiles(g, g.kv_len, g.block_k, 0, with_bounds=False)
-        corner = [row_ref[d][qb] - col_ref[d][kb] for d in range(len(self.grid))]
-        return _number(row_profile[qb], col_profile[kb], *corner)
+        """Equal keys, equal tiles (see the module docstring). A dimension that every pair of the block
+        passes (its offsets ``y - x`` lie inside every row's window) does not shape the tile: its corner
+        difference is left out of the key, so blocks that differ only there share one tile."""
+        rows = self._profiles(g, g.q_len, g.block_q, g.offset, with_bounds=True)
+        cols = self._profiles(g, g.kv_len, g.block_k, 0, with_bounds=False)
+        corner = []
+        for d in range(len(self.grid)):
+            delta = rows.ref[d][qb] - cols.ref[d][kb]
+            if self.dilation[d] == 1:
+                # y - x = (y - y_ref) - (x - x_ref) - delta over the block's pairs.
+                low = cols.rel_min[d][kb] - rows.rel_max[d][qb] - delta
+                high = cols.rel_max[d][kb] - rows.rel_min[d][qb] - delta
+                passes = (low >= rows.lo_max[d][qb]) & (high <= rows.hi_min[d][qb])
+                delta = torch.where(passes, _PASSES, delta)
+            corner.append(delta)
+        return _number(rows.ids[qb], cols.ids[kb], *corner)
 
     def _profiles(self, g, length, block, offset, with_bounds):
         """Per block: an id of its tokens' offsets relative to its first grid token (equal ids, equal
-        offsets), and that token's coordinates."""
+        offsets), that token's coordinates, and per dimension the range of the offsets and (rows) the
+        tightest window bounds relative to the query, ``max(lo - x)`` and ``min(hi - x)``."""
         n_blocks = -(-length // block)
         u = torch.arange(n_blocks * block) + offset - self.prefix
         inside = (u >= 0) & (u < self.cells) & (torch.arange(n_blocks * block) < length)
@@ -301,13 +314,25 @@ class GridPattern(Pattern):
         first = torch.argmax(flags.long(), dim=1) + torch.arange(n_blocks) * block
         ref = [c[first] for c in x]
         columns = [inside.long()]
+        stats = {"rel_min": [], "rel_max": [], "lo_max": [], "hi_min": []}
+
+        def reduce(values, how):
+            fill = _PASSES if how == "min" else -_PASSES
+            masked = torch.where(inside, values, fill).view(n_blocks, block)
+            return masked.amin(1) if how == "min" else masked.amax(1)
+
         for d in range(len(self.grid)):
             rel = x[d] - ref[d].repeat_interleave(block)
             columns.append(rel)
+            stats["rel_min"].append(reduce(rel, "min"))
+            stats["rel_max"].append(reduce(rel, "max"))
             if with_bounds:
-                columns += [self.lo[d][x[d]] - x[d], self.hi[d][x[d]] - x[d]]
+                lo, hi = self.lo[d][x[d]] - x[d], self.hi[d][x[d]] - x[d]
+                columns += [lo, hi]
+                stats["lo_max"].append(reduce(lo, "max"))
+                stats["hi_min"].append(reduce(hi, "min"))
         features = torch.stack([torch.where(inside, c, 0) for c in columns], 1).view(n_blocks, -1)
-        return _row_ids(features), ref
+        return _Profiles(_row_ids(features), ref, **stats)
 
     def __repr__(self):
         extra = ""
@@ -315,6 +340,19 @@ class GridPattern(Pattern):
             extra = f", prefix={self.prefix}, suffix={self.suffix}"
         text = self.description[:-1] + extra + ")"
         return text if self.order.row_major else f"tile_major({text}, tile={self.order.tile})"
+
+
+#: Stands for "every pair passes this dimension" in tile keys (no real coordinate difference is this large).
+_PASSES = 1 << 40
+
+
+class _Profiles(NamedTuple):
+    ids: torch.Tensor
+    ref: list
+    rel_min: list
+    rel_max: list
+    lo_max: list
+    hi_min: list
 
 
 def ravel_varying(coords, extents) -> torch.Tensor:
