@@ -305,6 +305,21 @@ def test_pattern_per_layer_callable():
     assert (all_layers - got).abs().max() > 1e-4
 
 
+def test_sliding_tile_in_tile_major_order_with_text():
+    """HunyuanVideo with Sliding Tile Attention computed in tile-major order (reordered inside each call)
+    equals the model with STA's boolean mask given to SDPA."""
+    model, inputs, grid, n_text, text = _build("hunyuan")
+    pattern = sa.sliding_tile(grid, tile=(1, 1, 2), window=(1, 3, 1))
+    joint = _with_global_text(pattern.mask(math.prod(grid)), n_text, text == "first")
+    assert joint.float().mean() < 0.6  # a real restriction
+    with torch.no_grad():
+        with _MaskedSDPA(joint):
+            expected = _run(model, inputs)
+        sa_diff.set_pattern(model, sa.tile_major(pattern), grid=grid, text=text, layers=LAYERS["hunyuan"])
+        got = _run_sparse(model, inputs)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("route", ["dispatcher", "processor"])
 def test_cross_attention_as_long_as_the_video_stays_dense(route):
     """LTX's attn2 has no is_cross_attention flag; a 40-token prompt over 40 video tokens has equal lengths."""
