@@ -650,3 +650,106 @@ def test_architecture_survey_equals_eager(kind):
         model.set_attn_implementation("sparse_attn_spy")
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
         assert torch.equal(got, want)
+
+
+# -- fail closed: masks the integration does not recognise (issue 23) --------------------------------------
+def _every_other_key(batch_idx, head_idx, q_idx, kv_idx):
+    """A mask no transformers release makes: causal keys at an even distance."""
+    return (kv_idx <= q_idx) & ((q_idx - kv_idx) % 2 == 0)
+
+
+def _shifted_per_element(batch_idx, head_idx, q_idx, kv_idx):
+    """Another one, different for every batch element: causal, looking `batch_idx` keys less far back."""
+    return (kv_idx <= q_idx) & (q_idx - kv_idx <= 6 - 3 * batch_idx)
+
+
+def _unseen_mask_functions(mu):
+    made = [_every_other_key, _shifted_per_element]
+    # A structure transformers >= 5.25 makes (block_sequence_ids) that the integration does not read.
+    if hasattr(mu, "blockwise_overlay"):
+        blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2, -1]] * 2)
+        made.append(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(blocks)))
+    return made
+
+
+@pytest.mark.parametrize("q_length, kv_length, kv_offset", [(13, 13, 0), (1, 13, 0), (4, 9, 6)])
+def test_unrecognised_mask_functions_are_evaluated_exactly(q_length, kv_length, kv_offset):
+    mu = transformers.masking_utils
+    q_offset = kv_offset + kv_length - q_length
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[1, :3] = False
+    for mask_function in _unseen_mask_functions(mu):
+        kwargs = dict(
+            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function, attention_mask=padding
+        )
+        expected = mu.sdpa_mask(2, q_length, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]
+        info = sa_hf.sparse_mask(2, q_length, kv_length, **kwargs)
+        assert info.evaluated is not None
+        ours = torch.stack([info.pattern(element=b).mask(q_length, kv_length) for b in range(2)])
+        assert torch.equal(ours & info.key_mask[:, None, :], expected)
+
+
+def test_unrecognised_mask_function_is_refused_when_too_large(monkeypatch):
+    mu = transformers.masking_utils
+    monkeypatch.setattr(sa_hf, "MAX_EVALUATED_PAIRS", 2 * 13 * 13 - 1)
+    with pytest.raises(ValueError, match=r"does not recognise the mask function _every_other_key that llama"):
+        sa_hf.sparse_mask(2, 13, 13, mask_function=_every_other_key, config=transformers.LlamaConfig())
+    # What the integration recognises is never evaluated: no limit applies.
+    info = sa_hf.sparse_mask(2, 13, 13, mask_function=mu.sliding_window_causal_mask_function(4))
+    assert info.evaluated is None and info.window == 4
+
+
+def test_look_alike_closures_are_not_read():
+    """A function named like transformers' sliding-window overlay, but not from transformers, is evaluated
+    (as are transformers' own functions when the variables they close over change)."""
+    mu = transformers.masking_utils
+
+    def sliding_window_overlay(sliding_window):
+        def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx >= q_idx - sliding_window  # one key more than transformers' window
+
+        return inner_mask
+
+    look_alike = mu.and_masks(sliding_window_overlay(4), mu.causal_mask_function)
+    info = sa_hf.sparse_mask(1, 13, 13, mask_function=look_alike)
+    expected = mu.sdpa_mask(1, 13, 13, mask_function=look_alike, allow_is_causal_skip=False)[0, 0]
+    assert info.evaluated is not None and torch.equal(info.pattern().mask(13, 13), expected)
+
+
+MASK_OVERLAYS = {"every_other": _every_other_key, "per_element": _shifted_per_element}
+
+
+def _with_overlay(mask_interface):
+    """A mask interface whose model mask is ANDed with the overlay named by the model's config."""
+
+    def make(*args, mask_function=None, **kwargs):
+        overlay = MASK_OVERLAYS[kwargs["config"].test_overlay]
+        mask_function = transformers.masking_utils.and_masks(mask_function, overlay)
+        # (transformers decided beforehand that a plain causal mask may be left to sdpa's is_causal)
+        kwargs["allow_is_causal_skip"] = False
+        return mask_interface(*args, mask_function=mask_function, **kwargs)
+
+    return make
+
+
+AttentionInterface.register("sdpa_overlay", transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"])
+AttentionMaskInterface.register("sdpa_overlay", _with_overlay(transformers.masking_utils.sdpa_mask))
+AttentionInterface.register("sparse_attn_overlay", sa_hf.sparse_attention_forward)
+AttentionMaskInterface.register("sparse_attn_overlay", _with_overlay(sa_hf.sparse_mask))
+
+
+@pytest.mark.parametrize("overlay", MASK_OVERLAYS)
+def test_model_with_an_unseen_mask_equals_sdpa_in_training(overlay):
+    """End to end: a model whose mask function the integration has never seen gives sdpa's logits and
+    gradients (evaluated exactly; per batch element when its elements differ)."""
+    model = _model("llama").train()
+    model.config.test_overlay = overlay
+    ids, _ = _batch()
+    grads = {}
+    for impl in ("sdpa_overlay", "sparse_attn_overlay"):
+        model.set_attn_implementation(impl)
+        grads[impl] = _logits_and_grads(model, [lambda: model(input_ids=ids).logits])
+    (want, want_grads), (got, got_grads) = grads["sdpa_overlay"], grads["sparse_attn_overlay"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
