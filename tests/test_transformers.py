@@ -279,11 +279,20 @@ def _logits_and_grads(model, runs):
 
 
 @pytest.mark.parametrize(
-    "kind, packing", [("llama", "position_ids"), ("mistral", "position_ids"), ("mistral", "cu_seq_lens")]
+    "kind, packing",
+    [
+        ("llama", "position_ids"),
+        ("mistral", "position_ids"),
+        ("mistral", "cu_seq_lens"),
+        ("llama", "position_ids with a cache"),
+        ("mistral", "position_ids with a cache, compiled"),
+    ],
 )
 def test_packed_batch_equals_each_document_alone(kind, packing):
     """A padding-free batch (as DataCollatorWithFlattening makes it) keeps its documents apart exactly:
-    per document, the logits and the parameter gradients of running it alone (through sdpa)."""
+    per document, the logits and the parameter gradients of running it alone (through sdpa). With a cache
+    (use_cache defaults to True) transformers builds no packed-sequence mask: the position ids tell us; and
+    under torch.compile (the aot_eager backend: dynamo and AOT autograd, without inductor's code generation)."""
     model = _model(kind).train()
     docs, ids, positions, cu = _packed_documents()
     model.set_attn_implementation("sdpa")
@@ -291,8 +300,12 @@ def test_packed_batch_equals_each_document_alone(kind, packing):
         model, [lambda d=d: model(input_ids=d[None], use_cache=False).logits for d in docs]
     )
     model.set_attn_implementation(NAME)
-    if packing == "position_ids":
-        kwargs = {"position_ids": positions}
+    run = model
+    if packing.startswith("position_ids"):
+        kwargs = {"position_ids": positions, "use_cache": packing != "position_ids"}
+        if packing.endswith("compiled"):
+            torch._dynamo.reset()
+            run = torch.compile(model, backend="aot_eager")
     else:  # the flash-attention kwargs alone (positions for the rotary embedding only)
         kwargs = {
             "position_ids": positions,
@@ -303,7 +316,11 @@ def test_packed_batch_equals_each_document_alone(kind, packing):
         }
         model.set_attn_implementation("sparse_attn_spy")
         CALLS.clear()
-    got = _logits_and_grads(model, [lambda: model(input_ids=ids, use_cache=False, **kwargs).logits])
+    kwargs.setdefault("use_cache", False)
+    try:
+        got = _logits_and_grads(model, [lambda: run(input_ids=ids, **kwargs).logits])
+    finally:
+        torch._dynamo.reset()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert got[1].keys() == want[1].keys()
     for name, g in want[1].items():
