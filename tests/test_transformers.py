@@ -770,3 +770,29 @@ def test_model_with_an_unseen_mask_equals_sdpa_in_training(overlay):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for name, g in want_grads.items():
         torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("structure", ["5.24+", "5.23", "no remap"])
+def test_packed_mask_info_equals_transformers_sdpa_mask(structure):
+    """transformers' packed-sequence masks as its releases build them: read exactly (causal, windows) or
+    evaluated (chunks, which the remapped positions restart per sequence), token for token."""
+    mu = transformers.masking_utils
+    positions = torch.tensor(
+        [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    )
+    indices = mu.find_packed_sequence_indices(positions)
+    for base, read in (
+        (mu.causal_mask_function, True),
+        (mu.sliding_window_causal_mask_function(3), True),
+        (mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)), False),
+    ):
+        remapped = (
+            base if structure == "no remap" else mu.remap_positions_for_packed_sequence(base, positions)
+        )
+        parts = (remapped, mu.packed_sequence_mask_function(indices))
+        mask_function = mu.and_masks(*(parts[::-1] if structure == "5.23" else parts))
+        expected = mu.sdpa_mask(2, 13, 13, mask_function=mask_function, allow_is_causal_skip=False)[:, 0]
+        info = sa_hf.sparse_mask(2, 13, 13, mask_function=mask_function)
+        assert (info.evaluated is None) == read and (info.packed is not None) == read
+        ours = torch.stack([info.pattern(element=b).mask(13, 13) for b in range(2)])
+        assert torch.equal(ours, expected)

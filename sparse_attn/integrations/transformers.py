@@ -119,8 +119,9 @@ class SparseMaskInfo:
         packed sequence if there are any; with `element`, batch element `element`'s alone (only an evaluated
         mask whose elements differ needs that)."""
         if element is not None:
-            own = TokenMask(self.evaluated[element]) if base is None else base
-            return own if self.packed is None else documents(self.packed[element]) & own
+            if base is None:
+                base = self.base_pattern() if self.evaluated is None else TokenMask(self.evaluated[element])
+            return base if self.packed is None else documents(self.packed[element]) & base
         if base is None:
             if "own" not in self._composed:
                 self._composed["own"] = self.base_pattern()
@@ -457,10 +458,11 @@ def _recognise(mask_function) -> _MaskKind | None:
     Recognised: the causal and bidirectional functions (identity, which torch.compile traces), their sliding
     window and chunked versions (``and_masks(<overlay>, <base>)``), and any of the shift-invariant ones (not
     chunked) within transformers' packed-sequence mask: ``and_masks(remap_positions_for_packed_sequence(f,
-    position_ids), packed_sequence_mask_function(indices))`` (5.23 and later) or ``and_masks(f,
-    packed_sequence_mask_function(indices))`` (before). Within one packed sequence positions are consecutive,
-    so a causal or windowed ``f`` means the same on the remapped positions as on the packed ones; chunks
-    would not (they count from the remapped positions), so chunked packed masks are left to evaluation.
+    position_ids), packed_sequence_mask_function(indices))`` (5.24 and later; 5.23 has the two parts the
+    other way round) or ``and_masks(f, packed_sequence_mask_function(indices))`` (before). Within one packed
+    sequence positions are consecutive, so a causal or windowed ``f`` means the same on the remapped positions
+    as on the packed ones; chunks would not (they count from the remapped positions), so chunked packed masks
+    are left to evaluation.
     Every closure read is checked (module, name, the variables it closes over, their types): a function
     that differs in any of them is not recognised."""
     from transformers import masking_utils as mu
@@ -473,22 +475,28 @@ def _recognise(mask_function) -> _MaskKind | None:
     if parts is None or len(parts["mask_functions"]) != 2:
         return None
     first, second = parts["mask_functions"]
-    packed = _closure_of(
-        second, "packed_sequence_mask_function.<locals>.inner_mask", packed_sequence_mask=torch.Tensor
-    )
-    if packed is not None:
-        indices = packed["packed_sequence_mask"]
-        remap = _closure_of(
-            first,
-            "remap_positions_for_packed_sequence.<locals>.inner_mask",
-            mask_function=object,
-            position_ids=torch.Tensor,
+    # The packed-sequence part comes last (5.24 and later) or first (5.23).
+    for other, packed in ((first, second), (second, first)):
+        indices = _closure_of(
+            packed, "packed_sequence_mask_function.<locals>.inner_mask", packed_sequence_mask=torch.Tensor
         )
-        inner = _recognise(first if remap is None else remap["mask_function"])
-        if inner is None or inner.chunk is not None or inner.packed is not None or indices.dim() != 2:
-            return None
-        return _MaskKind(inner.causal, inner.window, packed=indices)
+        if indices is not None:
+            return _within_packed(other, indices["packed_sequence_mask"])
     return _overlay_kind(first, second, mu)
+
+
+def _within_packed(mask_function, indices: torch.Tensor) -> _MaskKind | None:
+    """``mask_function`` (remapped to per-sequence positions or not) within each packed sequence."""
+    remap = _closure_of(
+        mask_function,
+        "remap_positions_for_packed_sequence.<locals>.inner_mask",
+        mask_function=object,
+        position_ids=torch.Tensor,
+    )
+    inner = _recognise(mask_function if remap is None else remap["mask_function"])
+    if inner is None or inner.chunk is not None or inner.packed is not None or indices.dim() != 2:
+        return None
+    return _MaskKind(inner.causal, inner.window, packed=indices)
 
 
 def _overlay_kind(overlay, base, mu) -> _MaskKind | None:
