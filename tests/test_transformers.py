@@ -325,6 +325,11 @@ def test_packed_batch_equals_each_document_alone(kind, packing):
     assert got[1].keys() == want[1].keys()
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    if packing == "position_ids with a cache":
+        # Inference too: the case (eval, use_cache left at its default, True).
+        with torch.no_grad():
+            logits = model.eval()(input_ids=ids, position_ids=positions).logits
+        torch.testing.assert_close(logits, want[0], rtol=1e-5, atol=1e-5)
     # Without the packing information the documents would mix: the check above can fail.
     model.set_attn_implementation(NAME)
     mixed = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits
