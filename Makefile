@@ -28,7 +28,7 @@ test: setup
 TRANSFORMERS_LOWEST = 5.23.0
 TRANSFORMERS_LOWEST_ENV = build/transformers-$(TRANSFORMERS_LOWEST)
 TRANSFORMERS_LOWEST_TESTS = (mask_info or decode_key_mask or alignment or unrecognised or look_alike or unseen \
-  or packed_batch or left_padding or gemma2 or t5) and not compiled
+  or packed_batch or left_padding or t5) and not compiled
 test-transformers-lowest:
 	@$(TRANSFORMERS_LOWEST_ENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS_LOWEST)'" \
 	  2>/dev/null || { rm -rf $(TRANSFORMERS_LOWEST_ENV) \
