@@ -25,10 +25,18 @@ layout (one compiled graph) for every step. A mask the integration cannot expres
 overlays, a `set_pattern` pattern in static-cache decoding) or an additive bias other than T5's (ALiBi, a
 dense ``position_bias``) raises a clear error instead of being dropped.
 
+Fail closed: transformers passes a mask *function*. The ones the integration recognises (`_recognise`: the
+standard causal / sliding-window / chunked / bidirectional masks and the packed-sequence mask around them,
+read from their closures, every read checked: module, name, closed-over variables and their types) become
+patterns; any other (a model's own overlay, a structure a new release makes) is evaluated exactly at every
+query-key pair and used as a token mask, up to `MAX_EVALUATED_PAIRS`, above which it is refused with an
+error naming the model type and the mask function. Nothing is ever approximated.
+
 Padding-free (packed) batches, as `DataCollatorWithFlattening` makes them, keep their documents apart
 exactly, as ``flash_attention_2`` does: ``position_ids`` that restart at 0 (transformers then asks for a
-packed-sequence mask; we use `documents` of its sequence indices, composed with the model's pattern or the
-one `set_pattern` set), or the ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments alone (batch of one;
+packed-sequence mask, without a cache; with one, the attention function reads the ``position_ids`` the
+model passes it, through transformers' `find_packed_sequence_indices`; either way we use `documents` of the
+sequence indices, composed with the model's pattern or the one `set_pattern` set), or the ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments alone (batch of one;
 run through `sparse_attention_varlen`, so the pattern must be a band: causal or a sliding window). A
 pattern set by `set_pattern` is intersected with the documents: its bands (causal, windows) apply within
 every document, while position-based parts (``global_tokens``) count positions of the packed sequence.
@@ -332,7 +340,8 @@ def sparse_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> SparseMaskInfo:
-    """transformers mask function: the padding mask and the mask's kind, never an S x S mask.
+    """transformers mask function: the padding mask and the mask's kind, never an S x S mask for the masks it
+    recognises (`_recognise`); any other mask function is evaluated exactly, or refused when that is too large.
 
     Key states must end at the last query (dynamic caches) for causal, windowed and chunked masks, with one
     exception, static caches, whose key states run past the last query into a preallocated, unwritten tail:
