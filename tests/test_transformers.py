@@ -801,3 +801,31 @@ def test_packed_mask_info_equals_transformers_sdpa_mask(structure):
         assert (info.evaluated is None) == read and (info.packed is not None) == read
         ours = torch.stack([info.pattern(element=b).mask(13, 13) for b in range(2)])
         assert torch.equal(ours, expected)
+
+
+class ChangedT5Attention(torch.nn.Module):
+    """A T5-style attention class whose compute_bias no longer has the signature the integration reads."""
+
+    is_decoder, is_causal, has_relative_attention_bias = False, False, True
+
+    def compute_bias(self, query_length, key_length, device=None, cache_position=None):
+        return torch.zeros(1, 1, query_length, key_length)
+
+    def _relative_position_bucket(self, *args, **kwargs):
+        raise AssertionError("never called")
+
+
+def test_t5_internals_that_changed_are_not_wrapped(monkeypatch):
+    """The wrapper reads T5's compute_bias signature; a class where it differs keeps its own (dense) bias,
+    which the attention function then refuses, instead of a bias computed from changed internals."""
+    monkeypatch.setattr(sa_hf, "_T5_ATTENTIONS", ((__name__, "ChangedT5Attention"),))
+    original = ChangedT5Attention.compute_bias
+    sa_hf._wrap_t5_compute_bias()
+    assert ChangedT5Attention.compute_bias is original
+    q = k = v = torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match="position_bias"):
+        sa_hf.sparse_attention_forward(
+            ChangedT5Attention(), q, k, v, None, position_bias=original(None, 5, 5)
+        )
+    monkeypatch.undo()
+    sa_hf._wrap_t5_compute_bias()  # the real T5 classes again (_T5_CLASSES is what register() found)

@@ -52,6 +52,7 @@ aligned bottom-right as everywhere in sparse-attn: with a cache, position 0 is t
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -257,7 +258,7 @@ def _wrap_t5_compute_bias() -> None:
     _T5_CLASSES = tuple(classes)
     for cls in _T5_CLASSES:
         original = cls.compute_bias
-        if getattr(original, "_sparse_attn_original", None) is not None:
+        if getattr(original, "_sparse_attn_original", None) is not None or not _t5_internals_as_read(cls):
             continue
 
         def compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0, _original=original):
@@ -268,6 +269,23 @@ def _wrap_t5_compute_bias() -> None:
         compute_bias._sparse_attn_original = original
         compute_bias.__doc__ = original.__doc__
         cls.compute_bias = compute_bias
+
+
+#: What `RelativePositionBias` and the ``compute_bias`` wrapper read of T5's attention class.
+_T5_COMPUTE_BIAS_PARAMETERS = ["self", "query_length", "key_length", "device", "past_seen_tokens"]
+
+
+def _t5_internals_as_read(cls) -> bool:
+    """Whether T5's attention class still has the ``compute_bias`` signature and the bucketing method that
+    `RelativePositionBias` reads. If not, ``compute_bias`` stays unwrapped: its dense bias then reaches the
+    attention function, which refuses it (`_rel_bias`), instead of a bias computed from changed internals."""
+    try:
+        parameters = list(inspect.signature(cls.compute_bias).parameters)
+    except (TypeError, ValueError):
+        return False
+    return parameters == _T5_COMPUTE_BIAS_PARAMETERS and callable(
+        getattr(cls, "_relative_position_bucket", None)
+    )
 
 
 def _is_t5_cross_attention(module) -> bool:
