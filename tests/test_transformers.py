@@ -820,12 +820,13 @@ def test_t5_internals_that_changed_are_not_wrapped(monkeypatch):
     which the attention function then refuses, instead of a bias computed from changed internals."""
     monkeypatch.setattr(sa_hf, "_T5_ATTENTIONS", ((__name__, "ChangedT5Attention"),))
     original = ChangedT5Attention.compute_bias
-    sa_hf._wrap_t5_compute_bias()
-    assert ChangedT5Attention.compute_bias is original
-    q = k = v = torch.randn(1, 4, 5, 16)
-    with pytest.raises(ValueError, match="position_bias"):
-        sa_hf.sparse_attention_forward(
-            ChangedT5Attention(), q, k, v, None, position_bias=original(None, 5, 5)
-        )
-    monkeypatch.undo()
-    sa_hf._wrap_t5_compute_bias()  # the real T5 classes again (_T5_CLASSES is what register() found)
+    try:
+        sa_hf._wrap_t5_compute_bias()
+        assert ChangedT5Attention.compute_bias is original
+        q = k = v = torch.randn(1, 4, 5, 16)
+        bias = original(None, 5, 5)
+        with pytest.raises(ValueError, match="position_bias"):
+            sa_hf.sparse_attention_forward(ChangedT5Attention(), q, k, v, None, position_bias=bias)
+    finally:
+        monkeypatch.undo()
+        sa_hf._wrap_t5_compute_bias()  # the real T5 classes again (_T5_CLASSES is what register() found)
