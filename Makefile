@@ -1,7 +1,7 @@
 # The README's commands. Each works on its own on a fresh clone: it installs what it needs first.
 PYTHON ?= python3
 
-.PHONY: setup demo test lint gpu-check
+.PHONY: setup demo test lint gpu-check test-transformers-lowest
 
 # PyTorch 2.13.0 unless a torch is installed already: a bare `torch` requirement would pull a multi-GB
 # CUDA build on a machine without one. The package's own range (torch>=2.5) is then already satisfied.
@@ -18,6 +18,24 @@ test: setup
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench
 	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q; status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+	$(MAKE) --no-print-directory test-transformers-lowest
+
+# The transformers integration on the lowest transformers release pyproject.toml accepts (the main run tests
+# the installed one, the newest): a throwaway virtual environment in build/ that sees this one's packages and
+# installs over them only that release and what it needs (its huggingface-hub, tokenizers and `kernels`, which
+# a newer `kernels` would break). Kept between runs, so a warm run only runs the tests: the version-sensitive
+# ones (mask recognition and evaluation, packed batches, caches, a model of each mask kind).
+TRANSFORMERS_LOWEST = 5.23.0
+TRANSFORMERS_LOWEST_ENV = build/transformers-$(TRANSFORMERS_LOWEST)
+TRANSFORMERS_LOWEST_TESTS = (mask_info or decode_key_mask or alignment or unrecognised or look_alike or unseen \
+  or packed_batch or left_padding or t5) and not compiled
+test-transformers-lowest:
+	@$(TRANSFORMERS_LOWEST_ENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS_LOWEST)'" \
+	  2>/dev/null || { rm -rf $(TRANSFORMERS_LOWEST_ENV) \
+	  && $(PYTHON) -m venv --system-site-packages $(TRANSFORMERS_LOWEST_ENV) \
+	  && $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pip install --quiet "transformers[kernels]==$(TRANSFORMERS_LOWEST)"; }
+	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_transformers.py -k "$(TRANSFORMERS_LOWEST_TESTS)"
 
 lint:
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench

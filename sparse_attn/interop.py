@@ -11,6 +11,13 @@ shift): a layout already holds row indices, so nothing moves.
 xformers biases (``xformers.ops.fmha.attn_bias``) map to patterns where the pattern language expresses
 them: local windows and causal masks from the bottom right, top-left causal, and block-diagonal masks with
 equal-length blocks. Others raise ValueError.
+
+Both read other projects' objects, so both check what they read and refuse what they do not recognise: a
+`BlockMask` must be one (its block tensors of the documented ranks, an integer block size and lengths);
+an xformers bias must be one of the listed classes exactly (not a subclass), the attributes read from it
+(``window_left``/``window_right``, the private ``_window_size``, ``q_seqinfo.seqstart_py``) must be there
+with the expected types, and the pattern must equal the bias's own ``materialize`` on small probe shapes
+(any shape for block-diagonal masks up to 2^22 query-key pairs); a release that changes them raises.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ def _mask_mod(layout: BlockLayout):
 
 def from_flex(block_mask) -> BlockLayout:
     """Read a FlexAttention `BlockMask` (batch 1) into an exact `BlockLayout` with its block size."""
+    _check_block_mask(block_mask)
     return FlexBlocks(block_mask).layout(
         block_mask.seq_lengths[0],
         block_mask.seq_lengths[1],
@@ -89,6 +97,41 @@ def from_flex(block_mask) -> BlockLayout:
         heads=None if block_mask.kv_num_blocks.shape[1] == 1 else block_mask.kv_num_blocks.shape[1],
         device=block_mask.kv_num_blocks.device,
     )
+
+
+def _check_block_mask(block_mask) -> None:
+    """Refuse anything but a `BlockMask` of the structure `FlexBlocks` reads (this torch's, as documented)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if not isinstance(block_mask, BlockMask):
+        raise TypeError(
+            f"from_flex expects a torch.nn.attention.flex_attention.BlockMask, got {type(block_mask).__name__}"
+        )
+    problems = []
+    for name, rank in (
+        ("kv_num_blocks", 3),
+        ("kv_indices", 4),
+        ("full_kv_num_blocks", 3),
+        ("full_kv_indices", 4),
+    ):
+        t = getattr(block_mask, name, None)
+        if name.startswith("full") and t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.dim() != rank or t.is_floating_point():
+            problems.append(f"{name} (an integer tensor of rank {rank})")
+    for name in ("BLOCK_SIZE", "seq_lengths"):
+        value = getattr(block_mask, name, None)
+        if not (
+            isinstance(value, tuple | list) and len(value) == 2 and all(isinstance(v, int) for v in value)
+        ):
+            problems.append(f"{name} (two ints)")
+    if not callable(getattr(block_mask, "mask_mod", None)):
+        problems.append("mask_mod (a function)")
+    if problems:
+        raise ValueError(
+            f"this BlockMask (torch {torch.__version__}) does not have the structure from_flex reads: "
+            + ", ".join(problems)
+        )
 
 
 # -- xformers --------------------------------------------------------------------------------------------
@@ -106,29 +149,64 @@ def pattern_from_xformers(bias) -> Pattern:
     from xformers.ops.fmha import attn_bias as ab
 
     kind = type(bias).__name__
+    probe = None  # shapes on which the pattern must equal the bias's own materialised mask
     if type(bias) is ab.LowerTriangularMask:
-        return top_left_causal()
-    if type(bias) is ab.LowerTriangularFromBottomRightMask:
-        return causal()
-    if type(bias) is ab.LocalAttentionFromBottomRightMask:
-        return sliding_window(bias.window_left, bias.window_right)
-    if type(bias) is ab.LowerTriangularFromBottomRightLocalAttentionMask:
-        return sliding_window(bias._window_size - 1, 0)
-    block_diagonal = (
+        pattern, reach = top_left_causal(), 0
+    elif type(bias) is ab.LowerTriangularFromBottomRightMask:
+        pattern, reach = causal(), 0
+    elif type(bias) is ab.LocalAttentionFromBottomRightMask:
+        left, right = _xformers_attr(bias, "window_left", int), _xformers_attr(bias, "window_right", int)
+        pattern, reach = sliding_window(left, right), left + right
+    elif type(bias) is ab.LowerTriangularFromBottomRightLocalAttentionMask:
+        window = _xformers_attr(bias, "_window_size", int)
+        pattern, reach = sliding_window(window - 1, 0), window
+    elif type(bias) in (
         ab.BlockDiagonalMask,
         ab.BlockDiagonalCausalMask,
         ab.BlockDiagonalCausalFromBottomRightMask,
-    )
-    if type(bias) in block_diagonal:
-        return _block_diagonal(bias, causal_blocks=type(bias) is not ab.BlockDiagonalMask)
-    raise ValueError(
-        f"xformers bias {kind} has no exact sparse-attn pattern (see pattern_from_xformers's docstring)"
-    )
+    ):
+        pattern, probe = _block_diagonal(bias, causal_blocks=type(bias) is not ab.BlockDiagonalMask)
+    else:
+        raise ValueError(
+            f"xformers bias {kind} has no exact sparse-attn pattern (see pattern_from_xformers's docstring)"
+        )
+    if probe is None:
+        n = min(reach, 60) + 4
+        probe = [(n, n), (n - 3, n), (n, n - 3)]
+    _check_against_materialize(bias, pattern, probe)
+    return pattern
 
 
-def _block_diagonal(bias, causal_blocks: bool) -> Pattern:
-    q_lens = _lengths(bias.q_seqinfo.seqstart_py)
-    k_lens = _lengths(bias.k_seqinfo.seqstart_py)
+def _xformers_attr(obj, name: str, kind: type):
+    """`obj.name`, checked to be a `kind` (xformers' attn_bias classes are read, so a release that renames or
+    retypes what we read raises here instead of giving another mask)."""
+    value = getattr(obj, name, None)
+    if value is None or not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(
+            f"xformers {type(obj).__name__} has no {kind.__name__} {name!r} as pattern_from_xformers reads it "
+            "(an xformers release this version of sparse-attn does not know?)"
+        )
+    return value
+
+
+def _check_against_materialize(bias, pattern: Pattern, shapes) -> None:
+    """Refuse a mapping that differs from the bias's own mask (``materialize``, public) on `shapes`."""
+    for q_len, kv_len in shapes:
+        truth = bias.materialize((q_len, kv_len)) == 0
+        if not torch.equal(pattern.mask(q_len, kv_len), truth):
+            raise ValueError(
+                f"xformers {type(bias).__name__} no longer means what pattern_from_xformers maps it to "
+                f"({pattern!r} differs from its materialized mask at shape {(q_len, kv_len)})"
+            )
+
+
+#: Block-diagonal biases are checked against their materialised mask up to this many query-key pairs.
+_MAX_PROBE_PAIRS = 1 << 22
+
+
+def _block_diagonal(bias, causal_blocks: bool) -> tuple[Pattern, list]:
+    q_lens = _lengths(_xformers_attr(_xformers_attr(bias, "q_seqinfo", object), "seqstart_py", list))
+    k_lens = _lengths(_xformers_attr(_xformers_attr(bias, "k_seqinfo", object), "seqstart_py", list))
     if len(set(q_lens)) != 1 or len(set(k_lens)) != 1:
         raise ValueError(
             f"only block-diagonal masks with equal-length blocks map to a pattern, got {q_lens}, {k_lens}"
@@ -140,7 +218,10 @@ def _block_diagonal(bias, causal_blocks: bool) -> Pattern:
         )
     diagonal = block_sparse(torch.eye(n, dtype=torch.bool), (q_len, k_len))
     # Square blocks on the diagonal: the global causal mask restricted to them is causal inside each block.
-    return diagonal & causal() if causal_blocks else diagonal
+    pattern = diagonal & causal() if causal_blocks else diagonal
+    # A block-diagonal bias has one shape: its materialised mask is checked when it is small enough.
+    shape = (n * q_len, n * k_len)
+    return pattern, [shape] if shape[0] * shape[1] <= _MAX_PROBE_PAIRS else []
 
 
 def _lengths(starts):

@@ -107,3 +107,27 @@ def test_from_flex_stores_each_distinct_tile_once(q_len):
     assert len(torch.unique(back.tiles.flatten(1), dim=0)) == back.tiles.shape[0]
     assert torch.equal(back.to_dense(), layout.to_dense())
     assert torch.equal(back.to_block_mask(), layout.to_block_mask())
+
+
+def test_xformers_biases_whose_structure_or_meaning_changed_are_refused(xformers_bias, monkeypatch):
+    """What pattern_from_xformers reads is checked: a renamed attribute, or a bias whose materialised mask no
+    longer matches the mapping (as a new xformers release could make), raises instead of mapping."""
+    bias = xformers_bias.LowerTriangularFromBottomRightLocalAttentionMask(4)
+    del bias._window_size
+    bias.window_size = 4
+    with pytest.raises(ValueError, match="no int '_window_size'"):
+        pattern_from_xformers(bias)
+    bias = xformers_bias.LocalAttentionFromBottomRightMask(window_left=3, window_right=2)
+    wider = xformers_bias.LocalAttentionFromBottomRightMask(window_left=4, window_right=2)
+    monkeypatch.setattr(bias, "materialize", wider.materialize)
+    with pytest.raises(ValueError, match="no longer means"):
+        pattern_from_xformers(bias)
+
+
+def test_from_flex_refuses_what_is_not_a_block_mask_it_can_read():
+    with pytest.raises(TypeError, match="BlockMask"):
+        from_flex((causal() & sliding_window(4)).layout(64, block_size=32))
+    block_mask = to_flex(causal().layout(64, block_size=32))
+    block_mask.kv_indices = block_mask.kv_indices[0]  # one rank fewer than the documented [B, H, nqb, nkb]
+    with pytest.raises(ValueError, match="kv_indices"):
+        from_flex(block_mask)

@@ -279,11 +279,20 @@ def _logits_and_grads(model, runs):
 
 
 @pytest.mark.parametrize(
-    "kind, packing", [("llama", "position_ids"), ("mistral", "position_ids"), ("mistral", "cu_seq_lens")]
+    "kind, packing",
+    [
+        ("llama", "position_ids"),
+        ("mistral", "position_ids"),
+        ("mistral", "cu_seq_lens"),
+        ("llama", "position_ids with a cache"),
+        ("mistral", "position_ids with a cache, compiled"),
+    ],
 )
 def test_packed_batch_equals_each_document_alone(kind, packing):
     """A padding-free batch (as DataCollatorWithFlattening makes it) keeps its documents apart exactly:
-    per document, the logits and the parameter gradients of running it alone (through sdpa)."""
+    per document, the logits and the parameter gradients of running it alone (through sdpa). With a cache
+    (use_cache defaults to True) transformers builds no packed-sequence mask: the position ids tell us; and
+    under torch.compile (the aot_eager backend: dynamo and AOT autograd, without inductor's code generation)."""
     model = _model(kind).train()
     docs, ids, positions, cu = _packed_documents()
     model.set_attn_implementation("sdpa")
@@ -291,8 +300,12 @@ def test_packed_batch_equals_each_document_alone(kind, packing):
         model, [lambda d=d: model(input_ids=d[None], use_cache=False).logits for d in docs]
     )
     model.set_attn_implementation(NAME)
-    if packing == "position_ids":
-        kwargs = {"position_ids": positions}
+    run = model
+    if packing.startswith("position_ids"):
+        kwargs = {"position_ids": positions, "use_cache": packing != "position_ids"}
+        if packing.endswith("compiled"):
+            torch._dynamo.reset()
+            run = torch.compile(model, backend="aot_eager")
     else:  # the flash-attention kwargs alone (positions for the rotary embedding only)
         kwargs = {
             "position_ids": positions,
@@ -303,11 +316,20 @@ def test_packed_batch_equals_each_document_alone(kind, packing):
         }
         model.set_attn_implementation("sparse_attn_spy")
         CALLS.clear()
-    got = _logits_and_grads(model, [lambda: model(input_ids=ids, use_cache=False, **kwargs).logits])
+    kwargs.setdefault("use_cache", False)
+    try:
+        got = _logits_and_grads(model, [lambda: run(input_ids=ids, **kwargs).logits])
+    finally:
+        torch._dynamo.reset()
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert got[1].keys() == want[1].keys()
     for name, g in want[1].items():
         torch.testing.assert_close(got[1][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    if packing == "position_ids with a cache":
+        # Inference too: the issue's case (eval, use_cache left at its default, True).
+        with torch.no_grad():
+            logits = model.eval()(input_ids=ids, position_ids=positions).logits
+        torch.testing.assert_close(logits, want[0], rtol=1e-5, atol=1e-5)
     # Without the packing information the documents would mix: the check above can fail.
     model.set_attn_implementation(NAME)
     mixed = model(input_ids=ids, position_ids=torch.arange(ids.shape[1])[None], use_cache=False).logits
@@ -650,3 +672,161 @@ def test_architecture_survey_equals_eager(kind):
         model.set_attn_implementation("sparse_attn_spy")
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
         assert torch.equal(got, want)
+
+
+# -- fail closed: masks the integration does not recognise (issue 23) --------------------------------------
+def _every_other_key(batch_idx, head_idx, q_idx, kv_idx):
+    """A mask no transformers release makes: causal keys at an even distance."""
+    return (kv_idx <= q_idx) & ((q_idx - kv_idx) % 2 == 0)
+
+
+def _shifted_per_element(batch_idx, head_idx, q_idx, kv_idx):
+    """Another one, different for every batch element: causal, looking `batch_idx` keys less far back."""
+    return (kv_idx <= q_idx) & (q_idx - kv_idx <= 6 - 3 * batch_idx)
+
+
+def _unseen_mask_functions(mu):
+    made = [_every_other_key, _shifted_per_element]
+    # A structure transformers >= 5.25 makes (block_sequence_ids) that the integration does not read.
+    if hasattr(mu, "blockwise_overlay"):
+        blocks = torch.tensor([[-1, -1, 0, 0, 0, -1, 1, 1, 1, 1, -1, -1, 2, 2, 2, -1]] * 2)
+        made.append(mu.or_masks(mu.causal_mask_function, mu.blockwise_overlay(blocks)))
+    return made
+
+
+@pytest.mark.parametrize("q_length, kv_length, kv_offset", [(13, 13, 0), (1, 13, 0), (4, 9, 6)])
+def test_unrecognised_mask_functions_are_evaluated_exactly(q_length, kv_length, kv_offset):
+    mu = transformers.masking_utils
+    q_offset = kv_offset + kv_length - q_length
+    padding = torch.ones(2, kv_offset + kv_length, dtype=torch.bool)
+    padding[1, :3] = False
+    for mask_function in _unseen_mask_functions(mu):
+        kwargs = dict(
+            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function, attention_mask=padding
+        )
+        expected = mu.sdpa_mask(2, q_length, kv_length, allow_is_causal_skip=False, **kwargs)[:, 0]
+        info = sa_hf.sparse_mask(2, q_length, kv_length, **kwargs)
+        assert info.evaluated is not None
+        ours = torch.stack([info.pattern(element=b).mask(q_length, kv_length) for b in range(2)])
+        assert torch.equal(ours & info.key_mask[:, None, :], expected)
+
+
+def test_unrecognised_mask_function_is_refused_when_too_large(monkeypatch):
+    mu = transformers.masking_utils
+    monkeypatch.setattr(sa_hf, "MAX_EVALUATED_PAIRS", 2 * 13 * 13 - 1)
+    with pytest.raises(ValueError, match=r"does not recognise the mask function _every_other_key that llama"):
+        sa_hf.sparse_mask(2, 13, 13, mask_function=_every_other_key, config=transformers.LlamaConfig())
+    # What the integration recognises is never evaluated: no limit applies.
+    info = sa_hf.sparse_mask(2, 13, 13, mask_function=mu.sliding_window_causal_mask_function(4))
+    assert info.evaluated is None and info.window == 4
+
+
+def test_look_alike_closures_are_not_read():
+    """A function named like transformers' sliding-window overlay, but not from transformers, is evaluated
+    (as are transformers' own functions when the variables they close over change)."""
+    mu = transformers.masking_utils
+
+    def sliding_window_overlay(sliding_window):
+        def inner_mask(batch_idx, head_idx, q_idx, kv_idx):
+            return kv_idx >= q_idx - sliding_window  # one key more than transformers' window
+
+        return inner_mask
+
+    look_alike = mu.and_masks(sliding_window_overlay(4), mu.causal_mask_function)
+    info = sa_hf.sparse_mask(1, 13, 13, mask_function=look_alike)
+    expected = mu.sdpa_mask(1, 13, 13, mask_function=look_alike, allow_is_causal_skip=False)[0, 0]
+    assert info.evaluated is not None and torch.equal(info.pattern().mask(13, 13), expected)
+
+
+MASK_OVERLAYS = {"every_other": _every_other_key, "per_element": _shifted_per_element}
+
+
+def _with_overlay(mask_interface):
+    """A mask interface whose model mask is ANDed with the overlay named by the model's config."""
+
+    def make(*args, mask_function=None, **kwargs):
+        overlay = MASK_OVERLAYS[kwargs["config"].test_overlay]
+        mask_function = transformers.masking_utils.and_masks(mask_function, overlay)
+        # (transformers decided beforehand that a plain causal mask may be left to sdpa's is_causal)
+        kwargs["allow_is_causal_skip"] = False
+        return mask_interface(*args, mask_function=mask_function, **kwargs)
+
+    return make
+
+
+AttentionInterface.register("sdpa_overlay", transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS["sdpa"])
+AttentionMaskInterface.register("sdpa_overlay", _with_overlay(transformers.masking_utils.sdpa_mask))
+AttentionInterface.register("sparse_attn_overlay", sa_hf.sparse_attention_forward)
+AttentionMaskInterface.register("sparse_attn_overlay", _with_overlay(sa_hf.sparse_mask))
+
+
+@pytest.mark.parametrize("overlay", MASK_OVERLAYS)
+def test_model_with_an_unseen_mask_equals_sdpa_in_training(overlay):
+    """End to end: a model whose mask function the integration has never seen gives sdpa's logits and
+    gradients (evaluated exactly; per batch element when its elements differ)."""
+    model = _model("llama").train()
+    model.config.test_overlay = overlay
+    ids, _ = _batch()
+    grads = {}
+    for impl in ("sdpa_overlay", "sparse_attn_overlay"):
+        model.set_attn_implementation(impl)
+        grads[impl] = _logits_and_grads(model, [lambda: model(input_ids=ids).logits])
+    (want, want_grads), (got, got_grads) = grads["sdpa_overlay"], grads["sparse_attn_overlay"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("structure", ["5.24+", "5.23", "no remap"])
+def test_packed_mask_info_equals_transformers_sdpa_mask(structure):
+    """transformers' packed-sequence masks as its releases build them: read exactly (causal, windows) or
+    evaluated (chunks, which the remapped positions restart per sequence), token for token."""
+    mu = transformers.masking_utils
+    positions = torch.tensor(
+        [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0], [0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9]]
+    )
+    indices = mu.find_packed_sequence_indices(positions)
+    for base, read in (
+        (mu.causal_mask_function, True),
+        (mu.sliding_window_causal_mask_function(3), True),
+        (mu.chunked_causal_mask_function(4, torch.zeros(2, dtype=torch.long)), False),
+    ):
+        remapped = (
+            base if structure == "no remap" else mu.remap_positions_for_packed_sequence(base, positions)
+        )
+        parts = (remapped, mu.packed_sequence_mask_function(indices))
+        mask_function = mu.and_masks(*(parts[::-1] if structure == "5.23" else parts))
+        expected = mu.sdpa_mask(2, 13, 13, mask_function=mask_function, allow_is_causal_skip=False)[:, 0]
+        info = sa_hf.sparse_mask(2, 13, 13, mask_function=mask_function)
+        assert (info.evaluated is None) == read and (info.packed is not None) == read
+        ours = torch.stack([info.pattern(element=b).mask(13, 13) for b in range(2)])
+        assert torch.equal(ours, expected)
+
+
+class ChangedT5Attention(torch.nn.Module):
+    """A T5-style attention class whose compute_bias no longer has the signature the integration reads."""
+
+    is_decoder, is_causal, has_relative_attention_bias = False, False, True
+
+    def compute_bias(self, query_length, key_length, device=None, cache_position=None):
+        return torch.zeros(1, 1, query_length, key_length)
+
+    def _relative_position_bucket(self, *args, **kwargs):
+        raise AssertionError("never called")
+
+
+def test_t5_internals_that_changed_are_not_wrapped(monkeypatch):
+    """The wrapper reads T5's compute_bias signature; a class where it differs keeps its own (dense) bias,
+    which the attention function then refuses, instead of a bias computed from changed internals."""
+    monkeypatch.setattr(sa_hf, "_T5_ATTENTIONS", ((__name__, "ChangedT5Attention"),))
+    original = ChangedT5Attention.compute_bias
+    try:
+        sa_hf._wrap_t5_compute_bias()
+        assert ChangedT5Attention.compute_bias is original
+        q = k = v = torch.randn(1, 4, 5, 16)
+        bias = original(None, 5, 5)
+        with pytest.raises(ValueError, match="position_bias"):
+            sa_hf.sparse_attention_forward(ChangedT5Attention(), q, k, v, None, position_bias=bias)
+    finally:
+        monkeypatch.undo()
+        sa_hf._wrap_t5_compute_bias()  # the real T5 classes again (_T5_CLASSES is what register() found)

@@ -25,10 +25,18 @@ layout (one compiled graph) for every step. A mask the integration cannot expres
 overlays, a `set_pattern` pattern in static-cache decoding) or an additive bias other than T5's (ALiBi, a
 dense ``position_bias``) raises a clear error instead of being dropped.
 
+Fail closed: transformers passes a mask *function*. The ones the integration recognises (`_recognise`: the
+standard causal / sliding-window / chunked / bidirectional masks and the packed-sequence mask around them,
+read from their closures, every read checked: module, name, closed-over variables and their types) become
+patterns; any other (a model's own overlay, a structure a new release makes) is evaluated exactly at every
+query-key pair and used as a token mask, up to `MAX_EVALUATED_PAIRS`, above which it is refused with an
+error naming the model type and the mask function. Nothing is ever approximated.
+
 Padding-free (packed) batches, as `DataCollatorWithFlattening` makes them, keep their documents apart
 exactly, as ``flash_attention_2`` does: ``position_ids`` that restart at 0 (transformers then asks for a
-packed-sequence mask; we use `documents` of its sequence indices, composed with the model's pattern or the
-one `set_pattern` set), or the ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments alone (batch of one;
+packed-sequence mask, without a cache; with one, the attention function reads the ``position_ids`` the
+model passes it, through transformers' `find_packed_sequence_indices`; either way we use `documents` of the
+sequence indices, composed with the model's pattern or the one `set_pattern` set), or the ``cu_seq_lens_q``/``cu_seq_lens_k`` keyword arguments alone (batch of one;
 run through `sparse_attention_varlen`, so the pattern must be a band: causal or a sliding window). A
 pattern set by `set_pattern` is intersected with the documents: its bands (causal, windows) apply within
 every document, while position-based parts (``global_tokens``) count positions of the packed sequence.
@@ -52,6 +60,7 @@ import torch
 from ..api import sparse_attention
 from ..merge import merge_attention
 from ..patterns import Pattern, causal, chunked, documents, sliding_window
+from ..patterns.token_mask import TokenMask
 from ..patterns.window import dense
 from ..varlen import sparse_attention_varlen
 
@@ -96,10 +105,15 @@ class SparseMaskInfo:
     #: tensor, read without a host synchronisation). The model's mask for that one row (and the unwritten
     #: tail) is then folded into `key_mask` and the pattern is `dense()`: one fixed layout for every step.
     decode_position: torch.Tensor | int | None = None
+    #: A mask function the integration does not recognise, evaluated exactly: bool ``[B, q_length, kv_length]``
+    #: over every key state (see `_evaluated_mask`); the model's pattern is then this token mask.
+    evaluated: torch.Tensor | None = None
 
     def __post_init__(self):
         # Patterns composed with the packing, one per base pattern: every layer reuses their layouts.
         self._composed = {}
+        #: The position ids `_packing_from_position_ids` has looked at (every layer gets the same tensor).
+        self.positions_checked = None
 
     def contiguous(self) -> SparseMaskInfo:
         """generate() calls ``.contiguous()`` on prepared masks; this one has nothing to reorder."""
@@ -109,9 +123,14 @@ class SparseMaskInfo:
     #: creation then tells a prepared mask (passed through) from a 2-D padding mask by its ``ndim``.
     ndim = 4
 
-    def pattern(self, base: Pattern | None = None) -> Pattern:
+    def pattern(self, base: Pattern | None = None, element: int | None = None) -> Pattern:
         """Our pattern for this mask (padding aside): `base` (default: the model's own), within each
-        packed sequence if there are any."""
+        packed sequence if there are any; with `element`, batch element `element`'s alone (only an evaluated
+        mask whose elements differ needs that)."""
+        if element is not None:
+            if base is None:
+                base = self.base_pattern() if self.evaluated is None else TokenMask(self.evaluated[element])
+            return base if self.packed is None else documents(self.packed[element]) & base
         if base is None:
             if "own" not in self._composed:
                 self._composed["own"] = self.base_pattern()
@@ -122,9 +141,18 @@ class SparseMaskInfo:
             self._composed[id(base)] = (base, documents(self.packed) & base)
         return self._composed[id(base)][1]
 
+    def elements_differ(self) -> bool:
+        """Whether an evaluated mask differs between batch elements (then each runs with its own pattern)."""
+        if "differ" not in self._composed:
+            e = self.evaluated
+            self._composed["differ"] = e is not None and e.shape[0] > 1 and not bool((e == e[:1]).all())
+        return self._composed["differ"]
+
     def base_pattern(self) -> Pattern:
         """The model's own pattern: causal, a window, chunked, or everything (`dense()` for a static-cache decode
         step, whose row of the mask is in `key_mask`)."""
+        if self.evaluated is not None:
+            return TokenMask(self.evaluated[0])
         if self.decode_position is not None:
             return _shared_pattern(("dense",), dense)
         if self.chunk is not None:
@@ -230,7 +258,7 @@ def _wrap_t5_compute_bias() -> None:
     _T5_CLASSES = tuple(classes)
     for cls in _T5_CLASSES:
         original = cls.compute_bias
-        if getattr(original, "_sparse_attn_original", None) is not None:
+        if getattr(original, "_sparse_attn_original", None) is not None or not _t5_internals_as_read(cls):
             continue
 
         def compute_bias(self, query_length, key_length, device=None, past_seen_tokens=0, _original=original):
@@ -241,6 +269,23 @@ def _wrap_t5_compute_bias() -> None:
         compute_bias._sparse_attn_original = original
         compute_bias.__doc__ = original.__doc__
         cls.compute_bias = compute_bias
+
+
+#: What `RelativePositionBias` and the ``compute_bias`` wrapper read of T5's attention class.
+_T5_COMPUTE_BIAS_PARAMETERS = ["self", "query_length", "key_length", "device", "past_seen_tokens"]
+
+
+def _t5_internals_as_read(cls) -> bool:
+    """Whether T5's attention class still has the ``compute_bias`` signature and the bucketing method that
+    `RelativePositionBias` reads. If not, ``compute_bias`` stays unwrapped: its dense bias then reaches the
+    attention function, which refuses it (`_rel_bias`), instead of a bias computed from changed internals."""
+    try:
+        parameters = list(inspect.signature(cls.compute_bias).parameters)
+    except (TypeError, ValueError):
+        return False
+    return parameters == _T5_COMPUTE_BIAS_PARAMETERS and callable(
+        getattr(cls, "_relative_position_bucket", None)
+    )
 
 
 def _is_t5_cross_attention(module) -> bool:
@@ -283,7 +328,15 @@ class _Setting:
         # tables) on themselves, so a new combination per call would rebuild them every call.
         self._combined: dict = {}
 
-    def pattern_for(self, info: SparseMaskInfo) -> Pattern:
+    def pattern_for(self, info: SparseMaskInfo, element: int | None = None) -> Pattern:
+        if info.evaluated is not None:
+            if not self.keep_model_pattern:
+                raise ValueError(
+                    "set_pattern(..., keep_model_pattern=False) replaces the model's own pattern, but this "
+                    "model's mask function is one sparse_attn does not recognise (it was evaluated), so what to "
+                    "keep of it (packing, overlays) is unknown; use keep_model_pattern=True"
+                )
+            return self.pattern & TokenMask(info.evaluated[element or 0])
         if not self.keep_model_pattern:
             return self.pattern
         if info.chunk_start is not None:
@@ -305,7 +358,8 @@ def sparse_mask(
     attention_mask: torch.Tensor | None = None,
     **kwargs,
 ) -> SparseMaskInfo:
-    """transformers mask function: the padding mask and the mask's kind, never an S x S mask.
+    """transformers mask function: the padding mask and the mask's kind, never an S x S mask for the masks it
+    recognises (`_recognise`); any other mask function is evaluated exactly, or refused when that is too large.
 
     Key states must end at the last query (dynamic caches) for causal, windowed and chunked masks, with one
     exception, static caches, whose key states run past the last query into a preallocated, unwritten tail:
@@ -315,8 +369,6 @@ def sparse_mask(
     what ``torch.compile``d generation needs)."""
     if isinstance(attention_mask, SparseMaskInfo):
         return attention_mask  # prepared by generate() for this very step
-    mask_function, packed = _unpack_packed_sequences(mask_function)
-    is_causal, window, chunk = _mask_kind(mask_function)
     key_mask = None
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -327,6 +379,15 @@ def sparse_mask(
             # As transformers does: keys past the given mask count as padding.
             padding = torch.nn.functional.pad(padding, (0, missing))
         key_mask = padding[:, kv_offset : kv_offset + kv_length]
+    kind, evaluated = _mask_kind_or_evaluate(
+        mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs
+    )
+    if kind is None:
+        # Not a mask we recognise: its exact values, over every key state (so nothing to align, no tail).
+        info = SparseMaskInfo(key_mask, q_length, kv_length, causal=False, window=None)
+        info.evaluated = evaluated
+        return info
+    is_causal, window, chunk, packed = kind.causal, kind.window, kind.chunk, kind.packed
     if packed is not None and tuple(packed.shape[-1:]) != (kv_length,):
         raise ValueError(f"packed sequence indices {tuple(packed.shape)} do not cover kv_length={kv_length}")
     info = SparseMaskInfo(key_mask, q_length, kv_length, is_causal, window, packed)
@@ -392,83 +453,181 @@ def _static_decode(info: SparseMaskInfo, position, batch_size: int) -> SparseMas
     return info
 
 
-def _unpack_packed_sequences(mask_function):
-    """(the model's mask function, packed sequence indices ``[B, S]``) of transformers' packed-sequence
-    mask ``and_masks(remap_positions_for_packed_sequence(f, position_ids), packed_sequence_mask_function(
-    indices))``; ``(mask_function, None)`` for any other mask. Within one packed sequence positions are
-    consecutive, so ``f`` on the remapped positions is ``f`` on the packed ones."""
-    from transformers import masking_utils as mu
-
-    # The plain masks first: identity checks, which torch.compile traces (closure inspection it does not).
-    if mask_function is None or mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function):
-        return mask_function, None
-    parts = _closure(mask_function).get("mask_functions")
-    if not (
-        getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2
-    ):
-        return mask_function, None
-    remapped, packed = parts
-    if not (
-        getattr(remapped, "__qualname__", "").startswith("remap_positions_for_packed_sequence.")
-        and getattr(packed, "__qualname__", "").startswith("packed_sequence_mask_function.")
-    ):
-        return mask_function, None
-    indices = _closure(packed).get("packed_sequence_mask")
-    inner = _closure(remapped).get("mask_function")
-    if not isinstance(indices, torch.Tensor) or inner is None:
-        return mask_function, None
-    return inner, indices
+#: The closure factories of ``transformers.masking_utils`` whose functions we read, by the qualified name of the
+#: function they return, with the names it must close over. Anything else (another name, module or closure,
+#: as a new transformers release may make) is not read: it is evaluated exactly or refused (`_evaluated_mask`).
+_FACTORIES = {
+    "and_masks.<locals>.and_mask": ("mask_functions",),
+    "sliding_window_overlay.<locals>.inner_mask": ("sliding_window",),
+    "sliding_window_bidirectional_overlay.<locals>.inner_mask": ("sliding_window",),
+    "chunked_overlay.<locals>.inner_mask": ("chunk_size", "left_padding"),
+    "remap_positions_for_packed_sequence.<locals>.inner_mask": ("mask_function", "position_ids"),
+    "packed_sequence_mask_function.<locals>.inner_mask": ("packed_sequence_mask",),
+}
+_MASKING_MODULE = "transformers.masking_utils"
 
 
-def _mask_kind(mask_function) -> tuple[bool, int | None, tuple[int, torch.Tensor] | None]:
-    """(causal, window, chunk) of transformers' standard mask functions, chunk being Llama 4's
-    ``(chunk_size, left_padding [B])`` or None; anything else raises."""
+@dataclass(frozen=True)
+class _MaskKind:
+    """What a recognised mask function means: the model's own pattern, and packed sequence indices if any."""
+
+    causal: bool
+    window: int | None = None
+    #: Llama 4's ``(chunk_size, left_padding [B])``.
+    chunk: tuple[int, torch.Tensor] | None = None
+    #: int ``[B, S]``: the packed sequence of every position (transformers' packed-sequence mask).
+    packed: torch.Tensor | None = None
+
+
+def _recognise(mask_function) -> _MaskKind | None:
+    """The meaning of transformers' standard mask functions, read from their structure, or None.
+
+    Recognised: the causal and bidirectional functions (identity, which torch.compile traces), their sliding
+    window and chunked versions (``and_masks(<overlay>, <base>)``), and any of the shift-invariant ones (not
+    chunked) within transformers' packed-sequence mask: ``and_masks(remap_positions_for_packed_sequence(f,
+    position_ids), packed_sequence_mask_function(indices))`` (5.24 and later; 5.23 has the two parts the
+    other way round) or ``and_masks(f, packed_sequence_mask_function(indices))`` (before). Within one packed
+    sequence positions are consecutive, so a causal or windowed ``f`` means the same on the remapped positions
+    as on the packed ones; chunks would not (they count from the remapped positions), so chunked packed masks
+    are left to evaluation.
+    Every closure read is checked (module, name, the variables it closes over, their types): a function
+    that differs in any of them is not recognised."""
     from transformers import masking_utils as mu
 
     if mask_function is None or mask_function is mu.causal_mask_function:
-        return True, None, None
+        return _MaskKind(causal=True)
     if mask_function is mu.bidirectional_mask_function:
-        return False, None, None
-    parts = _closure(mask_function).get("mask_functions")
-    if getattr(mask_function, "__qualname__", "").startswith("and_masks.") and parts and len(parts) == 2:
-        overlay, base = parts
-        closure = _closure(overlay)
-        window = closure.get("sliding_window")
-        name = getattr(overlay, "__qualname__", "")
-        if (
-            isinstance(window, int)
-            and base is mu.causal_mask_function
-            and name.startswith("sliding_window_overlay.")
-        ):
-            return True, window, None
-        if (
-            isinstance(window, int)
-            and base is mu.bidirectional_mask_function
-            and name.startswith("sliding_window_bidirectional_overlay.")
-        ):
-            return False, window, None
-        size, left_padding = closure.get("chunk_size"), closure.get("left_padding")
-        if (
-            isinstance(size, int)
-            and isinstance(left_padding, torch.Tensor)
-            and base is mu.causal_mask_function
-            and name.startswith("chunked_overlay.")
-        ):
-            return True, None, (size, left_padding)
-    raise ValueError(
-        f"sparse_attn cannot express this model's mask function "
-        f"{getattr(mask_function, '__qualname__', mask_function)} "
-        "exactly (custom or/and mask overlays are not supported); "
-        "use attn_implementation='sdpa' for this model"
+        return _MaskKind(causal=False)
+    parts = _closure_of(mask_function, "and_masks.<locals>.and_mask", mask_functions=tuple)
+    if parts is None or len(parts["mask_functions"]) != 2:
+        return None
+    first, second = parts["mask_functions"]
+    # The packed-sequence part comes last (5.24 and later) or first (5.23).
+    for other, packed in ((first, second), (second, first)):
+        indices = _closure_of(
+            packed, "packed_sequence_mask_function.<locals>.inner_mask", packed_sequence_mask=torch.Tensor
+        )
+        if indices is not None:
+            return _within_packed(other, indices["packed_sequence_mask"])
+    return _overlay_kind(first, second, mu)
+
+
+def _within_packed(mask_function, indices: torch.Tensor) -> _MaskKind | None:
+    """``mask_function`` (remapped to per-sequence positions or not) within each packed sequence."""
+    remap = _closure_of(
+        mask_function,
+        "remap_positions_for_packed_sequence.<locals>.inner_mask",
+        mask_function=object,
+        position_ids=torch.Tensor,
     )
+    inner = _recognise(mask_function if remap is None else remap["mask_function"])
+    if inner is None or inner.chunk is not None or inner.packed is not None or indices.dim() != 2:
+        return None
+    return _MaskKind(inner.causal, inner.window, packed=indices)
 
 
-def _closure(fn) -> dict:
-    """The free variables a Python function closes over ({} for anything else, e.g. a partial)."""
+def _overlay_kind(overlay, base, mu) -> _MaskKind | None:
+    """``and_masks(overlay, base)``: a causal or bidirectional sliding window, or Llama 4's chunks."""
+    if base is mu.causal_mask_function:
+        window = _closure_of(overlay, "sliding_window_overlay.<locals>.inner_mask", sliding_window=int)
+        if window is not None:
+            return _MaskKind(causal=True, window=window["sliding_window"])
+        chunk = _closure_of(
+            overlay, "chunked_overlay.<locals>.inner_mask", chunk_size=int, left_padding=torch.Tensor
+        )
+        if chunk is not None:
+            return _MaskKind(causal=True, chunk=(chunk["chunk_size"], chunk["left_padding"]))
+    if base is mu.bidirectional_mask_function:
+        window = _closure_of(
+            overlay, "sliding_window_bidirectional_overlay.<locals>.inner_mask", sliding_window=int
+        )
+        if window is not None:
+            return _MaskKind(causal=False, window=window["sliding_window"])
+    return None
+
+
+def _closure_of(fn, qualname: str, **types) -> dict | None:
+    """The variables `fn` closes over, if `fn` is exactly the function transformers' factory `qualname` returns:
+    defined in masking_utils under that name, closing over exactly the variables `_FACTORIES` lists, each of
+    the type given (bools are no ints here); None otherwise."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None)
+    if (
+        getattr(fn, "__module__", None) != _MASKING_MODULE
+        or getattr(fn, "__qualname__", None) != qualname
+        or code is None
+        or cells is None
+        or sorted(code.co_freevars) != sorted(_FACTORIES[qualname])
+    ):
+        return None
     try:
-        return inspect.getclosurevars(fn).nonlocals
-    except TypeError:
-        return {}
+        values = {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells, strict=True)}
+    except ValueError:  # an empty cell
+        return None
+    for name, kind in types.items():
+        value = values[name]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return None
+    return values
+
+
+#: At most this many (batch x query x key) pairs of a mask function the integration does not recognise are
+#: evaluated (a bool each, 16 MiB); above it, such a mask is refused.
+MAX_EVALUATED_PAIRS = 1 << 24
+
+
+def _evaluated_mask(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, use_vmap, config):
+    """bool ``[B, q_length, kv_length]``: `mask_function` evaluated at every pair of the layer's query and key
+    states, as transformers' own sdpa mask evaluates it (index tensors that broadcast, or ``torch.vmap`` over
+    the four indices when transformers asks for it). Exact for any mask function, and O(S^2): above
+    `MAX_EVALUATED_PAIRS` it raises instead, naming the model and the mask function."""
+    pairs = batch_size * q_length * kv_length
+    name = getattr(mask_function, "__qualname__", repr(mask_function))
+    if pairs > MAX_EVALUATED_PAIRS:
+        model = getattr(config, "model_type", None) or "this model"
+        raise ValueError(
+            f"sparse_attn does not recognise the mask function {name} that {model} passes (not one of "
+            "transformers' causal / sliding-window / chunked / packed-sequence masks as this version of "
+            "sparse_attn knows them), and evaluating it exactly would take "
+            f"{batch_size} x {q_length} x {kv_length} = {pairs:,} mask entries (at most "
+            f"{MAX_EVALUATED_PAIRS:,}); use attn_implementation='sdpa' for this model, or shorter inputs"
+        )
+    device = q_offset.device if isinstance(q_offset, torch.Tensor) else None
+    b = torch.arange(batch_size, device=device)
+    h = torch.zeros(1, dtype=torch.long, device=device)
+    q = torch.arange(q_length, device=device) + q_offset
+    kv = torch.arange(kv_length, device=device) + kv_offset
+    if use_vmap:
+        fn = mask_function
+        for dims in (
+            (None, None, None, 0),
+            (None, None, 0, None),
+            (None, 0, None, None),
+            (0, None, None, None),
+        ):
+            fn = torch.vmap(fn, in_dims=dims, out_dims=0)
+        mask = fn(b, h, q, kv)
+    else:
+        mask = mask_function(
+            b[:, None, None, None], h[None, :, None, None], q[None, None, :, None], kv[None, None, None, :]
+        )
+    mask = torch.as_tensor(mask).to(torch.bool).expand(batch_size, 1, q_length, kv_length)
+    return mask[:, 0].contiguous()
+
+
+def _mask_kind_or_evaluate(mask_function, batch_size, q_length, kv_length, q_offset, kv_offset, kwargs):
+    """(the recognised kind, None), or (None, the evaluated mask ``[B, Sq, Skv]``) for any other function."""
+    kind = _recognise(mask_function)
+    if kind is not None:
+        return kind, None
+    evaluated = _evaluate_outside_the_graph(
+        mask_function, batch_size, q_length, kv_length, q_offset, kv_offset,
+        bool(kwargs.get("use_vmap", False)), kwargs.get("config"),
+    )  # fmt: skip
+    return None, evaluated
+
+
+#: Evaluated eagerly under torch.compile (a graph break, for unrecognised masks only).
+_evaluate_outside_the_graph = torch.compiler.disable(_evaluated_mask)
 
 
 def sparse_attention_forward(
@@ -515,13 +674,23 @@ def sparse_attention_forward(
             "row is folded into the key mask only for the model's own causal / window / chunked masks); use "
             "cache_implementation='dynamic'"
         )
-    pattern = info.pattern(None if setting is None else setting.pattern_for(info))
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        _packing_from_position_ids(info, kwargs.get("position_ids"), query.shape[0])
     key_mask = None if info.key_mask is None else info.key_mask.to(query.device)
     mods = dict(
         softcap=kwargs.get("softcap"), rel_bias=_rel_bias(module, query, key, kwargs.get("position_bias"))
     )
     sinks = kwargs.get("s_aux")
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if info.evaluated is not None:
+        if cu_q is not None or cu_k is not None:
+            raise ValueError(
+                "cu_seq_lens_q/k (packed sequences) with a mask function sparse_attn does not recognise are not "
+                "supported; pass position_ids that restart at 0 instead"
+            )
+        if info.elements_differ():
+            return _per_element(query, key, value, info, setting, scaling, key_mask, sinks, mods), None
+    pattern = info.pattern(None if setting is None else setting.pattern_for(info))
     if info.packed is None and (cu_q is not None or cu_k is not None):
         if mods["rel_bias"] is not None:
             raise ValueError(
@@ -531,11 +700,65 @@ def sparse_attention_forward(
             query, key, value, pattern, scaling, key_mask, sinks, cu_q, cu_k, mods["softcap"]
         )
         return out, None
-    if sinks is None:
-        out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask, **mods)
-    else:
-        out = _with_sinks(query, key, value, pattern, scaling, key_mask, sinks, mods)
+    out = _attend(query, key, value, pattern, scaling, key_mask, sinks, mods)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, pattern, scaling, key_mask, sinks, mods) -> torch.Tensor:
+    if sinks is None:
+        return sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask, **mods)
+    return _with_sinks(query, key, value, pattern, scaling, key_mask, sinks, mods)
+
+
+def _per_element(query, key, value, info, setting, scaling, key_mask, sinks, mods) -> torch.Tensor:
+    """An evaluated mask that differs between batch elements: each element with its own token mask."""
+    outs = []
+    for b in range(query.shape[0]):
+        own = None if setting is None else setting.pattern_for(info, element=b)
+        pattern = info.pattern(own, element=b)
+        element_mask = None if key_mask is None else key_mask[b : b + 1]
+        one = slice(b, b + 1)
+        outs.append(_attend(query[one], key[one], value[one], pattern, scaling, element_mask, sinks, mods))
+    return torch.cat(outs).transpose(1, 2).contiguous()
+
+
+def _packing_from_position_ids(info: SparseMaskInfo, position_ids, batch_size: int) -> None:
+    """Packed sequences the mask does not show, read from the ``position_ids`` the model passes (public):
+    transformers adds its packed-sequence mask only without a cache and without a padding mask, so a padding-free
+    batch run with a cache (``use_cache`` defaults to True) reaches us as a plain causal mask. Position ids that
+    restart (`find_packed_sequence_indices`, transformers' own test) then keep the sequences apart here, as
+    ``flash_attention_2`` does. Looked at once per mask (every layer gets the same tensor): one host
+    synchronisation per forward pass (none under torch.compile, which always gets the indices)."""
+    if (
+        info.packed is not None
+        or info.key_mask is not None
+        or position_ids is None
+        or info.q_length == 1
+        or info.positions_checked is position_ids
+    ):
+        return
+    info.positions_checked = position_ids
+    if (
+        position_ids.dim() != 2
+        or position_ids.shape[-1] != info.q_length
+        or position_ids.shape[0] not in (1, batch_size)
+    ):
+        return  # not one position per query (e.g. multimodal RoPE's [3, B, S]): the mask is the model's word
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    tracing = torch.compiler.is_compiling()
+    if tracing and info.kv_length != info.q_length:
+        return  # keys from a cache: no packing to find (see below), and no host synchronisation to check it
+    indices = find_packed_sequence_indices(position_ids.expand(batch_size, -1))
+    if indices is None:
+        return
+    if info.kv_length != info.q_length or info.decode_position is not None or info.kv_used is not None:
+        raise ValueError(
+            "position_ids restart (a padding-free packed batch) while the keys include earlier cached tokens: "
+            "the sequences cannot be told apart; run packed batches without a cache (use_cache=False) or from "
+            "an empty one"
+        )
+    info.packed = indices
 
 
 def _rel_bias(module, query, key, position_bias) -> torch.Tensor | None:
