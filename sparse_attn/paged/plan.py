@@ -98,19 +98,24 @@ def _visible_keys(pattern: Pattern, step: _Step, pages: torch.Tensor) -> torch.T
 
 
 def _compact(pages: torch.Tensor, visible: torch.Tensor, step: _Step):
-    """Pages without a visible pair dropped, the rest moved to the front in order (and their keys' truth
-    with them); trimmed to the longest list on the CPU."""
-    pages = torch.where(_page_any(visible, step), pages, -1)  # [B, Hp, P]
+    """Pages without a visible pair dropped (-1), then `compact`."""
+    return compact(torch.where(_page_any(visible, step), pages, -1), visible, step.page_size)
+
+
+def compact(pages: torch.Tensor, per_key: torch.Tensor, page_size: int):
+    """Listed pages ``[B, Hp, P]`` moved to the front in order, the -1s last, with their keys' values
+    ``per_key [B, H, Sq, P * page_size]`` (H a multiple of Hp); trimmed to the longest list on the CPU (a
+    free host read there), so the CPU engine never touches an unlisted page."""
     order = torch.argsort((pages < 0).to(torch.int8), dim=-1, stable=True)
     pages = torch.gather(pages, -1, order)
-    batch, heads, q_len, keys = visible.shape
+    batch, heads, q_len, _ = per_key.shape
     order = order.repeat_interleave(heads // order.shape[1], 1) if heads > 1 else order
-    order = order[:, :, None, :, None].expand(batch, -1, q_len, -1, step.page_size)
-    visible = torch.gather(visible.view(batch, heads, q_len, -1, step.page_size), 3, order)
+    order = order[:, :, None, :, None].expand(batch, -1, q_len, -1, page_size)
+    per_key = torch.gather(per_key.view(batch, heads, q_len, -1, page_size), 3, order)
     if pages.device.type == "cpu" and pages.shape[-1] > 1:
         width = max(1, int((pages >= 0).sum(-1).max()))
-        pages, visible = pages[..., :width], visible[..., :width, :]
-    return pages, visible.flatten(-2)
+        pages, per_key = pages[..., :width], per_key[..., :width, :]
+    return pages, per_key.flatten(-2)
 
 
 def _keys(pages: torch.Tensor, step: _Step) -> torch.Tensor:

@@ -34,7 +34,9 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
     k = k.view(batch, hkv, splits, keys, dim)
     v = v.view(batch, hkv, splits, keys, dim)
     bias = _rows_by_split(bias, batch, hkv, group, q_len, splits, keys)  # [B, Hkv|1, S, G*Sq, keys]
-    visible = bias > float("-inf")
+    # A page of -1 is not read: its keys are invisible whatever the bias says.
+    listed = (phys >= 0).repeat_interleave(page_size, -1).view(batch, phys.shape[1], splits, 1, keys)
+    visible = (bias > float("-inf")) & listed
     seen = visible.any(-2)[..., None]  # [B, Hkv|1, S, keys, 1]
     k = torch.where(seen, k, 0.0)
     v = torch.where(seen, v, 0.0)
