@@ -116,6 +116,27 @@ def test_torch_engine_matches_gathered_reference(name, q_len):
     _check(pattern, q_len=q_len)
 
 
+def test_torch_engine_merges_several_splits(monkeypatch):
+    from sparse_attn.paged import torch_engine
+
+    monkeypatch.setattr(torch_engine, "default_splits", lambda batch, heads, pages: min(pages, 3))
+    _check(sa.causal() | sa.global_tokens(2), q_len=2)
+
+
+def test_bench_decode_quick(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    decode = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(decode)
+    argv = ["--quick", "--lengths", "1024,4096", "--dim", "32", "--repeats", "1", "--out", str(tmp_path)]
+    assert decode.main(argv) == 0
+    result = (tmp_path / "decode-cpu-quick.json").read_text()
+    assert '"window_error"' in result and (tmp_path / "decode-cpu-quick.png").exists()
+
+
 def test_documents_host_path():
     _check(sa.documents(IDS) & sa.causal(), q_len=2, per_length=lambda n: sa.documents(IDS[:n]) & sa.causal())
 

@@ -26,20 +26,19 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
     pad = splits * per_split - count
     phys = torch.nn.functional.pad(phys, (0, pad), value=-1)
     bias = torch.nn.functional.pad(bias, (0, pad * page_size), value=float("-inf"))
-    heads = torch.arange(hkv, device=q.device)[None, :, None]
-    # The read: only the listed pages, [B, Hkv, S * C, page_size, D].
-    k = k_cache.transpose(1, 2)[phys.clamp(min=0), heads].to(acc)
-    v = v_cache.transpose(1, 2)[phys.clamp(min=0), heads].to(acc)
+    k, v = _gather(k_cache, phys), _gather(v_cache, phys)  # the read: [B, Hkv, S * C * page_size, D]
     keys = per_split * page_size
-    k = k.view(batch, hkv, splits, keys, dim)
-    v = v.view(batch, hkv, splits, keys, dim)
+    k = k.unflatten(2, (splits, keys)).to(acc)
+    v = v.unflatten(2, (splits, keys)).to(acc)
     bias = _rows_by_split(bias, batch, hkv, group, q_len, splits, keys)  # [B, Hkv|1, S, G*Sq, keys]
     # A page of -1 is not read: its keys are invisible whatever the bias says.
     listed = (phys >= 0).repeat_interleave(page_size, -1).view(batch, phys.shape[1], splits, 1, keys)
     visible = (bias > float("-inf")) & listed
     seen = visible.any(-2)[..., None]  # [B, Hkv|1, S, keys, 1]
-    k = torch.where(seen, k, 0.0)
-    v = torch.where(seen, v, 0.0)
+    if not bool(seen.all()):
+        # Values no row sees may be garbage (NaN past a sequence's end): zeroed in the gathered copy, so
+        # that 0 * NaN never happens (a garbage key only makes a score that `where` below replaces).
+        v = v.masked_fill(~seen, 0.0)
     rows = q.reshape(batch, hkv, 1, group * q_len, dim).to(acc)
     scores = torch.matmul(rows, k.transpose(-1, -2)) * scale  # [B, Hkv, S, G*Sq, keys]
     if softcap is not None:
@@ -56,6 +55,19 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
     return out.reshape(batch, hq, splits, q_len, dim), lse.reshape(batch, hq, splits, q_len)
 
 
+def _gather(cache, phys):
+    """The listed pages of `cache` ``[num_pages, ps, Hkv, D]`` as ``[B, Hkv, P * ps, D]`` (a strided view
+    of one copy): whole pages by `index_select` (row copies) when every KV head reads the same pages."""
+    batch, listed = phys.shape[0], phys.shape[-1]
+    _, page_size, hkv, dim = cache.shape
+    index = phys.clamp(min=0)
+    if phys.shape[1] == 1:
+        pages = cache.index_select(0, index.reshape(-1))  # [B * P, ps, Hkv, D]
+        return pages.view(batch, listed * page_size, hkv, dim).transpose(1, 2)
+    heads = torch.arange(hkv, device=cache.device)[None, :, None]
+    return cache.transpose(1, 2)[index, heads].flatten(2, 3)
+
+
 def _rows_by_split(bias, batch, hkv, group, q_len, splits, keys):
     """``[B, Hb, Sq, S * keys]`` -> ``[B, Hkv or 1, S, G * Sq, keys]`` (rows ordered head-major as q's)."""
     per_head = bias.shape[1] > 1
@@ -66,6 +78,6 @@ def _rows_by_split(bias, batch, hkv, group, q_len, splits, keys):
 
 
 def default_splits(batch: int, kv_heads: int, pages: int) -> int:
-    """Enough splits that ``batch * kv_heads * splits`` covers the threads a few times over."""
-    want = 4 * torch.get_num_threads()
+    """Enough splits that ``batch * kv_heads * splits`` covers the threads."""
+    want = torch.get_num_threads()
     return max(1, min(pages, -(-want // (batch * kv_heads))))
