@@ -27,6 +27,7 @@ BENCH_SCRIPTS = {
     "interp": "interp_proportionality.py",
     "documents": "documents.py",
     "topk": "topk_attention.py",
+    "decode": "decode.py",
 }
 #: Set this to a folder holding the bench scripts to run them from outside a repository checkout.
 BENCH_DIR_ENV = "SPARSE_ATTN_BENCH_DIR"
