@@ -49,7 +49,7 @@ def _decode_fwd_kernel(
     Bias, stride_bb, stride_bh, stride_bs, stride_bk,
     Out, stride_ob, stride_oh, stride_os, stride_or, stride_od,
     Lse, stride_lb, stride_lh, stride_ls, stride_lr,
-    kv_heads, q_len, num_listed, pages_per_split, head_dim, scale2, softcap2,
+    kv_heads, q_len, num_listed, pages_per_split, scale2, softcap2, HEAD_DIM: tl.constexpr,
     GROUP: tl.constexpr, PAGE_SIZE: tl.constexpr, BIAS_PER_HEAD: tl.constexpr, PAGES_PER_HEAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -63,12 +63,16 @@ def _decode_fwd_kernel(
     row = m % q_len
     m_ok = m < GROUP * q_len
     d = tl.arange(0, BLOCK_D)
-    d_ok = d < head_dim
+    d_ok = d < HEAD_DIM  # all True when BLOCK_D == HEAD_DIM (then the loads vectorise)
     q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + row[:, None] * stride_qs + d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
     bias_head = head if BIAS_PER_HEAD else head * 0
     page_head = hkv if PAGES_PER_HEAD else 0
-    bias_rows = Bias + b * stride_bb + bias_head[:, None] * stride_bh + row[:, None] * stride_bs
+    # Scalar 64-bit bases, 32-bit tile offsets: a tile of 64-bit pointers costs two registers an element.
+    bias_base = Bias + b * stride_bb
+    bias_rows = bias_head * stride_bh + row * stride_bs  # [BLOCK_M]
+    kv_tile = tl.arange(0, BLOCK_N)[:, None] * stride_kr + d[None, :] * stride_kd  # [BLOCK_N, BLOCK_D]
+    v_tile = tl.arange(0, BLOCK_N)[:, None] * stride_vr + d[None, :] * stride_vd
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -77,17 +81,18 @@ def _decode_fwd_kernel(
     for p in range(first, last):
         phys = tl.load(Pages + b * stride_pb + page_head * stride_ph + p * stride_pp).to(tl.int64)
         if phys >= 0:
+            k_page = K + phys * stride_kp + hkv * stride_kh
+            v_page = V + phys * stride_vp + hkv * stride_vh
+            bias_page = bias_base + p * PAGE_SIZE * stride_bk  # within one bias row: int32 suffices
             for t in range(0, PAGE_SIZE, BLOCK_N):
                 n = t + tl.arange(0, BLOCK_N)
                 n_ok = n < PAGE_SIZE
-                key = (p * PAGE_SIZE + n).to(tl.int64)  # [BLOCK_N] index into the bias's key axis
                 # [BLOCK_M, BLOCK_N], -inf where not visible (and on padding)
-                bias = tl.load(bias_rows + key[None, :] * stride_bk, mask=m_ok[:, None] & n_ok[None, :],
-                               other=float("-inf"))  # fmt: skip
+                bias = tl.load(bias_page + bias_rows[:, None] + n[None, :] * stride_bk,
+                               mask=m_ok[:, None] & n_ok[None, :], other=float("-inf"))  # fmt: skip
                 seen = tl.max(bias, 0) > float("-inf")  # [BLOCK_N] keys some row sees
                 kv_mask = seen[:, None] & d_ok[None, :]
-                k = tl.load(K + phys * stride_kp + n[:, None] * stride_kr + hkv * stride_kh + d[None, :] * stride_kd,
-                            mask=kv_mask, other=0.0)  # fmt: skip
+                k = tl.load(k_page + t * stride_kr + kv_tile, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
                 s = tl.dot(q, tl.trans(k)) * scale2  # [BLOCK_M, BLOCK_N], log2 units
                 if HAS_SOFTCAP:
                     s = softcap2 * _tanh(s * (1.0 / softcap2))
@@ -97,8 +102,7 @@ def _decode_fwd_kernel(
                 alpha = tl.math.exp2(m_i - m_safe)
                 prob = tl.math.exp2(s - m_safe[:, None])
                 l_i = l_i * alpha + tl.sum(prob, 1)
-                v = tl.load(V + phys * stride_vp + n[:, None] * stride_vr + hkv * stride_vh + d[None, :] * stride_vd,
-                            mask=kv_mask, other=0.0)  # fmt: skip
+                v = tl.load(v_page + t * stride_vr + v_tile, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
                 acc = acc * alpha[:, None] + tl.dot(prob.to(v.dtype), v)
                 m_i = m_new
     has_key = l_i > 0.0
@@ -128,8 +132,8 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
     out = torch.empty(batch, hq, splits, q_len, dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, hq, splits, q_len, device=q.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2(group * q_len))
-    block_n = max(16, min(64, triton.next_power_of_2(page_size)))
     block_d = max(16, triton.next_power_of_2(dim))
+    block_n, num_warps = tile_config(block_m, block_d, page_size)
     _decode_fwd_kernel[(splits, batch * hkv)](
         q, *q.stride(),
         k_cache, *k_cache.stride(),
@@ -138,12 +142,22 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
         bias, *bias.stride(),
         out, *out.stride(),
         lse, *lse.stride(),
-        hkv, q_len, listed, per_split, dim, scale * LOG2E, (softcap or 1.0) * LOG2E,
+        hkv, q_len, listed, per_split, scale * LOG2E, (softcap or 1.0) * LOG2E, HEAD_DIM=dim,
         GROUP=group, PAGE_SIZE=page_size, BIAS_PER_HEAD=bias.shape[1] > 1, PAGES_PER_HEAD=phys.shape[1] > 1,
         HAS_SOFTCAP=softcap is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )  # fmt: skip
     return out, lse
+
+
+def tile_config(block_m: int, block_d: int, page_size: int) -> tuple[int, int]:
+    """``(BLOCK_N, num_warps)``: 64-key tiles and 4 warps; 8 warps for 64+ query rows or head dim 256, whose
+    tiles are 32 keys (16 with 64+ rows). Chosen so the compiled kernel does not spill on sm_80 or sm_90a
+    (`sparse_attn.kernel_report.decode_report`)."""
+    widest = 64 if block_d < 256 else (16 if block_m >= 64 else 32)
+    block_n = max(16, min(widest, triton.next_power_of_2(page_size)))
+    num_warps = 8 if block_m >= 64 or block_d >= 256 else 4
+    return block_n, num_warps
 
 
 def default_splits(batch: int, kv_heads: int, pages: int, device) -> int:
