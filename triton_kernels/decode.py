@@ -5,7 +5,7 @@ heads of its group times the Sq query rows (``M = G * Sq``, padded to BLOCK_M >=
 walks its share of the listed pages: for each page, the physical page id from `Pages` (-1: skipped, never
 read), then the page's keys in tiles of BLOCK_N rows, an online softmax in log2 units with an fp32
 accumulator. It writes its partial output and logsumexp; the caller merges the splits by lse
-(`sparse_attn.merge.merge_attention`). Splitting the pages over programs is what lets a batch of one with
+(`sparse_attn.merge`). Splitting the pages over programs is what lets a batch of one with
 a long cache fill the GPU.
 
 Assumes: the pages and the score bias were planned from the pattern (`sparse_attn.paged.plan`): `Bias` is

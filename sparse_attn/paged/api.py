@@ -2,7 +2,8 @@
 
 One way down: check the inputs -> plan the pages and the bias from the pattern on the device
 (`sparse_attn.paged.plan`) -> split-KV partials from an engine (`sparse_attn.paged.torch_engine` on the
-"torch" backend, `triton_kernels.decode` on "triton") -> `merge_attention` over the splits.
+"torch" backend, `triton_kernels.decode` on "triton") -> the splits merged by their lse
+(`sparse_attn.merge.merge_stacked`, `merge_attention`'s math without its per-shard host check).
 Forward only: decoding needs no gradient, and a call that would need one raises.
 """
 
@@ -12,7 +13,7 @@ import torch
 
 from .. import backends
 from ..api import check_scale
-from ..merge import merge_attention
+from ..merge import merge_stacked
 from ..patterns import Pattern
 from ..patterns.topk import selects
 from ..score_mods import check_score_mods
@@ -105,10 +106,11 @@ def run_engine(backend: str, q, k_cache, v_cache, block_table, pages, bias, scal
 
 
 def merge_parts(parts):
-    """Merge the splits of every engine call (`merge_attention`): ``(out [B, Hq, Sq, D], lse)``."""
-    outs = [o for out, _ in parts for o in out.unbind(2)]
-    lses = [s for _, lse in parts for s in lse.unbind(2)]
-    return merge_attention(outs, lses)
+    """Merge the splits of every engine call by their lse (`sparse_attn.merge`; no host read):
+    ``(out [B, Hq, Sq, D], lse [B, Hq, Sq])``."""
+    outs = torch.cat([out for out, _ in parts], 2).movedim(2, 0)
+    lses = torch.cat([lse for _, lse in parts], 2).movedim(2, 0)
+    return merge_stacked(outs, lses)
 
 
 def physical_pages(block_table, pages, num_pages: int) -> torch.Tensor:

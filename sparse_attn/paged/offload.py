@@ -3,8 +3,8 @@
 The pages are planned once, on q's device, from the pattern (`sparse_attn.paged.plan`). The planned pages
 then split by where they live: the device part runs on the call's backend over the device cache, the host
 part on the CPU engine (`sparse_attn.paged.torch_engine`) over the host cache, with q and the bias of its
-pages copied to the CPU (nothing of the cache crosses); the two partial results merge exactly through
-`merge_attention`, as disjoint key shards. Cold pages are never copied to the device.
+pages copied to the CPU (nothing of the cache crosses); the two partial results merge exactly by their lse
+(`sparse_attn.merge`), as disjoint key shards. Cold pages are never copied to the device.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def compact(pages: torch.Tensor, per_key: torch.Tensor, page_size: int):
     order = order.repeat_interleave(heads // order.shape[1], 1) if heads > 1 else order
     order = order[:, :, None, :, None].expand(batch, -1, q_len, -1, page_size)
     per_key = torch.gather(per_key.view(batch, heads, q_len, -1, page_size), 3, order)
-    if pages.device.type == "cpu" and pages.shape[-1] > 1:
+    if pages.device.type == "cpu" and pages.shape[-1] > 1 and not torch.compiler.is_compiling():
         width = max(1, int((pages >= 0).sum(-1).max()))
         pages, per_key = pages[..., :width], per_key[..., :width, :]
     return pages, per_key.flatten(-2)

@@ -1,7 +1,7 @@
 """Split-KV decode on the CPU (or any device) with ATen ops: the listed pages are cut into `num_splits`
 groups, every (batch, KV head, split) is one matrix product in a batched matmul (ATen runs those batches
 on its threads, so a batch of one with a long cache still uses every core), and each split returns its
-partial output and logsumexp for `sparse_attn.merge.merge_attention`.
+partial output and logsumexp for the merge (`sparse_attn.merge`).
 
 Only the listed pages are gathered (read); a key whose bias is -inf for every query row of its KV head
 is zeroed before it is used, so garbage (NaN) past a sequence's end never reaches an output.
@@ -35,7 +35,7 @@ def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_
     listed = (phys >= 0).repeat_interleave(page_size, -1).view(batch, phys.shape[1], splits, 1, keys)
     visible = (bias > float("-inf")) & listed
     seen = visible.any(-2)[..., None]  # [B, Hkv|1, S, keys, 1]
-    if not bool(seen.all()):
+    if torch.compiler.is_compiling() or not bool(seen.all()):
         # Values no row sees may be garbage (NaN past a sequence's end): zeroed in the gathered copy, so
         # that 0 * NaN never happens (a garbage key only makes a score that `where` below replaces).
         v = v.masked_fill(~seen, 0.0)
