@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ..api import _constant_at_trace_time
+
 
 def decode_partials(q, k_cache, v_cache, phys, bias, scale: float, softcap, num_splits: int):
     """Partial attention per split: ``(out [B, Hq, S, Sq, D], lse [B, Hq, S, Sq])`` in float32 (float64
@@ -77,6 +79,7 @@ def _rows_by_split(bias, batch, hkv, group, q_len, splits, keys):
     return bias.reshape(batch, heads, splits, group * q_len, keys)
 
 
+@_constant_at_trace_time  # torch.compile cannot trace get_num_threads; the count is fixed per graph
 def default_splits(batch: int, kv_heads: int, pages: int) -> int:
     """Enough splits that ``batch * kv_heads * splits`` covers the threads."""
     want = torch.get_num_threads()
