@@ -131,7 +131,7 @@ def test_bench_decode_quick(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_decode", path)
     decode = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(decode)
-    argv = ["--quick", "--lengths", "1024,4096", "--dim", "32", "--repeats", "1", "--out", str(tmp_path)]
+    argv = ["--quick", "--lengths", "1024,8192", "--dim", "32", "--repeats", "1", "--out", str(tmp_path)]
     assert decode.main(argv) == 0
     import json
 
