@@ -285,3 +285,26 @@ def test_strided_queries():
     got = sa.sparse_attention_paged(q, k_cache, v_cache, table, seqlens, sa.causal())
     truth, _ = _oracle(q, k_cache, v_cache, table, seqlens, sa.causal())
     assert max_err(got, truth) < 1e-12
+
+
+def test_transformers_static_cache_decodes_through_the_paged_path(monkeypatch):
+    """generate(cache_implementation="static"): each one-query step against the preallocated cache runs
+    `sparse_attn.paged` with the model's own pattern (causal: the unwritten tail is never read) and gives
+    eager's tokens. (Sliding-window layers of a static cache end at the query once full: ordinary calls.)"""
+    pytest.importorskip("transformers")
+    from sparse_attn.integrations import transformers as sa_hf
+    from tests.test_transformers import NAME, _batch, _greedy, _model
+
+    calls = []
+    original = sa_hf._paged_static_decode
+
+    def spy(info, *args):
+        calls.append(repr(info.own_pattern()))
+        return original(info, *args)
+
+    monkeypatch.setattr(sa_hf, "_paged_static_decode", spy)
+    model = _model("llama")
+    ids, mask = _batch()
+    want = _greedy(model, "eager", ids, mask, 8)
+    assert torch.equal(_greedy(model, NAME, ids, mask, 8, cache_implementation="static"), want)
+    assert len(calls) >= 7 and set(calls) == {"causal()"}

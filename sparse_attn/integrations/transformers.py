@@ -127,6 +127,11 @@ class SparseMaskInfo:
         step, whose row of the mask is in `key_mask`)."""
         if self.decode_position is not None:
             return _shared_pattern(("dense",), dense)
+        return self.own_pattern()
+
+    def own_pattern(self) -> Pattern:
+        """The model's own pattern, also for a static-cache decode step (which `_paged_static_decode` runs
+        through the paged path with it)."""
         if self.chunk is not None:
             if self.chunk_start is None:
                 return _shared_pattern(("chunked", self.chunk), lambda: chunked(self.chunk) & causal())
@@ -531,11 +536,66 @@ def sparse_attention_forward(
             query, key, value, pattern, scaling, key_mask, sinks, cu_q, cu_k, mods["softcap"]
         )
         return out, None
-    if sinks is None:
+    if _paged_decode_applies(info, query, key, value, sinks, mods):
+        out = _paged_static_decode(info, query, key, value, scaling, key_mask, mods)
+    elif sinks is None:
         out = sparse_attention(query, key, value, pattern, scale=scaling, key_mask=key_mask, **mods)
     else:
         out = _with_sinks(query, key, value, pattern, scaling, key_mask, sinks, mods)
     return out.transpose(1, 2).contiguous(), None
+
+
+#: Page size of a static cache seen as a paged one (a divisor of its length: the gcd with this).
+_STATIC_PAGE = 64
+
+
+def _paged_decode_applies(info: SparseMaskInfo, query, key, value, sinks, mods) -> bool:
+    """A one-query step against a static cache with the model's own causal / window / chunked pattern (no
+    attention sinks, no shifted chunks, plain contiguous key states, no gradient wanted: the paged path is
+    forward only): `_paged_static_decode` runs it."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, mods.get("rel_bias"))
+    )
+    return (
+        info.decode_position is not None
+        and not wants_grad
+        and sinks is None
+        and info.chunk_start is None
+        and info.packed is None
+        and key.shape == value.shape
+        and key.is_contiguous()
+        and value.is_contiguous()
+    )
+
+
+def _paged_static_decode(info: SparseMaskInfo, query, key, value, scaling, key_mask, mods):
+    """A static cache is a paged cache with an identity block table: the key states ``[B, Hkv, L, D]`` are
+    viewed (no copy) as pages of ``P = gcd(L, 64)`` positions, page ``b * Hkv * L / P + p`` holding positions
+    ``p * P ...`` of element b (heads ``L * D`` apart), and the step runs `sparse_attn.paged` with the model's
+    own pattern at ``cache_seqlens = position + 1``: only the pages the pattern needs are read (a window's, not
+    the whole cache, nor the unwritten tail), with the lengths kept on the device, so one graph serves every
+    step. `key_mask` (padding and the step's row) hides positions within those pages."""
+    import math
+
+    from ..paged.api import paged_attention
+
+    batch, kv_heads, length, dim = key.shape
+    page = math.gcd(length, _STATIC_PAGE)
+    pages = length // page
+    num_pages = ((batch - 1) * kv_heads + 1) * pages  # every page's heads stay inside the storage
+    shape, strides = (num_pages, page, kv_heads, dim), (page * dim, dim, length * dim, 1)
+    k_cache = key.as_strided(shape, strides)  # (at key's own storage offset)
+    v_cache = value.as_strided(shape, strides)
+    device = query.device
+    table = torch.arange(batch, device=device)[:, None] * (kv_heads * pages) + torch.arange(
+        pages, device=device
+    )
+    position = torch.as_tensor(info.decode_position, device=device)
+    seqlens = (position + 1).to(torch.int32).expand(batch)
+    return paged_attention(
+        query, k_cache, v_cache, table.to(torch.int32), seqlens, info.own_pattern(), scale=scaling,
+        key_mask=key_mask, check_pages=False, **mods,
+    )  # fmt: skip
 
 
 def _rel_bias(module, query, key, position_bias) -> torch.Tensor | None:

@@ -70,25 +70,32 @@ def sparse_attention_paged(
 
 def paged_attention(
     q, k_cache, v_cache, block_table, cache_seqlens, pattern, *, scale=None, return_lse=False, backend=None,
-    softcap=None, alibi_slopes=None, rel_bias=None, page_means=None,
+    softcap=None, alibi_slopes=None, rel_bias=None, page_means=None, key_mask=None, check_pages=True,
 ):  # fmt: skip
-    """`sparse_attention_paged` with optional page means ``[B, Hkv, max_pages, D]`` (from `PagedKVCache`)."""
+    """`sparse_attention_paged` with optional page means ``[B, Hkv, max_pages, D]`` (from `PagedKVCache`), a
+    bool ``key_mask [B, max_pages * page_size]`` over positions (padding; not with top-k), and the page
+    check off for a block table its caller built (the transformers integration's static caches)."""
     spec, scale, mods = check_paged(q, k_cache, v_cache, block_table, cache_seqlens, pattern, scale,
-                                    return_lse, backend, softcap, alibi_slopes, rel_bias)  # fmt: skip
+                                    return_lse, backend, softcap, alibi_slopes, rel_bias,
+                                    check_pages=check_pages)  # fmt: skip
+    if key_mask is not None and selects(pattern):
+        raise ValueError("a key_mask with a topk_blocks pattern is not supported over paged caches")
     if selects(pattern) and page_means is None:
         page_means = cache_page_means(k_cache, block_table, cache_seqlens)
-    step = plan_step(q, k_cache, block_table, cache_seqlens, pattern, mods, page_means)
+    step = plan_step(q, k_cache, block_table, cache_seqlens, pattern, mods, page_means, key_mask)
     parts = [run_engine(spec.name, q, k_cache, v_cache, block_table, step.pages, step.bias, scale, mods)]
     out, lse = merge_parts(parts)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
-def plan_step(q, k_cache, block_table, cache_seqlens, pattern, mods, page_means=None) -> PagePlan:
+def plan_step(
+    q, k_cache, block_table, cache_seqlens, pattern, mods, page_means=None, key_mask=None
+) -> PagePlan:
     """The step's pages and bias (`sparse_attn.paged.plan`)."""
-    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    page_size, kv_heads, max_pages = k_cache.shape[1], k_cache.shape[2], block_table.shape[1]
     with torch.no_grad():
-        return plan(pattern, q, cache_seqlens, page_size, block_table.shape[1], kv_heads, mods, page_means)
+        return plan(pattern, q, cache_seqlens, page_size, max_pages, kv_heads, mods, page_means, key_mask)
 
 
 def run_engine(backend: str, q, k_cache, v_cache, block_table, pages, bias, scale, mods):

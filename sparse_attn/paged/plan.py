@@ -54,6 +54,7 @@ class _Step:
     max_pages: int
     kv_heads: int
     page_means: torch.Tensor | None  # float32 [B, Hkv, max_pages, D] (top-k only)
+    key_mask: torch.Tensor | None  # bool [B, >= max_pages * page_size]: False hides a position (padding)
     among: dict  # id(TopKBlocks node) -> the static patterns it selects among
     selected: dict  # id(TopKBlocks node) -> bool [B, Hq, max_pages]
 
@@ -73,10 +74,13 @@ class _Step:
         return (-(-self.seqlens // self.page_size)).clamp(max=self.max_pages)[:, None, None]
 
 
-def plan(pattern: Pattern, q, seqlens, page_size: int, max_pages: int, kv_heads: int, mods, page_means=None):
+def plan(
+    pattern: Pattern, q, seqlens, page_size: int, max_pages: int, kv_heads: int, mods, page_means=None,
+    key_mask=None,
+):  # fmt: skip
     """The `PagePlan` of one decode step (see the module docstring); `mods` a `ScoreMods` or None. On the
     CPU the page lists are trimmed to the longest one (a free host read there)."""
-    step = _Step(q, seqlens.long(), page_size, max_pages, kv_heads, page_means, {}, {})
+    step = _Step(q, seqlens.long(), page_size, max_pages, kv_heads, page_means, key_mask, {}, {})
     step.among = {id(leaf.node): leaf.among for leaf in leaves(pattern)}
     listed = _listed(pattern, step)
     pages = _unique(torch.where(listed < step.n_pages, listed, -1))
@@ -93,6 +97,10 @@ def _visible_keys(pattern: Pattern, step: _Step, pages: torch.Tensor) -> torch.T
     """bool ``[B, 1 or Hq, Sq, P * ps]``: the pattern's truth on the listed pages' keys (False past L_b)."""
     j = _per_query_head(_keys(pages, step), pattern, step)  # [B, H, 1, K]
     real = (j >= 0) & (j < step.seqlens[:, None, None, None])
+    if step.key_mask is not None:
+        # Padding (the transformers integration's static caches): positions the key mask hides.
+        flat = j.clamp(0, step.key_mask.shape[1] - 1).expand(step.q.shape[0], -1, -1, -1)
+        real = real & torch.gather(step.key_mask[:, None, None, :].expand(-1, flat.shape[1], 1, -1), -1, flat)
     visible = _visible(pattern, step, _heads(pattern, step), step.qpos, j) & real
     return visible.expand(-1, -1, step.q_len, -1)
 
