@@ -20,8 +20,10 @@ Caches: dynamic caches (the default) and static ones (``generate(..., cache_impl
 which ``torch.compile``d generation uses): their key states run past the last query into a preallocated,
 unwritten tail. Prefill then attends to the written keys only (one host synchronisation to read the cache
 length); one-query decode steps fold the query's row of the model's mask, and the unwritten tail, into the
-key mask, computed on the device, over a `dense()` layout of the whole cache: no synchronisation and one
-layout (one compiled graph) for every step. A mask the integration cannot express exactly (custom mask
+key mask, computed on the device: no synchronisation and one compiled graph for every step. Such a step runs
+through `sparse_attn.paged` with the model's own pattern (`_paged_static_decode`: the cache seen as pages with
+an identity block table, so only the pages the pattern needs are read), or, with attention sinks or shifted
+chunks, over a `dense()` layout of the whole cache. A mask the integration cannot express exactly (custom mask
 overlays, a `set_pattern` pattern in static-cache decoding) or an additive bias other than T5's (ALiBi, a
 dense ``position_bias``) raises a clear error instead of being dropped.
 
