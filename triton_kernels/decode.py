@@ -167,3 +167,8 @@ def default_splits(batch: int, kv_heads: int, pages: int, device) -> int:
         return max(1, min(pages, 2))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(pages, -(-2 * sms // (batch * kv_heads))))
+
+
+# torch.compile runs the device query at trace time and keeps the split count as a constant of the graph
+# (what ``torch.compiler.assume_constant_result`` marks, without importing torch._dynamo here).
+default_splits._dynamo_marked_constant = True
