@@ -4,6 +4,7 @@ from .api import sparse_attention
 from .layout import BlockLayout
 from .merge import merge_attention
 from .modules import SparseAttention, SparseMultiheadAttention, replace_attention
+from .paged import PagedKVCache, sparse_attention_offloaded, sparse_attention_paged
 from .patterns import (
     Pattern,
     bigbird,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockLayout",
+    "PagedKVCache",
     "Pattern",
     "SparseAttention",
     "SparseMultiheadAttention",
@@ -51,6 +53,8 @@ __all__ = [
     "sliding_tile",
     "sliding_window",
     "sparse_attention",
+    "sparse_attention_offloaded",
+    "sparse_attention_paged",
     "sparse_attention_varlen",
     "tile_major",
     "topk_blocks",

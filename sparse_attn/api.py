@@ -149,14 +149,19 @@ def _check_inputs(q, k, v, key_mask, scale, spec: backends.BackendSpec) -> float
             raise ValueError(f"key_mask must be [B={batch}, Skv={k.shape[2]}], got {tuple(key_mask.shape)}")
         if key_mask.device != q.device:
             raise ValueError(f"key_mask must be on {q.device}, got {key_mask.device}")
+    return check_scale(scale, head_dim, q.dtype)
+
+
+def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
+    """The scale to use: ``1 / sqrt(head_dim)`` for None, else a finite real within float32's reach."""
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite real number or None, got {scale!r}")
-    if q.dtype != torch.float64 and abs(scale) > MAX_SCALE:
+    if dtype != torch.float64 and abs(scale) > MAX_SCALE:
         # Scores are float32: beyond this, scale * q.k overflows (then NaN) for ordinary inputs.
         raise ValueError(
-            f"|scale| must be <= 2**64 for {q.dtype} inputs (scores are computed in float32, whose range "
+            f"|scale| must be <= 2**64 for {dtype} inputs (scores are computed in float32, whose range "
             f"ends at 3.4e38), got {scale!r}"
         )
     return float(scale)

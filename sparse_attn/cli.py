@@ -28,6 +28,7 @@ BENCH_SCRIPTS = {
     "documents": "documents.py",
     "topk": "topk_attention.py",
     "neighborhood": "neighborhood.py",
+    "decode": "decode.py",
 }
 #: Set this to a folder holding the bench scripts to run them from outside a repository checkout.
 BENCH_DIR_ENV = "SPARSE_ATTN_BENCH_DIR"

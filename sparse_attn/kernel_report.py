@@ -332,6 +332,100 @@ def format_table(records: list[dict]) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
 
 
+# -- the paged decode kernel (triton_kernels/decode.py) ---------------------------------------------------
+#: (dtype, head dim, query rows G * Sq, softcap, per-head pages and bias) compiled by `decode_report`.
+DECODE_SHAPES = (
+    ("fp16", 64, 16, False, False),
+    ("fp16", 128, 16, False, False),
+    ("bf16", 128, 16, True, True),
+    ("bf16", 128, 32, False, False),
+    ("bf16", 128, 64, False, False),
+    ("fp16", 256, 16, False, False),
+    ("bf16", 256, 64, True, False),
+)
+_DECODE_UNIT_STRIDES = (
+    "stride_qd",
+    "stride_kd",
+    "stride_vd",
+    "stride_pp",
+    "stride_bk",
+    "stride_od",
+    "stride_lr",
+)
+#: Strides that are multiples of 16 elements for head dims and page sizes that are (the rest are not assumed).
+_DECODE_ALIGNED = tuple(
+    f"stride_{t}{d}" for t, ds in (("q", "bhs"), ("k", "prh"), ("v", "prh"), ("o", "bhsr")) for d in ds
+)
+
+
+def compile_decode(target: str, dtype: str, head_dim: int, rows: int, softcap: bool, per_head: bool) -> dict:
+    """Compile the decode kernel with the launcher's tile choice (page size 64, group 4); return its record."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparse_attn.triton_kernels import decode
+
+    fn = decode._decode_fwd_kernel
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    block_m = max(16, 1 << (rows - 1).bit_length())
+    block_n, num_warps = decode.tile_config(block_m, block_d, 64)
+    constexprs = dict(GROUP=4, PAGE_SIZE=64, BIAS_PER_HEAD=per_head, PAGES_PER_HEAD=per_head, HAS_SOFTCAP=softcap,
+                      BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, HEAD_DIM=head_dim)  # fmt: skip
+    constexprs.update(dict.fromkeys(_DECODE_UNIT_STRIDES, 1))
+    pointers = {
+        "Q": dtype,
+        "K": dtype,
+        "V": dtype,
+        "Pages": "i32",
+        "Bias": "fp32",
+        "Out": "fp32",
+        "Lse": "fp32",
+    }
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = f"*{pointers[name]}"
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32" if name in ("scale2", "softcap2") else "i32"
+            if name in _DECODE_ALIGNED:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(
+        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+        target=GPUTarget("cuda", TARGETS[target], 32),
+        options={"num_warps": num_warps, "num_stages": 2},
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = _cuobjdump("--dump-resource-usage", path)
+        sass = _cuobjdump("--dump-sass", path)
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {
+        "kernel": "_decode_fwd_kernel",
+        "target": target,
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "config": f"BLOCK_M={block_m} BLOCK_N={block_n} warps={num_warps} stages=2",
+        "variant": f"rows={rows}" + (" SOFTCAP" if softcap else "") + (" PER_HEAD" if per_head else ""),
+        "registers": int(fields["REG"]),
+        "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
+        "stack_bytes": int(fields["STACK"]),
+        "shared_bytes": int(compiled.metadata.shared) + int(fields["SHARED"]),
+        "tensor_core_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+    }
+
+
+def decode_report() -> list[dict]:
+    """Every `DECODE_SHAPES` entry for sm_80 and sm_90a, compiled in this process (interpreter off)."""
+    with _without_interpreter():
+        return [compile_decode(t, *shape) for t in TARGETS for shape in DECODE_SHAPES]
+
+
 def main(argv=None) -> int:
     """CLI: print the table, optionally write JSON; exit 1 if any config spills or lacks tensor cores."""
     parser = argparse.ArgumentParser(
@@ -348,13 +442,17 @@ def main(argv=None) -> int:
         help="score-modifier variants: none; subset (default: each modifier alone and all three, on the base "
         "variants with the most and the least mask work); all (every modifier set on every base variant)",
     )
+    parser.add_argument("--decode", action="store_true", help="the paged decode kernel only (decode.py)")
     args = parser.parse_args(argv)
-    records = run_report(
-        head_dims=tuple(args.head_dims),
-        dtypes=tuple(args.dtypes),
-        workers=args.workers,
-        modifiers=args.modifiers,
-    )
+    if args.decode:
+        records = decode_report()
+    else:
+        records = run_report(
+            head_dims=tuple(args.head_dims),
+            dtypes=tuple(args.dtypes),
+            workers=args.workers,
+            modifiers=args.modifiers,
+        )
     print(format_table(records))
     if args.json:
         with open(args.json, "w") as f:
@@ -376,7 +474,7 @@ def problems(record: dict) -> list[str]:
         found.append(f"{record['spill_bytes']} spill bytes")
     if record["stack_bytes"]:
         found.append(f"{record['stack_bytes']} stack bytes")
-    if KERNELS[record["kernel"]] is not None and not record["tensor_core_instructions"]:
+    if KERNELS.get(record["kernel"], "decode") is not None and not record["tensor_core_instructions"]:
         found.append("no tensor-core instructions")
     return found
 

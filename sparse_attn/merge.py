@@ -26,24 +26,28 @@ def merge_attention(outs, lses) -> tuple[torch.Tensor, torch.Tensor]:
         ``(out, lse)``: out in the outputs' dtype, lse in the lses' dtype.
     """
     outs, lses = _check(outs, lses)
-    lse_stack = torch.stack(lses)  # [n, ..., S]
-    peak = lse_stack.amax(0)
+    return merge_stacked(torch.stack(outs), torch.stack(lses))
+
+
+def merge_stacked(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`merge_attention` over shards stacked on the first dim, ``outs [n, ..., S, D]``, ``lses [n, ..., S]``,
+    unchecked: for callers whose shards come from one kernel (split-KV decode), with no host read."""
+    peak = lses.amax(0)
     # A query empty in every shard has peak -inf; shift by 0 there so nothing becomes inf - inf.
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    weights = torch.exp(lse_stack - peak)  # exp(-inf) = 0 for empty shards
+    weights = torch.exp(lses - peak)  # exp(-inf) = 0 for empty shards
     total = weights.sum(0)
     has_key = total > 0
     safe_total = torch.where(has_key, total, torch.ones_like(total))
     lse = torch.where(has_key, peak + torch.log(safe_total), torch.full_like(peak, float("-inf")))
     shares = weights / safe_total  # [n, ..., S]
-    acc_dtype = torch.promote_types(outs[0].dtype, torch.float32)
+    acc_dtype = torch.promote_types(outs.dtype, torch.float32)
     # A shard's rows of weight 0 are left out, not multiplied by 0: some attention kernels write NaN (not 0)
     # for a query with no visible key, and 0 * NaN would spread it.
-    out = sum(
-        s[..., None].to(acc_dtype) * torch.where(s[..., None] > 0, o.to(acc_dtype), 0.0)
-        for s, o in zip(shares, outs, strict=True)
+    out = (shares[..., None].to(acc_dtype) * torch.where(shares[..., None] > 0, outs.to(acc_dtype), 0.0)).sum(
+        0
     )
-    return out.to(outs[0].dtype), lse
+    return out.to(outs.dtype), lse
 
 
 def merge_pair(out1, lse1, out2, lse2, out, lse):

@@ -20,8 +20,10 @@ Caches: dynamic caches (the default) and static ones (``generate(..., cache_impl
 which ``torch.compile``d generation uses): their key states run past the last query into a preallocated,
 unwritten tail. Prefill then attends to the written keys only (one host synchronisation to read the cache
 length); one-query decode steps fold the query's row of the model's mask, and the unwritten tail, into the
-key mask, computed on the device, over a `dense()` layout of the whole cache: no synchronisation and one
-layout (one compiled graph) for every step. A mask the integration cannot express exactly (custom mask
+key mask, computed on the device: no synchronisation and one compiled graph for every step. Such a step runs
+through `sparse_attn.paged` with the model's own pattern (`_paged_static_decode`: the cache seen as pages with
+an identity block table, so only the pages the pattern needs are read), or, with attention sinks or shifted
+chunks, over a `dense()` layout of the whole cache. A mask the integration cannot express exactly (custom mask
 overlays, a `set_pattern` pattern in static-cache decoding) or an additive bias other than T5's (ALiBi, a
 dense ``position_bias``) raises a clear error instead of being dropped.
 
@@ -155,6 +157,11 @@ class SparseMaskInfo:
             return TokenMask(self.evaluated[0])
         if self.decode_position is not None:
             return _shared_pattern(("dense",), dense)
+        return self.own_pattern()
+
+    def own_pattern(self) -> Pattern:
+        """The model's own pattern, also for a static-cache decode step (which `_paged_static_decode` runs
+        through the paged path with it)."""
         if self.chunk is not None:
             if self.chunk_start is None:
                 return _shared_pattern(("chunked", self.chunk), lambda: chunked(self.chunk) & causal())
@@ -700,7 +707,10 @@ def sparse_attention_forward(
             query, key, value, pattern, scaling, key_mask, sinks, cu_q, cu_k, mods["softcap"]
         )
         return out, None
-    out = _attend(query, key, value, pattern, scaling, key_mask, sinks, mods)
+    if _paged_decode_applies(info, query, key, value, sinks, mods):
+        out = _paged_static_decode(info, query, key, value, scaling, key_mask, mods)
+    else:
+        out = _attend(query, key, value, pattern, scaling, key_mask, sinks, mods)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -759,6 +769,60 @@ def _packing_from_position_ids(info: SparseMaskInfo, position_ids, batch_size: i
             "an empty one"
         )
     info.packed = indices
+
+
+#: Page size of a static cache seen as a paged one (a divisor of its length: the gcd with this).
+_STATIC_PAGE = 64
+
+
+def _paged_decode_applies(info: SparseMaskInfo, query, key, value, sinks, mods) -> bool:
+    """A one-query step against a static cache with the model's own causal / window / chunked pattern (a
+    recognised mask, no attention sinks, no shifted chunks, plain contiguous key states, no gradient wanted:
+    the paged path is forward only): `_paged_static_decode` runs it."""
+    wants_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, mods.get("rel_bias"))
+    )
+    return (
+        info.decode_position is not None
+        and info.evaluated is None
+        and not wants_grad
+        and sinks is None
+        and info.chunk_start is None
+        and info.packed is None
+        and key.shape == value.shape
+        and key.is_contiguous()
+        and value.is_contiguous()
+    )
+
+
+def _paged_static_decode(info: SparseMaskInfo, query, key, value, scaling, key_mask, mods):
+    """A static cache is a paged cache with an identity block table: the key states ``[B, Hkv, L, D]`` are
+    viewed (no copy) as pages of ``P = gcd(L, 64)`` positions, page ``b * Hkv * L / P + p`` holding positions
+    ``p * P ...`` of element b (heads ``L * D`` apart), and the step runs `sparse_attn.paged` with the model's
+    own pattern at ``cache_seqlens = position + 1``: only the pages the pattern needs are read (a window's, not
+    the whole cache, nor the unwritten tail), with the lengths kept on the device, so one graph serves every
+    step. `key_mask` (padding and the step's row) hides positions within those pages."""
+    import math
+
+    from ..paged.api import paged_attention
+
+    batch, kv_heads, length, dim = key.shape
+    page = math.gcd(length, _STATIC_PAGE)
+    pages = length // page
+    num_pages = ((batch - 1) * kv_heads + 1) * pages  # every page's heads stay inside the storage
+    shape, strides = (num_pages, page, kv_heads, dim), (page * dim, dim, length * dim, 1)
+    k_cache = key.as_strided(shape, strides)  # (at key's own storage offset)
+    v_cache = value.as_strided(shape, strides)
+    device = query.device
+    table = torch.arange(batch, device=device)[:, None] * (kv_heads * pages) + torch.arange(
+        pages, device=device
+    )
+    position = torch.as_tensor(info.decode_position, device=device)
+    seqlens = (position + 1).to(torch.int32).expand(batch)
+    return paged_attention(
+        query, k_cache, v_cache, table.to(torch.int32), seqlens, info.own_pattern(), scale=scaling,
+        key_mask=key_mask, check_pages=False, **mods,
+    )  # fmt: skip
 
 
 def _rel_bias(module, query, key, position_bias) -> torch.Tensor | None:
