@@ -292,8 +292,11 @@ def test_transformers_static_cache_decodes_through_the_paged_path(monkeypatch):
     `sparse_attn.paged` with the model's own pattern (causal: the unwritten tail is never read) and gives
     eager's tokens. (Sliding-window layers of a static cache end at the query once full: ordinary calls.)"""
     pytest.importorskip("transformers")
+    # The module pytest itself imported (tests/ is on sys.path): importing it as `tests.test_transformers`
+    # would run it twice and re-register its spy attention function over the one its own tests read.
+    from test_transformers import NAME, _batch, _greedy, _model
+
     from sparse_attn.integrations import transformers as sa_hf
-    from tests.test_transformers import NAME, _batch, _greedy, _model
 
     calls = []
     original = sa_hf._paged_static_decode
