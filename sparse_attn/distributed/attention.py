@@ -25,9 +25,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import api, backends
+from ..checks import check_size
 from ..merge import merge_attention
 from ..modules import SparseAttention
 from ..patterns import Pattern
+from ..patterns.base import check_layout_block_size
 from .plan import CommVolume, RankPlan, get_plan
 from .sharding import Sharding, check_order
 
@@ -397,8 +399,11 @@ def communication_plan(
     per-rank totals; ``all_gather`` is what each rank would receive if K/V were all-gathered instead."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
-    kv_heads = heads if kv_heads is None else kv_heads
-    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+    heads, head_dim, batch = check_size("heads", heads), check_size("head_dim", head_dim), check_size("batch", batch)
+    kv_heads = heads if kv_heads is None else check_size("kv_heads", kv_heads)
+    seq_len, world_size = check_size("seq_len", seq_len), check_size("world_size", world_size)
+    block_size = check_layout_block_size(check_size("block_size", block_size))[0]
+    if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
     sharding = Sharding(seq_len, world_size, check_order(order))
     plan = get_plan(pattern, sharding, block_size, heads, kv_heads)

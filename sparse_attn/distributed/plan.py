@@ -32,7 +32,7 @@ import torch
 
 from ..geometry import BlockSet, Geometry
 from ..layout import BlockLayout
-from ..layout_cache import LayoutCache
+from ..layout_cache import LayoutCache, build_for_every_mode
 from ..patterns import Pattern
 from ..patterns._blockset import from_candidates
 from .sharding import Sharding
@@ -254,16 +254,12 @@ class RankPlan:
     def _layout(self, sel, rows, cols, n_rows, n_cols) -> BlockLayout:
         h, _, _, tile, _ = self.plan.entries
         layout = self.plan.layout
-        return _sub_layout(
-            h[sel],
-            rows,
-            cols,
-            tile[sel],
-            layout.num_heads,
-            n_rows,
-            n_cols,
-            self.block,
-            layout.tile_masks().cpu(),
+        # Built on first use, maybe under inference mode, and kept: normal tensors, as every cache keeps.
+        return build_for_every_mode(
+            lambda: _sub_layout(
+                h[sel], rows, cols, tile[sel], layout.num_heads, n_rows, n_cols, self.block,
+                layout.tile_masks().cpu(),
+            )  # fmt: skip
         )
 
     @cached_property

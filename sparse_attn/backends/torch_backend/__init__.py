@@ -54,7 +54,8 @@ from __future__ import annotations
 
 from .attention import backward, forward
 from .memory import CHUNK_ENV, get_chunk_size, release_scratch, set_chunk_size
-from .planning import Call, passes, plan
+from .calls import Call
+from .planning import passes, plan
 from .pool import WORKERS_ENV
 from .views import Problem
 

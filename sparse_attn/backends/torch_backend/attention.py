@@ -11,7 +11,8 @@ from ...score_mods import ScoreMods
 from .. import cpu_kernel
 from .. import get as backend_spec
 from .modifiers import SegmentModifiers, backward_segment, forward_segment
-from .planning import Call, passes
+from .calls import Call
+from .planning import passes
 from .pool import ordered_map
 from .views import Problem, Rows, _masked_rows, per_kv_head
 

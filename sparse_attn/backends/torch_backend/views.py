@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ...layout import BlockLayout
 from .memory import thread_scratch
-from .planning import Call
+from .calls import Call
 
 
 @dataclass
