@@ -25,7 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 #: The softcaps float32 scores take (fp16, bf16, fp32 inputs): c and 1 / c stay far inside float32's range.
 MIN_SOFTCAP, MAX_SOFTCAP = 2.0**-64, 2.0**64
 

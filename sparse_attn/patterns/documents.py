@@ -245,7 +245,9 @@ class Documents(Pattern):
             # Unsigned dtypes torch barely supports (no comparisons on the CPU): int64 holds them exactly.
             ids = ids.long()
         elif ids.dtype == torch.uint64:
-            raise TypeError("document ids must be an integer tensor torch can compare; got uint64 (use int64)")
+            raise TypeError(
+                "document ids must be an integer tensor torch can compare; got uint64 (use int64)"
+            )
         if ids.is_meta:
             raise ValueError(
                 "document ids must hold data (a CPU or CUDA tensor: the layout is built from them), got a "
