@@ -126,6 +126,14 @@ def _strided(t: torch.Tensor, how: str) -> torch.Tensor:
     return t.contiguous()
 
 
+def _plain_error(plain: torch.Tensor, truth: torch.Tensor) -> float:
+    """The plain reference math's error in the input dtype; inf where that math overflowed."""
+    try:
+        return max_err(plain, truth)
+    except AssertionError:
+        return math.inf
+
+
 def _check(got: dict, truth: dict, plain: dict, dtype, plain32: dict | None = None) -> list[str]:
     problems = []
     for name, t in truth.items():
@@ -136,17 +144,22 @@ def _check(got: dict, truth: dict, plain: dict, dtype, plain32: dict | None = No
         if g.isnan().any():
             problems.append(f"{name} has NaN")
             continue
+        bad = g.isinf() & ~t.isinf()
+        if bad.any():
+            problems.append(f"{name} has {int(bad.sum())} inf entries where the reference is finite")
+            continue
         try:
-            err, plain_err = max_err(g, t), max_err(plain[name], t)
-            if not math.isfinite(plain_err) and plain32 is not None:
-                # The plain math overflowed in fp16 (it has no fp32 accumulator): fall back to fp32's error,
-                # scaled by the ratio of the two machine epsilons.
-                ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-                plain_err = max_err(plain32[name], t) * ratio
-            allowed = 2 * plain_err + FLOORS[dtype]
+            err = max_err(g, t)
         except AssertionError as e:
             problems.append(f"{name}: {e}")
             continue
+        plain_err = _plain_error(plain[name], t)
+        if not math.isfinite(plain_err) and plain32 is not None:
+            # The plain math overflowed in fp16 (it has no fp32 accumulator): fall back to fp32's error,
+            # scaled by the ratio of the two machine epsilons.
+            ratio = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
+            plain_err = _plain_error(plain32[name], t) * ratio
+        allowed = 2 * plain_err + FLOORS[dtype]
         if not err <= allowed:
             problems.append(f"{name}: error {err:.3g} > allowed {allowed:.3g}")
     return problems
@@ -160,7 +173,9 @@ def _results(fn, q, k, v, rel_bias, dtype, grads=True):
     if grads:
         wrt = leaves + ([rb] if rb is not None else [])
         names = ["dq", "dk", "dv", "d_rel_bias"][: len(wrt)]
-        result.update(zip(names, torch.autograd.grad(loss_of(out, lse), wrt), strict=True))
+        grads = torch.autograd.grad(loss_of(out, lse), wrt, allow_unused=True)
+        grads = [torch.zeros_like(w) if d is None else d for d, w in zip(grads, wrt, strict=True)]
+        result.update(zip(names, grads, strict=True))
     return result
 
 
@@ -367,7 +382,7 @@ def _loss_weights(c: dict):
     return w_out, torch.randn(c["batch"], c["hq"], seq, generator=g, dtype=torch.float64)
 
 
-def _cp_worker(rank: int, world: int, store: str, seeds: list[int], out_dir: str) -> None:
+def _cp_worker(rank: int, world: int, store: str, cases: list[dict], out_dir: str) -> None:
     import torch.distributed as dist
 
     from sparse_attn.distributed import context_parallel_attention, shard_sequence
@@ -377,10 +392,9 @@ def _cp_worker(rank: int, world: int, store: str, seeds: list[int], out_dir: str
     dist.init_process_group(
         "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
-    results = {}
+    results = []
     try:
-        for seed in seeds:
-            c = cp_case(seed, world)
+        for c in cases:
             q, k, v = (shard_sequence(t, rank, world, order=c["order"]) for t in _cp_inputs(c))
             if c["unequal"] and rank == world - 1:
                 q, k, v = (t[:, :, : t.shape[2] // 2] for t in (q, k, v))
@@ -393,17 +407,18 @@ def _cp_worker(rank: int, world: int, store: str, seeds: list[int], out_dir: str
                 w_out, w_lse = (shard_sequence(w, rank, world, order=c["order"]) for w in _loss_weights(c))
                 finite = torch.where(lse.isinf(), torch.zeros_like(lse), lse)
                 ((out.double() * w_out).sum() + (finite.double() * w_lse).sum()).backward()
-                results[seed] = {"out": out.detach(), "lse": lse.detach()}
-                results[seed].update({f"d{n}": t.grad for n, t in zip("qkv", leaves, strict=True)})
+                result = {"out": out.detach(), "lse": lse.detach()}
+                result.update({f"d{n}": t.grad for n, t in zip("qkv", leaves, strict=True)})
             except ValueError as e:
-                results[seed] = {"error": str(e)}
+                result = {"error": str(e)}
+            results.append(result)
     finally:
         torch.save(results, f"{out_dir}/results.{rank}.pt")
         dist.destroy_process_group()
 
 
-def run_cp_cases(world: int, seeds: list[int], timeout: float = 240.0) -> dict[int, list[str]]:
-    """Run the CP cases of `seeds` on `world` fresh gloo processes (one spawn), bounded by `timeout`
+def run_cp_cases(world: int, cases: list[dict], timeout: float = 240.0) -> list[list[str]]:
+    """Run `cases` (from `cp_case`) on `world` fresh gloo processes (one spawn), bounded by `timeout`
     seconds (then every child is killed); returns each case's problems."""
     import torch.multiprocessing as mp
 
@@ -412,7 +427,7 @@ def run_cp_cases(world: int, seeds: list[int], timeout: float = 240.0) -> dict[i
         context.set_forkserver_preload(["torch", "torch.distributed", "sparse_attn.distributed"])
         procs = mp.start_processes(
             _cp_worker,
-            args=(world, f"{tmp}/store", seeds, tmp),
+            args=(world, f"{tmp}/store", cases, tmp),
             nprocs=world,
             join=False,
             start_method="forkserver",
@@ -432,22 +447,20 @@ def run_cp_cases(world: int, seeds: list[int], timeout: float = 240.0) -> dict[i
                     p.kill()
                 p.join()
         if failure:
-            return {seed: [failure] for seed in seeds}
+            return [[failure] for _ in cases]
         per_rank = [torch.load(f"{tmp}/results.{r}.pt") for r in range(world)]
-    problems = {}
-    for seed in seeds:
-        c = cp_case(seed, world)
-        got = [per_rank[r].get(seed, {"error": "no result"}) for r in range(world)]
+    problems = []
+    for i, c in enumerate(cases):
+        got = [per_rank[r][i] if i < len(per_rank[r]) else {"error": "no result"} for r in range(world)]
         errors = {r: g["error"] for r, g in enumerate(got) if "error" in g}
         if c["unequal"]:
             same = len(errors) == world and len(set(errors.values())) == 1
             ok = same and "same shard shapes" in errors[0]
-            problems[seed] = [] if ok else [f"unequal shards: ranks raised {errors}"]
-            continue
-        if errors:
-            problems[seed] = [f"rank {r}: {e}" for r, e in errors.items()]
-            continue
-        problems[seed] = _compare_cp(c, got, world)
+            problems.append([] if ok else [f"unequal shards: ranks raised {errors}"])
+        elif errors:
+            problems.append([f"rank {r}: {e}" for r, e in errors.items()])
+        else:
+            problems.append(_compare_cp(c, got, world))
     return problems
 
 
@@ -507,7 +520,7 @@ def main(argv=None) -> dict:
         kind, seed = args.only.split(":")
         if kind == "cp":
             world, seed = (int(x) for x in seed.split("/"))
-            print(cp_case(seed, world)["describe"], run_cp_cases(world, [seed]))
+            print(cp_case(seed, world)["describe"], run_cp_cases(world, [cp_case(seed, world)]))
         else:
             print(*run_one(kind, int(seed)), sep="\n")
         return {}
@@ -538,7 +551,8 @@ def main(argv=None) -> dict:
     for world, seeds in per_world.items():
         if not seeds:
             continue
-        for seed, problems in run_cp_cases(world, seeds).items():
+        results = run_cp_cases(world, [cp_case(seed, world) for seed in seeds])
+        for seed, problems in zip(seeds, results, strict=True):
             counts["cp"]["cases"] += 1
             if problems:
                 counts["cp"]["failures"] += 1
