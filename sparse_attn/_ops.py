@@ -136,7 +136,8 @@ attention_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, i
 
 
 def _needs_normal_tensors(tensors) -> bool:
-    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+    # Compiling first: dynamo cannot trace is_inference_mode_enabled (traced layouts are normal constants).
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
         return False
     return any(t.is_inference() for t in tensors)
 

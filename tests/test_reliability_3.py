@@ -190,7 +190,12 @@ def test_context_parallel_per_batch_documents_and_unequal_shards():
 
 
 # -- the fuzzer, a few seeded cases --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind, seed", [("attention", s) for s in (11, 12, 13, 14)] + [("varlen", 15)])
+@pytest.mark.parametrize(
+    "kind, seed",
+    # Documents in 3 threads (fp16, BSHD strides, softcap); top-k among per-head documents after an
+    # inference-mode call, NaN in padded keys; top-k per head in bf16 with every modifier; a varlen batch.
+    [("attention", 12), ("attention", 31), ("attention", 38), ("varlen", 15)],
+)
 def test_fuzz_cases(kind, seed):
     describe, problems = fuzz.run_one(kind, seed)
     assert not problems, f"{describe}: {problems}"
