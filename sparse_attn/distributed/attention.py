@@ -389,7 +389,9 @@ def context_parallel_attention(
         scale, return_lse, backend: as in `sparse_attention`.
 
     Differentiable: gradients land on each rank's own q, k, v. Every rank of the group must call it (and
-    its backward) with the same pattern, shapes and settings.
+    its backward) with the same pattern, shapes and settings; shapes, dtype and order are compared across
+    ranks first (one small all-gather), and a mismatch raises the same ValueError on every rank. Per-batch
+    patterns (`documents` with ``[B, S]`` ids) work as they do in `sparse_attention`.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
