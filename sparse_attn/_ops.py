@@ -135,11 +135,22 @@ def _no_double_backward(ctx, *grads):
 attention_bwd.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def _needs_normal_tensors(tensors) -> bool:
+    # Compiling first: dynamo cannot trace is_inference_mode_enabled (traced layouts are normal constants).
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        return False
+    return any(t.is_inference() for t in tensors)
+
+
 def attention(
     q, k, v, layout: BlockLayout, scale: float, key_mask, backend: str, mods: ScoreMods | None = None
 ):
     """Differentiable ``(out, lse)`` through the custom ops (in q, k, v and `mods.rel_bias`)."""
     tensors, ints = layout.flatten()
+    if _needs_normal_tensors(tensors):
+        # A layout the caller built under inference mode (select_layout, BlockLayout.stack, ...), used to
+        # train: autograd cannot save inference tensors, so a normal copy is made once per layout.
+        tensors = layout.cached("normal tensors", lambda: [t.clone() for t in tensors])
     mods = mods or ScoreMods()
     return attention_fwd(
         q, k, v, tensors, ints, key_mask, scale, backend, mods.softcap, mods.alibi_slopes, mods.rel_bias

@@ -41,6 +41,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .geometry import FULL, BlockSet, Geometry
+from .layout_cache import build_for_every_mode
 
 _INDEX_FIELDS = (
     "row_full_ptr",
@@ -249,7 +250,7 @@ class BlockLayout:
         rebuild it on the other side."""
         derived = _DERIVED.setdefault(self.row_full_ptr, {})
         if key not in derived:
-            derived[key] = compute()
+            derived[key] = build_for_every_mode(compute)
         return derived[key]
 
     def tile_masks(self) -> torch.Tensor:

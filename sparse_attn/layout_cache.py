@@ -1,9 +1,22 @@
-"""`LayoutCache`: the one bounded, thread-safe cache of built layouts (patterns and modules both use it)."""
+"""`LayoutCache`: the one bounded, thread-safe cache of built layouts (patterns and modules both use it),
+and `build_for_every_mode`, the rule every cache of tensors in the package follows."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+
+import torch
+
+
+def build_for_every_mode(build):
+    """``build()`` outside inference mode, so that what a cache keeps is made of normal tensors.
+
+    A tensor made under `torch.inference_mode()` can never be saved for backward: a layout cached by an
+    evaluation call would break every later training call with the same shapes. Normal tensors serve both
+    (inference-mode code reads them freely)."""
+    with torch.inference_mode(False):
+        return build()
 
 
 class LayoutCache:
@@ -20,7 +33,7 @@ class LayoutCache:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-        value = build()
+        value = build_for_every_mode(build)
         with self._lock:
             # Another thread may have built it meanwhile: keep the first, so every caller sees one object.
             value = self._entries.setdefault(key, value)

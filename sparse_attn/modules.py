@@ -21,7 +21,7 @@ from torch import nn
 
 from . import backends
 from .api import sparse_attention
-from .checks import check_int
+from .checks import check_int, check_size
 from .layout import BlockLayout
 from .layout_cache import LayoutCache
 from .patterns import Pattern, causal, documents
@@ -183,6 +183,11 @@ class SparseMultiheadAttention(nn.MultiheadAttention):
     ):
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise TypeError(f"num_heads must be a positive int, got {num_heads!r}")
+        check_size("num_heads", num_heads)
+        check_size("embed_dim", embed_dim)
+        for name, dim in (("kdim", kdim), ("vdim", vdim)):
+            if dim is not None:
+                check_size(name, dim)
         if add_bias_kv:
             raise ValueError(
                 "SparseMultiheadAttention does not support add_bias_kv=True (the appended bias key would sit "

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+#: The softcaps float32 scores take (fp16, bf16, fp32 inputs): c and 1 / c stay far inside float32's range.
+MIN_SOFTCAP, MAX_SOFTCAP = 2.0**-64, 2.0**64
+
 
 @dataclass(frozen=True)
 class ScoreMods:
@@ -51,6 +54,13 @@ def check_score_mods(softcap, alibi_slopes, rel_bias, q: torch.Tensor, k: torch.
         if not (math.isfinite(softcap) and softcap > 0):
             raise ValueError(f"softcap must be a finite number > 0, got {softcap!r}")
         softcap = float(softcap)
+        if q.dtype != torch.float64 and not MIN_SOFTCAP <= softcap <= MAX_SOFTCAP:
+            # Scores are float32 below float64: a cap (or its inverse, which the kernels multiply by) outside
+            # float32's normal range becomes inf or 0 there, and the kernels would return garbage or NaN.
+            raise ValueError(
+                f"softcap must lie in [2**-64, 2**64] for {q.dtype} inputs (scores are computed in float32), "
+                f"got {softcap!r}; pass softcap=None for no cap"
+            )
     if alibi_slopes is not None:
         _check_float_tensor("alibi_slopes", alibi_slopes, q)
         if alibi_slopes.shape not in ((heads,), (batch, heads)):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from .geometry import Geometry
 from .layout import BlockLayout
 from .layout_cache import LayoutCache
-from .patterns.base import Pattern, check_block_size
+from .patterns.base import Pattern, check_layout_block_size
 from .patterns.topk import leaves, selects, substitute
 
 #: Block size when none is given (both backends' default).
@@ -74,7 +74,8 @@ class _Tables:
             raise ValueError(
                 f"a pattern may hold at most {MAX_SELECTING_NODES} topk_blocks nodes, got {len(nodes)}"
             )
-        self.ks = [leaf.node.k for leaf in nodes]
+        # k beyond the key blocks keeps them all: clamped, so that no huge k reaches int64 arithmetic.
+        self.ks = [min(leaf.node.k, g.num_k_blocks) for leaf in nodes]
 
         def static_layout(p: Pattern) -> BlockLayout:
             return p.layout(g.q_len, g.kv_len, block_size=(g.block_q, g.block_k), heads=heads)
@@ -311,7 +312,7 @@ def select_layout(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, *, block_s
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
     _check_qk(q, k, key_mask)
-    block_q, block_k = check_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+    block_q, block_k = check_layout_block_size(DEFAULT_BLOCK_SIZE if block_size is None else block_size)
     batch, hq, q_len, _ = q.shape
     g = Geometry(q_len, k.shape[2], block_q, block_k)
     if pattern.num_heads is not None and pattern.num_heads != hq:

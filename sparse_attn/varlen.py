@@ -22,7 +22,7 @@ from .geometry import BlockSet, Geometry
 from .layout import BlockLayout
 from .patterns import Pattern
 from .patterns._blockset import combine
-from .patterns.base import Intersection, PerHead, Union, check_block_size
+from .patterns.base import Intersection, PerHead, Union, check_layout_block_size
 from .patterns.documents import Segments, segment_band_blocks
 from .patterns.window import UNBOUNDED, _Band
 from .score_mods import check_score_mods
@@ -100,6 +100,8 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int) -> torch.Tensor:
     """`cu` on the CPU as int64 (one host read), after checking it delimits `total` packed positions."""
     if not isinstance(cu, torch.Tensor) or cu.dtype not in (torch.int32, torch.int64) or cu.dim() != 1:
         raise TypeError(f"{name} must be a 1-D int32 tensor [N + 1], got {getattr(cu, 'dtype', type(cu))}")
+    if cu.is_meta:
+        raise ValueError(f"{name} must hold data (a CPU or CUDA tensor, read on the host), got a meta tensor")
     cu = cu.cpu().long()
     if len(cu) == 0 or int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()) or int(cu[-1]) != total:
         raise ValueError(
@@ -122,7 +124,7 @@ def varlen_layout(
     """The `BlockLayout` `sparse_attention_varlen` uses: ``[Tq, Tk]`` packed, with `pattern` inside each
     sequence (`cu_seqlens_*` as there)."""
     cu_q, cu_k = cu_seqlens_q.cpu().long(), cu_seqlens_k.cpu().long()
-    block_q, block_k = check_block_size(block_size)
+    block_q, block_k = check_layout_block_size(block_size)
     g = Geometry(int(cu_q[-1]), int(cu_k[-1]), block_q, block_k)
     segs = Segments(
         torch.zeros(len(cu_q) - 1, dtype=torch.long),

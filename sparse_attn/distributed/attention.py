@@ -25,11 +25,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import api, backends
+from ..checks import check_size
 from ..merge import merge_attention
 from ..modules import SparseAttention
 from ..patterns import Pattern
+from ..patterns.base import check_layout_block_size
 from .plan import CommVolume, RankPlan, get_plan
-from .sharding import Sharding, check_order
+from .sharding import ORDERS, Sharding, check_order
 
 _traffic_lock = threading.Lock()
 _traffic = {"sent": {}, "received": {}}
@@ -336,6 +338,33 @@ def _group_geometry(group):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_same_shards(q, k, order: str, group, world: int) -> None:
+    """Every rank's shard shapes, dtype and order, gathered before any exchange (one small all-gather): a
+    rank whose shard differs would make the exchanges abort or hang, so every rank raises the same error."""
+    shaped = all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k))
+    if world == 1 or not shaped:
+        return  # (wrong types or ranks fail the local checks that follow, on every rank alike)
+    dtype = _DTYPES.index(q.dtype) if q.dtype in _DTYPES and k.dtype == q.dtype else -1
+    mine = [*q.shape, *k.shape, dtype, ORDERS.index(order)]
+    gathered = [torch.empty(len(mine), dtype=torch.int64, device=q.device) for _ in range(world)]
+    dist.all_gather(gathered, torch.tensor(mine, dtype=torch.int64, device=q.device), group=group)
+    table = [t.tolist() for t in gathered]
+    if all(row == table[0] for row in table):
+        return
+    described = "; ".join(
+        f"rank {r}: q {row[:4]}, k {row[4:8]}, {_DTYPES[row[8]] if row[8] >= 0 else 'other dtypes'}, "
+        f"order={ORDERS[row[9]]!r}"
+        for r, row in enumerate(table)
+    )
+    raise ValueError(
+        "context_parallel_attention needs the same shard shapes, dtype and order on every rank (each rank "
+        f"holds S/P positions of one sequence); got {described}"
+    )
+
+
 def context_parallel_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -360,18 +389,27 @@ def context_parallel_attention(
         scale, return_lse, backend: as in `sparse_attention`.
 
     Differentiable: gradients land on each rank's own q, k, v. Every rank of the group must call it (and
-    its backward) with the same pattern, shapes and settings.
+    its backward) with the same pattern, shapes and settings; shapes, dtype and order are compared across
+    ranks first (one small all-gather), and a mismatch raises the same ValueError on every rank. Per-batch
+    patterns (`documents` with ``[B, S]`` ids) work as they do in `sparse_attention`.
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
     world, rank = _group_geometry(group)
+    check_order(order)
+    # First, so that a rank whose shard differs fails with the others instead of leaving them waiting.
+    _check_same_shards(q, k, order, group, world)
     spec = backends.resolve(backend, q.device if isinstance(q, torch.Tensor) else None)
     scale = api._check_inputs(q, k, v, None, scale, spec)
     if k.shape[2] != q.shape[2]:
         raise ValueError(
             f"context parallelism is self-attention: q and k shards must have one length, got {q.shape[2]} and {k.shape[2]}"
         )
-    sharding = Sharding(q.shape[2] * world, world, check_order(order))
+    if pattern.batch_size not in (None, 1, q.shape[0]):
+        raise ValueError(
+            f"pattern was built for {pattern.batch_size} batch elements, but q has batch size {q.shape[0]}"
+        )
+    sharding = Sharding(q.shape[2] * world, world, order)
     plan = get_plan(pattern, sharding, spec.default_block_size, q.shape[1], k.shape[1])
     run = _Run(plan.rank_view(rank), group, scale, spec, sharding, plan.padded_chunk)
     out, lse = _ContextParallel.apply(q, k, v, run)
@@ -397,8 +435,15 @@ def communication_plan(
     per-rank totals; ``all_gather`` is what each rank would receive if K/V were all-gathered instead."""
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a sparse_attn Pattern, got {type(pattern).__name__}")
-    kv_heads = heads if kv_heads is None else kv_heads
-    if heads < 1 or kv_heads < 1 or heads % kv_heads:
+    heads, head_dim, batch = (
+        check_size("heads", heads),
+        check_size("head_dim", head_dim),
+        check_size("batch", batch),
+    )
+    kv_heads = heads if kv_heads is None else check_size("kv_heads", kv_heads)
+    seq_len, world_size = check_size("seq_len", seq_len), check_size("world_size", world_size)
+    block_size = check_layout_block_size(check_size("block_size", block_size))[0]
+    if heads % kv_heads:
         raise ValueError(f"heads ({heads}) must be a positive multiple of kv_heads ({kv_heads})")
     sharding = Sharding(seq_len, world_size, check_order(order))
     plan = get_plan(pattern, sharding, block_size, heads, kv_heads)

@@ -30,9 +30,9 @@ from functools import cached_property
 
 import torch
 
-from ..geometry import BlockSet, Geometry
+from ..geometry import BlockSet, ElementGeometry, Geometry
 from ..layout import BlockLayout
-from ..layout_cache import LayoutCache
+from ..layout_cache import LayoutCache, build_for_every_mode
 from ..patterns import Pattern
 from ..patterns._blockset import from_candidates
 from .sharding import Sharding
@@ -47,7 +47,7 @@ class _ChunkPadded(Pattern):
 
     def __init__(self, inner: Pattern, seq_len: int, chunk: int, padded: int):
         self.inner, self.seq_len, self.chunk, self.padded = inner, seq_len, chunk, padded
-        self.num_heads = inner.num_heads
+        self.num_heads, self.batch_size, self.from_data = inner.num_heads, inner.batch_size, inner.from_data
 
     def check_lengths(self, q_len, kv_len):
         self.inner.check_lengths(self.seq_len, self.seq_len)
@@ -59,7 +59,8 @@ class _ChunkPadded(Pattern):
 
     def visible(self, g, h, i, j):
         (ti, real_i), (tj, real_j) = self._true(i), self._true(j)
-        true_g = Geometry(self.seq_len, self.seq_len, 1, 1)
+        # The batch element of a per-batch pattern (documents with [B, S] ids) rides on the geometry.
+        true_g = ElementGeometry(self.seq_len, self.seq_len, 1, 1, batch_index=getattr(g, "batch_index", 0))
         return self.inner.visible(true_g, h, ti, tj) & real_i & real_j
 
     def _padded_blocks(self, first, last, block):
@@ -87,7 +88,23 @@ class _ChunkPadded(Pattern):
         )
         # Every candidate gets its own tile, evaluated token by token and re-classified exactly.
         full = torch.zeros(len(key), dtype=torch.bool)
-        return from_candidates(self, g, s.heads, ph, pq, pk, full, key)
+        if s.batch is None:
+            return from_candidates(self, g, s.heads, ph, pq, pk, full, key)
+        # A per-batch set: layout sequence b * heads + h; each element's tiles from its own token mask.
+        parts, per_element = [], s.heads * g.num_q_blocks * g.num_k_blocks
+        for b in range(s.batch):
+            sel = ph // s.heads == b
+            g_b = ElementGeometry(g.q_len, g.kv_len, g.block_q, g.block_k, batch_index=b)
+            parts.append(
+                from_candidates(self, g_b, s.heads, ph[sel] % s.heads, pq[sel], pk[sel], full[sel], key[sel])
+            )
+        keys, ids, base = [], [], 0
+        for b, part in enumerate(parts):
+            keys.append(part.key + b * per_element)
+            ids.append(torch.where(part.tile_id >= 0, part.tile_id + base, part.tile_id))
+            base += part.tiles.shape[0]
+        tiles = torch.cat([part.tiles for part in parts])
+        return BlockSet(s.heads, torch.cat(keys), torch.cat(ids), tiles, s.batch)
 
     def __repr__(self):
         return f"chunk_padded({self.inner!r}, chunk={self.chunk}, padded={self.padded})"
@@ -138,8 +155,11 @@ class Plan:
         # K/V travels in units (kv head group, key block): one group of all kv heads for a layout shared by
         # all heads, one kv head each for a per-head layout (a head's blocks go only to the heads needing them).
         self.kv_groups = kv_heads if per_head else 1
+        # h is the layout sequence (b * heads + head for a per-batch layout: documents with [B, S] ids); a
+        # K/V unit carries every batch element, so only the head picks its group.
         h, qb, kb, tile = layout_entries(self.layout)
-        unit = (h // (q_heads // kv_heads) if per_head else torch.zeros_like(h)) * n_blocks + kb
+        head = h % self.layout.num_heads
+        unit = (head // (q_heads // kv_heads) if per_head else torch.zeros_like(h)) * n_blocks + kb
         rq, rk = self.owner[qb], self.owner[kb]
         remote = self._pushed(qb, unit, rq, rk)
         self.entries = (h, qb, kb, tile, remote)
@@ -200,8 +220,9 @@ class Plan:
         return self._views.get(rank, lambda: RankPlan(self, rank))
 
 
-def _sub_layout(h, rows, cols, tile, heads, n_rows, n_cols, block, tiles) -> BlockLayout:
-    """A layout over `n_rows` x `n_cols` blocks holding the given entries (tile ids into `tiles`)."""
+def _sub_layout(h, rows, cols, tile, heads, batch, n_rows, n_cols, block, tiles) -> BlockLayout:
+    """A layout over `n_rows` x `n_cols` blocks holding the given entries (tile ids into `tiles`; `h` the
+    layout sequence, of `batch` elements or None)."""
     g = Geometry(n_rows * block, n_cols * block, block, block)
     key = (h * n_rows + rows) * n_cols + cols
     order = torch.argsort(key)
@@ -209,7 +230,7 @@ def _sub_layout(h, rows, cols, tile, heads, n_rows, n_cols, block, tiles) -> Blo
     used, new_id = torch.unique(tile[has_tile], return_inverse=True)
     tile = tile.clone()
     tile[has_tile] = new_id
-    return BlockLayout.from_block_set(BlockSet(heads, key[order], tile[order], tiles[used]), g)
+    return BlockLayout.from_block_set(BlockSet(heads, key[order], tile[order], tiles[used], batch), g)
 
 
 class RankPlan:
@@ -254,16 +275,20 @@ class RankPlan:
     def _layout(self, sel, rows, cols, n_rows, n_cols) -> BlockLayout:
         h, _, _, tile, _ = self.plan.entries
         layout = self.plan.layout
-        return _sub_layout(
-            h[sel],
-            rows,
-            cols,
-            tile[sel],
-            layout.num_heads,
-            n_rows,
-            n_cols,
-            self.block,
-            layout.tile_masks().cpu(),
+        # Built on first use, maybe under inference mode, and kept: normal tensors, as every cache keeps.
+        return build_for_every_mode(
+            lambda: _sub_layout(
+                h[sel],
+                rows,
+                cols,
+                tile[sel],
+                layout.num_heads,
+                layout.batch,
+                n_rows,
+                n_cols,
+                self.block,
+                layout.tile_masks().cpu(),
+            )  # fmt: skip
         )
 
     @cached_property

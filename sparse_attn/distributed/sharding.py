@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import check_size
+
 ORDERS = ("contiguous", "zigzag")
 
 
@@ -79,6 +81,7 @@ def _check_rank(rank, world_size):
 
 def shard_sequence(x: torch.Tensor, rank: int, world_size: int, *, order="contiguous", dim: int = 2):
     """Rank `rank`'s shard of the whole-sequence tensor `x` (sequence along `dim`, 2 for ``[B, H, S, D]``)."""
+    world_size = check_size("world_size", world_size)
     sharding = Sharding(x.shape[dim], world_size, order)
     _check_rank(rank, world_size)
     n = sharding.chunk_len

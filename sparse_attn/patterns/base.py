@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_size
 from ..geometry import BlockSet, ElementGeometry, Geometry
 from ..layout_cache import LayoutCache
 from ._blockset import combine, common_batch
@@ -30,13 +30,25 @@ MAX_TILE_PAIRS = 1 << 22
 
 
 def check_block_size(block_size) -> tuple[int, int]:
-    """An int or a (block_q, block_k) pair of positive ints."""
+    """An int or a (block_q, block_k) pair of positive ints (sizes of tensor dimensions)."""
     if isinstance(block_size, tuple | list):
         if len(block_size) != 2:
             raise ValueError(f"block_size must be an int or a (block_q, block_k) pair, got {block_size!r}")
-        return check_int("block_size[0]", block_size[0], 1), check_int("block_size[1]", block_size[1], 1)
-    size = check_int("block_size", block_size, 1)
+        return check_size("block_size[0]", block_size[0]), check_size("block_size[1]", block_size[1])
+    size = check_size("block_size", block_size)
     return size, size
+
+
+def check_layout_block_size(block_size) -> tuple[int, int]:
+    """`check_block_size` for a layout's blocks, whose partial tiles (block_q x block_k token masks) must
+    stay below `MAX_TILE_PAIRS`; checked before anything is allocated."""
+    block_q, block_k = check_block_size(block_size)
+    if block_q * block_k > MAX_TILE_PAIRS:
+        raise ValueError(
+            f"block_size {block_q} x {block_k} gives tiles of {block_q * block_k:,} token pairs; at most "
+            f"{MAX_TILE_PAIRS:,} (e.g. 2048 x 2048) are supported, and the kernels use 64 to 128"
+        )
+    return block_q, block_k
 
 
 class Pattern:
@@ -106,13 +118,7 @@ class Pattern:
         from ..layout import BlockLayout
 
         q_len, kv_len, heads = self._check_call(q_len, kv_len, heads)
-        block_q, block_k = check_block_size(block_size)
-        if block_q * block_k > MAX_TILE_PAIRS:
-            # Checked before anything is allocated: partial tiles are block_q x block_k token masks.
-            raise ValueError(
-                f"block_size {block_q} x {block_k} gives tiles of {block_q * block_k:,} token pairs; at most "
-                f"{MAX_TILE_PAIRS:,} (e.g. 2048 x 2048) are supported, and the kernels use 64 to 128"
-            )
+        block_q, block_k = check_layout_block_size(block_size)
         device = torch.device("cpu") if device is None else torch.device(device)
         # Patterns are immutable, so a few recent layouts are kept: calling sparse_attention with the same
         # pattern and shapes again does not rebuild (or re-upload) the layout.
@@ -123,10 +129,10 @@ class Pattern:
         return cache.get((g, device), lambda: BlockLayout.from_block_set(self.blocks(g), g).to(device))
 
     def _check_call(self, q_len, kv_len, heads):
-        q_len = check_int("q_len", q_len, 1)
-        kv_len = q_len if kv_len is None else check_int("kv_len", kv_len, 1)
+        q_len = check_size("q_len", q_len)
+        kv_len = q_len if kv_len is None else check_size("kv_len", kv_len)
         if heads is not None:
-            heads = check_int("heads", heads, 1)
+            heads = check_size("heads", heads)
             if self.num_heads is not None and heads != self.num_heads:
                 raise ValueError(
                     f"this pattern defines {self.num_heads} heads, but heads={heads} was asked for"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import check_int
+from ..checks import check_int, check_size
 from ._blockset import from_candidates
 from .base import Pattern, check_block_size
 
@@ -133,9 +133,9 @@ class RandomBlocks(Pattern):
 
     def __init__(self, num_blocks: int, block_size: int = 64, *, seed: int = 0, heads: int | None = None):
         self.count = check_int("num_blocks", num_blocks, 0)
-        self.cell = check_int("block_size", block_size, 1)
+        self.cell = check_size("block_size", block_size)
         self.seed = check_int("seed", seed)
-        self.num_heads = None if heads is None else check_int("heads", heads, 1)
+        self.num_heads = None if heads is None else check_size("heads", heads)
 
     def _choices(self, g, t_first: int, t_last: int) -> torch.Tensor:
         """Chosen key blocks ``[H, t_last - t_first + 1, min(count, key blocks)]``, Floyd's sampling."""

@@ -241,6 +241,18 @@ class Documents(Pattern):
             raise ValueError(
                 f"document ids must be a non-empty tensor [S] or [B, S], got shape {tuple(ids.shape)}"
             )
+        if ids.dtype in (torch.uint16, torch.uint32):
+            # Unsigned dtypes torch barely supports (no comparisons on the CPU): int64 holds them exactly.
+            ids = ids.long()
+        elif ids.dtype == torch.uint64:
+            raise TypeError(
+                "document ids must be an integer tensor torch can compare; got uint64 (use int64)"
+            )
+        if ids.is_meta:
+            raise ValueError(
+                "document ids must hold data (a CPU or CUDA tensor: the layout is built from them), got a "
+                "tensor on the meta device"
+            )
         self.ids = ids
         self.batch_size = ids.shape[0] if ids.dim() == 2 else None
         self._starts = None
@@ -249,8 +261,10 @@ class Documents(Pattern):
         """(batch element, position) of every document start, on the CPU (one host synchronisation, once)."""
         if self._starts is None:
             ids = self.ids if self.ids.dim() == 2 else self.ids[None]
-            # The sign of each step, as int8: the one copy to the host, S bytes per element.
-            step = torch.sign(ids[:, 1:] - ids[:, :-1]).to(torch.int8).cpu()
+            # The sign of each step, as int8: the one copy to the host, S bytes per element. From comparisons,
+            # not a difference, which overflows in the ids' own dtype (int8 -100 -> 100, uint8 200 -> 0).
+            step = (ids[:, 1:] > ids[:, :-1]).to(torch.int8) - (ids[:, 1:] < ids[:, :-1]).to(torch.int8)
+            step = step.cpu()
             if bool((step < 0).any()):
                 b, pos = (int(t[0]) for t in torch.nonzero(step < 0, as_tuple=True))
                 raise ValueError(

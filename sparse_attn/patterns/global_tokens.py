@@ -39,6 +39,10 @@ class GlobalTokens(Pattern):
         try:
             positions = torch.as_tensor(n_or_positions)
         except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+            if isinstance(e, OverflowError) or "Overflow" in str(e):
+                raise ValueError(
+                    f"global token positions must be < 2**63 (int64), got {n_or_positions!r}"
+                ) from e
             raise TypeError(
                 f"global_tokens takes an int n or a sequence of int positions, got {n_or_positions!r}"
             ) from e

@@ -46,7 +46,8 @@ class TopKBlocks(Pattern):
 
 
 def topk_blocks(k: int) -> Pattern:
-    """Keep, per query block, the `k` key blocks whose mean key best matches the block's mean query.
+    """Keep, per query block, the `k` key blocks whose mean key best matches the block's mean query (all of
+    them when there are fewer: any int k >= 1 is taken, a huge one means every candidate).
 
     Selected from q and k when attention runs (see `sparse_attn.selection`); compose it with static patterns,
     e.g. ``topk_blocks(16) & causal()`` or ``topk_blocks(8) | sliding_window(128) | global_tokens(4)``.

@@ -53,8 +53,9 @@ Any head dim. Empty rows give output 0, lse -inf and zero gradients.
 from __future__ import annotations
 
 from .attention import backward, forward
+from .calls import Call
 from .memory import CHUNK_ENV, get_chunk_size, release_scratch, set_chunk_size
-from .planning import Call, passes, plan
+from .planning import passes, plan
 from .pool import WORKERS_ENV
 from .views import Problem
 

@@ -10,8 +10,9 @@ from ...merge import merge_pair
 from ...score_mods import ScoreMods
 from .. import cpu_kernel
 from .. import get as backend_spec
+from .calls import Call
 from .modifiers import SegmentModifiers, backward_segment, forward_segment
-from .planning import Call, passes
+from .planning import passes
 from .pool import ordered_map
 from .views import Problem, Rows, _masked_rows, per_kv_head
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ...score_mods import ScoreMods, modify_scores
-from .planning import Call
+from .calls import Call
 
 
 class SegmentModifiers:

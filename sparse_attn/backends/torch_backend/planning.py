@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from ...layout import BlockLayout
+from .calls import Call
 from .memory import get_chunk_size
-
-if TYPE_CHECKING:
-    from .views import Problem
+from .views import Problem
 
 #: Fewest rows worth a task of their own (see `chunks`).
 _MIN_TASK_ROWS = 8
@@ -22,26 +19,6 @@ _MIN_RUN = 8
 
 
 # -- the plan: rows of the layout grouped into kernel calls ---------------------------------------------
-@dataclass
-class Call:
-    """One kernel call's rows and key blocks (all int64, on the CPU)."""
-
-    rows: torch.Tensor  # [X] layout row ids (l * nqb + qb)
-    full: torch.Tensor  # [X, nf] full key blocks, ascending
-    part: torch.Tensor  # [X, np] partial key blocks
-    tiles: torch.Tensor  # [X, np] tile ids of the partial blocks
-    full_len: int  # keys in the full segment (nf * bk, less the ragged tail if the last block is in it)
-    step: int  # > 0: full blocks of row x start at full[0, 0] + x * step (strided view); 0: gather
-    merge: bool = False  # an earlier pass wrote these rows: merge into (forward) or add to (dQ) it
-
-    def subset(self, sel, step: int | None = None) -> Call:
-        """The same call restricted to rows `sel` (a slice or a bool mask), optionally with another step."""
-        step = self.step if step is None else step
-        return Call(
-            self.rows[sel], self.full[sel], self.part[sel], self.tiles[sel], self.full_len, step, self.merge
-        )
-
-
 def _padded_lists(ptr: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor, width: int):
     """Entries of CSR rows `rows` as a ``[len(rows), width]`` tensor (rows must have `width` entries)."""
     start = ptr[rows]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ...layout import BlockLayout
+from .calls import Call
 from .memory import thread_scratch
-from .planning import Call
 
 
 @dataclass
