@@ -42,8 +42,8 @@ def engine(monkeypatch):
 @pytest.fixture
 def fresh_build_state(monkeypatch):
     """Forget whether the kernel was built, so a test can simulate a failed build; restored afterwards."""
-    monkeypatch.setattr(cpu_kernel, "_module", None)
-    monkeypatch.setattr(cpu_kernel, "_build_error", None)
+    monkeypatch.setattr(cpu_kernel, "_modules", {})
+    monkeypatch.setattr(cpu_kernel, "_build_errors", {})
 
 
 @pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no C++ compiler or ninja: the fallback test covers this")
@@ -69,7 +69,7 @@ def test_previous_engine_gradcheck(name, engine):
 def test_failed_build_falls_back_with_one_warning(monkeypatch, fresh_build_state):
     """No compiler: the ATen engine runs, with one clear warning for the whole process."""
 
-    def no_compiler():
+    def no_compiler(isa):
         raise RuntimeError("Error building extension: c++: command not found")
 
     monkeypatch.setattr(cpu_kernel, "_build", no_compiler)

@@ -39,10 +39,24 @@ from . import get as backend_spec
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "block_sparse_attn.cpp"
 ENGINE_ENV = "SPARSE_ATTN_CPU_ENGINE"
 ENGINES = ("auto", "kernel", "aten")
+ISA_ENV = "SPARSE_ATTN_CPU_ISA"
+#: The kernel's builds, lowest first: the flags each is compiled with. ATen's vector types
+#: (`at::vec::Vectorized`, the element-wise passes: scale, mask, exp, softmax) follow CPU_CAPABILITY, as in
+#: torch's own per-ISA kernels. The GEMMs are MKL's (through the BLAS torch links), which picks its own code
+#: path for the CPU at run time (AVX2, AVX-512, AVX512-BF16, AMX for bf16/fp16).
+ISA_FLAGS = {
+    "generic": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+    "avx512": [
+        *("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+        *("-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"),
+    ],
+}
+ISAS = tuple(ISA_FLAGS)
 
 _lock = threading.Lock()
-_module = None
-_build_error: str | None = None
+_modules: dict[str, object] = {}  # ISA -> torch.ops namespace of its build
+_build_errors: dict[str, str] = {}  # ISA -> why its build failed
 _engine: str | None = None  # set_engine's choice; None: the environment's
 
 
@@ -77,43 +91,62 @@ def active() -> bool:
     return load() is not None
 
 
-def _flags() -> tuple[list[str], str]:
-    """Compiler flags and a tag for the build: AVX2 + FMA where torch itself dispatches to AVX2 or AVX-512
-    (ATen's vector types then use them), plain C++ elsewhere."""
-    flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        return flags + ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], "avx2"
-    return flags, "generic"
+def supported_isas() -> tuple[str, ...]:
+    """The builds this CPU can run, lowest first: what torch dispatches its own kernels to
+    (`torch.backends.cpu.get_cpu_capability()`, which honours ``ATEN_CPU_CAPABILITY``) and every lower one."""
+    best = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "generic")
+    return ISAS[: ISAS.index(best) + 1]
 
 
-def _build():
+def get_isa() -> str:
+    """The build the kernel runs: ``$SPARSE_ATTN_CPU_ISA`` (a lower one, e.g. ``avx2`` on an AVX-512 CPU), else
+    the best this CPU supports."""
+    supported = supported_isas()
+    name = os.environ.get(ISA_ENV, "").strip().lower()
+    if not name:
+        return supported[-1]
+    if name not in supported:
+        raise ValueError(f"{ISA_ENV} must be one of {supported} on this CPU, got {name!r}")
+    return name
+
+
+def _flags(isa: str) -> list[str]:
+    return ["-O3", *ISA_FLAGS[isa], f"-DSPARSE_ATTN_NAMESPACE={_namespace(isa)}"]
+
+
+def _namespace(isa: str) -> str:
+    return f"sparse_attn_cpu_{isa}"
+
+
+def _build(isa: str):
     from torch.utils import cpp_extension
 
-    flags, tag = _flags()
+    flags = _flags(isa)
     digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
-    name = f"sparse_attn_cpu_{tag}_{digest.hexdigest()[:12]}"
-    # A plain library registering torch.ops.sparse_attn_cpu.* (no pybind11 module: it builds faster).
+    name = f"sparse_attn_cpu_{isa}_{digest.hexdigest()[:12]}"
+    # A plain library registering torch.ops.sparse_attn_cpu_<isa>.* (no pybind11 module: it builds faster).
     cpp_extension.load(
         name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False
     )
-    return torch.ops.sparse_attn_cpu
+    return getattr(torch.ops, _namespace(isa))
 
 
-def load(strict: bool = False):
-    """The compiled extension, built on first use; None (after one warning) if it cannot be built.
+def load(strict: bool = False, isa: str | None = None):
+    """The compiled extension for `isa` (default `get_isa()`), built on first use; None (after one warning)
+    if it cannot be built.
 
     With `strict`, raise `KernelUnavailable` instead of returning None."""
-    global _module, _build_error
-    if _module is None and _build_error is None:
+    isa = get_isa() if isa is None else isa
+    if isa not in _modules and isa not in _build_errors:
         with _lock:
-            if _module is None and _build_error is None:
+            if isa not in _modules and isa not in _build_errors:
                 try:
-                    _module = _build()
+                    _modules[isa] = _build(isa)
                 except Exception as exc:  # noqa: BLE001 - any build failure means: use the fallback
-                    _build_error = f"{type(exc).__name__}: {exc}"
-                    first = _build_error.splitlines()[0]
+                    _build_errors[isa] = f"{type(exc).__name__}: {exc}"
+                    first = _build_errors[isa].splitlines()[0]
                     warnings.warn(
-                        "sparse_attn: could not build the C++ CPU attention kernel "
+                        f"sparse_attn: could not build the C++ CPU attention kernel ({isa}) "
                         f"({first[:200]}{'...' if len(first) > 200 else ''}); the 'torch' backend uses its "
                         "slower ATen-composition engine instead. Building needs a C++ compiler and ninja; "
                         "`sparse_attn.backends.cpu_kernel.build_error()` has the full message; set "
@@ -121,14 +154,16 @@ def load(strict: bool = False):
                         RuntimeWarning,
                         stacklevel=3,
                     )
-    if _module is None and strict:
-        raise KernelUnavailable(f"the C++ CPU attention kernel is unavailable: {_build_error}")
-    return _module
+    module = _modules.get(isa)
+    if module is None and strict:
+        raise KernelUnavailable(f"the C++ CPU attention kernel is unavailable: {_build_errors[isa]}")
+    return module
 
 
-def build_error() -> str | None:
-    """Why the kernel could not be built (the compiler's whole message), or None."""
-    return _build_error
+def build_error(isa: str | None = None) -> str | None:
+    """Why the kernel (for `isa`, default `get_isa()`) could not be built (the compiler's whole message), or
+    None."""
+    return _build_errors.get(get_isa() if isa is None else isa)
 
 
 # -- inputs in the kernel's layouts ---------------------------------------------------------------------
@@ -136,9 +171,9 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(t: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """`t` in `acc` with a contiguous last dimension (no copy when it already is)."""
-    t = t.to(acc)
+def _rows(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` in `dtype` with a contiguous last dimension (no copy when it already is)."""
+    t = t.to(dtype)
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -158,14 +193,14 @@ def _masked_keys(key_mask, k, v, layout: BlockLayout):
     return key_mask.contiguous(), blocks.contiguous(), k.masked_fill(hide, 0), v.masked_fill(hide, 0)
 
 
-def _shared_layout(layout: BlockLayout):
-    """The layout's tensors and its five geometry ints; the kernel walks batch-shared layouts only."""
-    if layout.batch is not None:
-        raise ValueError(
-            "the C++ CPU kernel takes batch-shared layouts; per-batch ones run on the ATen engine"
-        )
-    tensors, ints = layout.flatten()
-    return tensors, ints[:5]
+def _layout_args(layout: BlockLayout):
+    """The layout's tensors (contiguous int32 on the CPU) and its six ints (`BlockLayout.flatten`); shared or
+    per-batch layouts alike."""
+    def prepare():
+        tensors, ints = layout.flatten()
+        return [t.to("cpu", torch.int32).contiguous() for t in tensors], ints
+
+    return layout.cached("cpu_kernel_args", prepare)
 
 
 def _mods(mods, acc: torch.dtype) -> tuple:
@@ -182,11 +217,11 @@ def forward(q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
     module = load(strict=True)
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
-    tensors, ints = _shared_layout(layout)
+    tensors, ints = _layout_args(layout)
     out, lse = module.forward(
-        _rows(q, acc),
-        _rows(k, acc),
-        _rows(v, acc),
+        _rows(q, q.dtype),
+        _rows(k, q.dtype),
+        _rows(v, q.dtype),
         tensors,
         ints,
         _tiles_t(layout),
@@ -195,7 +230,7 @@ def forward(q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
         scale,
         *_mods(mods, acc),
     )
-    return out.to(q.dtype), lse.to(backend_spec("torch").lse_dtype(q.dtype))
+    return out, lse.to(backend_spec("torch").lse_dtype(q.dtype))
 
 
 def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key_mask, mods=None):
@@ -204,13 +239,13 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
     module = load(strict=True)
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
-    qf, kf, vf, dof = (_rows(t, acc) for t in (q, k, v, do))
-    delta = torch.linalg.vecdot(dof, out.to(acc))
+    qf, kf, vf, dof = (_rows(t, q.dtype) for t in (q, k, v, do))
+    delta = torch.linalg.vecdot(dof.to(acc), out.to(acc))
     if dlse is not None:
         delta = delta - dlse.to(acc)
     # Rows that see no key: +inf makes P = exp(s - lse) exactly 0 there.
     lse = lse.to(acc).masked_fill(lse == float("-inf"), float("inf")).contiguous()
-    tensors, ints = _shared_layout(layout)
+    tensors, ints = _layout_args(layout)
     softcap, slopes, rel_bias = _mods(mods, acc)
     # Along a key row the diagonals j - i + Sq - 1 decrease with i: the kernel reads them reversed.
     rel_bias_rev = None if rel_bias is None else rel_bias.flip(-1).contiguous()
@@ -234,4 +269,4 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
     )
     dq, dk, dv = grads[:3]
     d_rel_bias = grads[3].to(mods.rel_bias.dtype) if rel_bias is not None else None
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_rel_bias
+    return dq, dk, dv, d_rel_bias
