@@ -182,6 +182,15 @@ def _tiles_t(layout: BlockLayout) -> torch.Tensor:
     return layout.cached("tiles_t", lambda: pack_tiles(layout.tile_masks().cpu().transpose(1, 2)))
 
 
+def _transposed(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """bf16/fp16: ``[B, H, D, S]`` contiguous copies, the B^T operands of the kernel's GEMMs (torch's brgemm
+    takes no transposed operand); O(S x D) each, once per call. fp32/fp64 read the operands in place: []."""
+    if tensors[0].dtype not in (torch.bfloat16, torch.float16):
+        return []
+    # clone, not contiguous(): a [.., D, 1] view counts as contiguous but keeps its strides.
+    return [t.transpose(-1, -2).clone(memory_format=torch.contiguous_format) for t in tensors]
+
+
 def _masked_keys(key_mask, k, v, layout: BlockLayout):
     """``(key_mask, blocks holding a masked key [B, nkb], k, v)`` with hidden keys zeroed in k and v;
     Nones and k, v unchanged when nothing is masked."""
@@ -218,10 +227,11 @@ def forward(q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
     acc = _acc(q.dtype)
     mask, blocks, k, v = _masked_keys(key_mask, k, v, layout)
     tensors, ints = _layout_args(layout)
+    q, k, v = (_rows(t, q.dtype) for t in (q, k, v))
     out, lse = module.forward(
-        _rows(q, q.dtype),
-        _rows(k, q.dtype),
-        _rows(v, q.dtype),
+        q,
+        k,
+        v,
         tensors,
         ints,
         _tiles_t(layout),
@@ -229,6 +239,7 @@ def forward(q, k, v, layout: BlockLayout, scale: float, key_mask, mods=None):
         blocks,
         scale,
         *_mods(mods, acc),
+        _transposed(k),
     )
     return out, lse.to(backend_spec("torch").lse_dtype(q.dtype))
 
@@ -266,6 +277,7 @@ def backward(do, dlse, q, k, v, out, lse, layout: BlockLayout, scale: float, key
         slopes,
         rel_bias,
         rel_bias_rev,
+        _transposed(qf, kf, vf, dof),
     )
     dq, dk, dv = grads[:3]
     d_rel_bias = grads[3].to(mods.rel_bias.dtype) if rel_bias is not None else None

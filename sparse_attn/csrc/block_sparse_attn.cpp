@@ -37,6 +37,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -65,18 +66,11 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
-// MKL's mixed-precision GEMMs: bf16 x bf16 -> fp32 and fp16 x fp16 -> fp32 with fp32 accumulation (what
-// SDPA's matmuls do in low precision). MKL picks the code path for the CPU at run time: AMX tiles where
-// the CPU has them, AVX512-BF16 / AVX512-FP16, else AVX2 or AVX-512 with fp32 products.
-// CBLAS enums: row-major 101, no transpose 111, transpose 112.
-void cblas_gemm_bf16bf16f32(int layout, int ta, int tb, int m, int n, int k, float alpha, const uint16_t* a,
-                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
-void cblas_gemm_f16f16f32(int layout, int ta, int tb, int m, int n, int k, float alpha, const uint16_t* a,
-                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
-    __attribute__((weak));
 // MKL: this thread's MKL thread count (0 restores the global one).
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // (the lower-case name takes an int*)
+// OpenMP: this thread's team size for parallel regions it opens (torch's intra-op pool is OpenMP here).
+void omp_set_num_threads(int n) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
 }
 
 using at::BFloat16;
@@ -101,17 +95,20 @@ void loop_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_
 }
 
 // C[M, N] (+)= A[M, K] op(B), all row-major with leading dimensions in elements; op(B) is B [K, N], or
-// with `trans_b` the transpose of B stored [N, K] (so K^T, V^T, Q^T, dO^T need no copy). A and B are in
-// the storage type S, C in its accumulation type. Row-major C is column-major C^T = op(B)^T A^T, hence
-// the swapped operands of the Fortran calls.
+// with `trans_b` the transpose of B stored [N, K] (so K^T, V^T, Q^T, dO^T need no copy in fp32). A and B
+// are in the storage type S, C in its accumulation type.
+// - fp32 / fp64: the BLAS's sgemm_/dgemm_. Row-major C is column-major C^T = op(B)^T A^T, hence the
+//   swapped operands.
+// - bf16 / fp16 (products summed in fp32, as SDPA's matmuls): torch's batch-reduce GEMM
+//   `at::native::cpublas::brgemm`, the building block of torch's own CPU flash attention. It reaches
+//   oneDNN (AVX512-BF16 / AVX512-FP16 instructions where the CPU has them, AVX-512 or AVX2 otherwise). It
+//   takes no transposed operand: the callers pass B^T copies made once per call (`gemm_abt`).
 template <typename S, typename T>
 inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                  int64_t ldb, T* C, int64_t ldc, bool add) {
   if constexpr (kLowPrecision<S>) {
-    auto* fn = std::is_same_v<S, BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
-    if (fn)
-      return fn(101, 111, trans_b ? 112 : 111, M, N, K, 1.0f, reinterpret_cast<const uint16_t*>(A), lda,
-                reinterpret_cast<const uint16_t*>(B), ldb, add ? 1.0f : 0.0f, C, ldc);
+    TORCH_CHECK(!trans_b, "internal: low-precision GEMMs take B^T copies");
+    return at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
   } else {
     const char tb = trans_b ? 'T' : 'N', ta = 'N';
     const int m = N, n = M, k = K, lb = ldb, la = lda, lc = ldc;
@@ -124,6 +121,18 @@ inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int6
   }
   loop_gemm(trans_b, M, N, K, A, lda, B, ldb, C, ldc, add);
 }
+
+// [B, H, D, S]: the transpose of a [B, H, S, D] tensor, made contiguous (low precision only; see gemm).
+template <typename S>
+struct Transposed {
+  const S* ptr = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  Transposed() = default;
+  explicit Transposed(const at::Tensor& t)
+      : ptr(t.data_ptr<S>()), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)) {}
+  // Column s (position s of the sequence) of batch b, head h.
+  const S* at(int64_t b, int64_t h, int64_t s) const { return ptr + b * sb + h * sh + s; }
+};
 
 // dst[r, :n] = src[r, :n] for m rows (leading dimension ld), converted to S: P and dS rounded to the
 // input precision before their GEMMs, as SDPA does. Returns dst (src itself when S is T).
@@ -414,6 +423,35 @@ struct Strided {
   T* at(int64_t b, int64_t h, int64_t s) const { return ptr + b * sb + h * sh + s * ss; }
 };
 
+// C[M, N] = A[M, K] X^T, where X^T's columns are rows s0.. s0 + N - 1 of X (batch b, head h): X read in
+// place (trans_b) in fp32 / fp64, its transposed copy XT in bf16 / fp16.
+template <typename S, typename T>
+inline void gemm_abt(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const Strided<S>& X,
+                     const Transposed<S>& XT, int64_t b, int64_t h, int64_t s0, T* C, int64_t ldc) {
+  if constexpr (kLowPrecision<S>) {
+    gemm(false, M, N, K, A, lda, XT.at(b, h, s0), XT.ld, C, ldc, false);
+  } else {
+    gemm(true, M, N, K, A, lda, X.at(b, h, s0), X.ss, C, ldc, false);
+  }
+}
+
+// The transposed copies of the low-precision path: `names` of `t` (the kernel's optional list), checked.
+template <typename S>
+std::vector<Transposed<S>> transposed_of(at::TensorList t, std::initializer_list<const at::Tensor*> of) {
+  std::vector<Transposed<S>> out;
+  if constexpr (!kLowPrecision<S>) return std::vector<Transposed<S>>(of.size());
+  TORCH_CHECK(t.size() == of.size(), "the bf16/fp16 kernel takes ", of.size(), " transposed copies");
+  size_t i = 0;
+  for (const at::Tensor* x : of) {
+    const auto& c = t[i++];
+    TORCH_CHECK(c.dim() == 4 && c.size(0) == x->size(0) && c.size(1) == x->size(1) && c.size(2) == x->size(3) &&
+                    c.size(3) == x->size(2) && c.stride(3) == 1 && c.scalar_type() == x->scalar_type(),
+                "a transposed copy must be [B, H, D, S] with a contiguous last dimension");
+    out.emplace_back(c);
+  }
+  return out;
+}
+
 // The layout's CSR lists (see sparse_attn/layout.py) and geometry.
 struct Layout {
   int64_t heads, batch, q_len, kv_len, bq, bk, nqb, nkb, words, words_t;
@@ -458,8 +496,11 @@ void run_tasks(const std::vector<int64_t>& order, F f) {
     // Each worker's GEMMs run on that worker alone: MKL would otherwise start nested OpenMP teams whose
     // spinning threads starve the other workers (10x slower on a loaded 2-core machine).
     const int mkl_before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const int omp_before = omp_get_max_threads ? omp_get_max_threads() : 0;
+    if (omp_set_num_threads) omp_set_num_threads(1);
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(order[i]);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before);
+    if (omp_set_num_threads) omp_set_num_threads(omp_before);
   });
 }
 
@@ -546,8 +587,8 @@ KeyMask<T> key_mask_of(const std::optional<at::Tensor>& real, const std::optiona
 // accumulators and lse.
 template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const Layout& lay, const KeyMask<T>& km, double scale_arg,
-                                     const Mods<T>& md) {
+                                     const Transposed<S>& KT, const Layout& lay, const KeyMask<T>& km,
+                                     double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = v.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
@@ -583,7 +624,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
                 lay.row_part_tile, lay.tiles, bq * lay.words);
     for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
       const int64_t j0 = kept[first].idx * bk, w = std::min(blocks * bk, lay.kv_len - j0);
-      gemm(true, m, w, D, q_rows, Q.ss, K.at(b, g, j0), K.ss, St, W, false);
+      gemm_abt(m, w, D, q_rows, Q.ss, K, KT, b, g, j0, St, W);
       bool masked = false;
       for (int64_t i = 0; i < blocks; ++i)
         masked |= kept[first + i].tile != nullptr || km.keys(b, kept[first + i].idx) != nullptr;
@@ -700,7 +741,8 @@ at::Tensor reduce_diagonals(const DiagonalParts& parts, const T* sums, int64_t B
 template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& dout, const at::Tensor& lse,
-                                         const at::Tensor& delta, const Layout& lay, const KeyMask<T>& km,
+                                         const at::Tensor& delta, const Transposed<S>& KT,
+                                         const Transposed<S>& VT, const Layout& lay, const KeyMask<T>& km,
                                          double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
@@ -749,8 +791,8 @@ std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& 
         diag_sums = sums.get() + parts.offset[run++];
         std::fill(diag_sums, diag_sums + m + w - 1, T(0));
       }
-      gemm(true, m, w, D, Q.at(b, h, i0), Q.ss, K.at(b, g, j0), K.ss, P, W, false);
-      gemm(true, m, w, D, DO.at(b, h, i0), DO.ss, V.at(b, g, j0), V.ss, dS, W, false);
+      gemm_abt(m, w, D, Q.at(b, h, i0), Q.ss, K, KT, b, g, j0, P, W);
+      gemm_abt(m, w, D, DO.at(b, h, i0), DO.ss, V, VT, b, g, j0, dS, W);
       for (int64_t r = 0; r < m; ++r) {
         T* p = P + r * W;
         T* ds = dS + r * W;
@@ -795,7 +837,8 @@ std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& 
 template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& dout, const at::Tensor& lse,
-                                           const at::Tensor& delta, const Layout& lay,
+                                           const at::Tensor& delta, const Transposed<S>& QT,
+                                           const Transposed<S>& DOT, const Layout& lay,
                                            const KeyMask<T>& km, double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nkb = lay.nkb;
@@ -838,8 +881,8 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
                   lay.col_part_idx, lay.col_part_tile, lay.tiles_t, bk * lay.words_t);
       for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
         const int64_t i0 = kept[first].idx * bq, w = std::min(blocks * bq, lay.q_len - i0);
-        gemm(true, n, w, D, K.at(b, g, j0), K.ss, Q.at(b, h, i0), Q.ss, P, W, false);
-        gemm(true, n, w, D, V.at(b, g, j0), V.ss, DO.at(b, h, i0), DO.ss, dS, W, false);
+        gemm_abt(n, w, D, K.at(b, g, j0), K.ss, Q, QT, b, h, i0, P, W);
+        gemm_abt(n, w, D, V.at(b, g, j0), V.ss, DO, DOT, b, h, i0, dS, W);
         bool tiled = false;
         for (int64_t i = 0; i < blocks; ++i) tiled |= kept[first + i].tile != nullptr;
         for (int64_t j = 0; j < n; ++j) {
@@ -925,11 +968,12 @@ std::vector<at::Tensor> forward_typed(const at::Tensor& q, const at::Tensor& k, 
                                       const Layout& lay, const std::optional<at::Tensor>& key_mask,
                                       const std::optional<at::Tensor>& block_masked, double scale,
                                       double softcap, const std::optional<at::Tensor>& slopes,
-                                      const std::optional<at::Tensor>& rel) {
+                                      const std::optional<at::Tensor>& rel, at::TensorList transposed) {
   const auto km = key_mask_of<T>(key_mask, block_masked, lay);
   const auto md = mods_of<T>(softcap, slopes, rel, std::nullopt, q, lay);
-  return md.any() ? forward_impl<S, true>(q, k, v, lay, km, scale, md)
-                  : forward_impl<S, false>(q, k, v, lay, km, scale, md);
+  const auto tr = transposed_of<S>(transposed, {&k});
+  return md.any() ? forward_impl<S, true>(q, k, v, tr[0], lay, km, scale, md)
+                  : forward_impl<S, false>(q, k, v, tr[0], lay, km, scale, md);
 }
 
 // {dq, dk, dv}, and d_rel_bias after them when there is a rel_bias.
@@ -940,20 +984,21 @@ std::vector<at::Tensor> backward_typed(const at::Tensor& q, const at::Tensor& k,
                                        const std::optional<at::Tensor>& block_masked, double scale,
                                        double softcap, const std::optional<at::Tensor>& slopes,
                                        const std::optional<at::Tensor>& rel,
-                                       const std::optional<at::Tensor>& rel_rev) {
+                                       const std::optional<at::Tensor>& rel_rev, at::TensorList transposed) {
   constexpr auto acc = c10::CppTypeToScalarType<T>::value;
   TORCH_CHECK(lse.scalar_type() == acc && delta.scalar_type() == acc,
               "lse and delta must be in the kernel's accumulation dtype");
   const auto km = key_mask_of<T>(key_mask, block_masked, lay);
   const auto md = mods_of<T>(softcap, slopes, rel, rel_rev, q, lay);
+  const auto tr = transposed_of<S>(transposed, {&q, &k, &v, &dout});
   std::vector<at::Tensor> dq, dkdv;
   if (md.any()) {
     TORCH_CHECK(md.rel == nullptr || md.rel_rev != nullptr, "the backward needs rel_bias_rev with rel_bias");
-    dq = backward_dq_impl<S, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
-    dkdv = backward_dkdv_impl<S, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dq = backward_dq_impl<S, true>(q, k, v, dout, lse, delta, tr[1], tr[2], lay, km, scale, md);
+    dkdv = backward_dkdv_impl<S, true>(q, k, v, dout, lse, delta, tr[0], tr[3], lay, km, scale, md);
   } else {
-    dq = backward_dq_impl<S, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
-    dkdv = backward_dkdv_impl<S, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dq = backward_dq_impl<S, false>(q, k, v, dout, lse, delta, tr[1], tr[2], lay, km, scale, md);
+    dkdv = backward_dkdv_impl<S, false>(q, k, v, dout, lse, delta, tr[0], tr[3], lay, km, scale, md);
   }
   std::vector<at::Tensor> out{dq[0], dkdv[0], dkdv[1]};
   if (dq.size() > 1) out.push_back(dq[1]);
@@ -985,23 +1030,24 @@ std::vector<at::Tensor> by_dtype(const at::Tensor& q, F f) {
 }
 
 // Modifiers: softcap (0 for none), alibi_slopes, rel_bias (None for none), in the accumulation dtype
-// (float64 for float64 inputs, else float32).
+// (float64 for float64 inputs, else float32). `transposed`: bf16/fp16 only, [K^T] ([B, Hkv, D, Skv],
+// contiguous last dimension); empty otherwise.
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
                                 const std::optional<at::Tensor>& key_mask,
                                 const std::optional<at::Tensor>& block_masked, double scale, double softcap,
                                 const std::optional<at::Tensor>& alibi_slopes,
-                                const std::optional<at::Tensor>& rel_bias) {
+                                const std::optional<at::Tensor>& rel_bias, at::TensorList transposed) {
   const Layout lay(layout, ints, tiles_t);
   check_inputs({{&q, "q"}, {&k, "k"}, {&v, "v"}}, lay);
   return by_dtype(q, [&](auto s) {
     return forward_typed<decltype(s)>(q, k, v, lay, key_mask, block_masked, scale, softcap, alibi_slopes,
-                                      rel_bias);
+                                      rel_bias, transposed);
   });
 }
 
 // As forward, and rel_bias_rev: rel_bias reversed along its last dimension (given with rel_bias); lse and
-// delta in the accumulation dtype.
+// delta in the accumulation dtype; `transposed`: bf16/fp16 only, [Q^T, K^T, V^T, dO^T].
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
                                  at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
@@ -1009,13 +1055,13 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& block_masked, double scale, double softcap,
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rel_bias,
-                                 const std::optional<at::Tensor>& rel_bias_rev) {
+                                 const std::optional<at::Tensor>& rel_bias_rev, at::TensorList transposed) {
   const Layout lay(layout, ints, tiles_t);
   check_inputs({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}}, lay);
   TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
   return by_dtype(q, [&](auto s) {
     return backward_typed<decltype(s)>(q, k, v, dout, lse, delta, lay, key_mask, block_masked, scale, softcap,
-                                       alibi_slopes, rel_bias, rel_bias_rev);
+                                       alibi_slopes, rel_bias, rel_bias_rev, transposed);
   });
 }
 
