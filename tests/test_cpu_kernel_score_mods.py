@@ -268,11 +268,11 @@ def test_bad_modifier_tensors_are_refused():
     tensors, ints = layout.flatten()
     args = (q, k, v, tensors, ints, cpu_kernel._tiles_t(layout), None, None, 0.25)
     with pytest.raises(RuntimeError, match="rel_bias must be contiguous"):
-        module.forward(*args, 0.0, None, torch.zeros(2, 78))
+        module.forward(*args, 0.0, None, torch.zeros(2, 78), [])
     with pytest.raises(RuntimeError, match="alibi_slopes must be"):
-        module.forward(*args, 0.0, torch.zeros(1, 3), None)
+        module.forward(*args, 0.0, torch.zeros(1, 3), None, [])
     with pytest.raises(RuntimeError, match="softcap must be"):
-        module.forward(*args, float("inf"), None, None)
+        module.forward(*args, float("inf"), None, None, [])
 
 
 def api_run(qkv, pattern, mods, dtype, key_mask=None):

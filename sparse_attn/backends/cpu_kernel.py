@@ -205,6 +205,7 @@ def _masked_keys(key_mask, k, v, layout: BlockLayout):
 def _layout_args(layout: BlockLayout):
     """The layout's tensors (contiguous int32 on the CPU) and its six ints (`BlockLayout.flatten`); shared or
     per-batch layouts alike."""
+
     def prepare():
         tensors, ints = layout.flatten()
         return [t.to("cpu", torch.int32).contiguous() for t in tensors], ints
