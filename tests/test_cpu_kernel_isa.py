@@ -157,3 +157,27 @@ def test_nan_alibi_slopes_and_rel_bias_give_nan_rows(monkeypatch):
     rel_bias = torch.randn(2, 97 + 97 - 1)
     rel_bias[0, 96 + 3] = float("nan")  # the diagonal j - qpos = 3 of head 0
     _nan_rows_match_reference(pattern, q, k, v, rel_bias=rel_bias)
+
+
+def test_auto_measures_both_engines_and_keeps_the_faster(monkeypatch):
+    monkeypatch.delenv(cpu_kernel.ENGINE_ENV, raising=False)
+    choice = cpu_kernel.auto_choice(torch.float32)
+    assert choice["kernel_s"] > 0 and choice["aten_s"] > 0 and choice["isa"] == cpu_kernel.get_isa()
+    faster = "kernel" if choice["kernel_s"] <= choice["aten_s"] else "aten"
+    assert choice["engine"] == faster
+    assert cpu_kernel.auto_choice(torch.float64) is choice  # one measurement per dtype class
+    assert cpu_kernel.active(torch.float32) == (faster == "kernel")
+
+
+@pytest.mark.parametrize("faster", ["kernel", "aten"])
+def test_auto_runs_the_engine_it_measured_faster(faster, monkeypatch):
+    """Where the ATen engine measured faster (e.g. a CPU whose build of the kernel is slow), "auto" runs it."""
+    monkeypatch.delenv(cpu_kernel.ENGINE_ENV, raising=False)
+    key = (cpu_kernel.get_isa(), str(torch.bfloat16))
+    monkeypatch.setitem(cpu_kernel._choices, key, {"engine": faster, "kernel_s": 1.0, "aten_s": 1.0})
+    calls = []
+    real = cpu_kernel.forward
+    monkeypatch.setattr(cpu_kernel, "forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    case = Case(sa.sliding_window(30), dtype=torch.bfloat16, sq=97)
+    check_case(case, "torch")
+    assert bool(calls) == (faster == "kernel")

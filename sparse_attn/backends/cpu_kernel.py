@@ -1,25 +1,38 @@
 """The C++ block-sparse attention kernel for the CPU: built on first use, the engine of the "torch" backend.
 
 `sparse_attn/csrc/block_sparse_attn.cpp` walks the `BlockLayout` itself (forward, dQ, dK/dV; see its
-header). This module builds it with `torch.utils.cpp_extension.load` the first time it is needed (about a
-minute, once per machine and torch version; cached under ``$TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``), prepares its inputs and runs it.
+header), batch-shared and per-batch layouts alike (documents, varlen, top-k). This module builds it with
+`torch.utils.cpp_extension.load` the first time it is needed (about a minute, once per machine, ISA and
+torch version; cached under ``$TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), prepares
+its inputs and runs it.
+
+ISA builds (``SPARSE_ATTN_CPU_ISA``): the source is compiled once per instruction set, ``avx512``,
+``avx2`` or ``generic`` (different flags, different cached names, different op namespaces), and the build
+for the best one this CPU runs is loaded (``torch.backends.cpu.get_cpu_capability()``, which honours
+``ATEN_CPU_CAPABILITY``); the variable forces a lower one (e.g. ``avx2`` on an AVX-512 CPU). The ISA sets
+the width of the element-wise passes (ATen's ``Vectorized``); the GEMMs are the BLAS's (fp32) and torch's
+``cpublas::brgemm`` (bf16/fp16), which pick their own code path for the CPU at run time.
 
 Engines of the "torch" backend (``SPARSE_ATTN_CPU_ENGINE`` or `set_engine`):
-- ``"auto"`` (default): this kernel; if it cannot be built (no compiler, no ninja), the ATen-composition
-  engine of `torch_backend` runs instead, after one warning;
+- ``"auto"`` (default): this kernel where it builds and measured no slower than the ATen engine on this
+  CPU for the dtype (`auto_choice`: both engines timed once per process on a small window forward); if it
+  cannot be built (no compiler, no ninja), the ATen-composition engine of `torch_backend` runs instead, after
+  one warning;
 - ``"kernel"``: this kernel, and an error if it cannot be built;
 - ``"aten"``: the ATen-composition engine (the previous backend), for comparison.
 
-Inputs: the kernel computes in float32 (float64 for float64 inputs, for gradcheck). fp16/bf16 inputs are
-converted once per call, O(S x D), and the results converted back; fp32 inputs are read in place (any
-strides with a contiguous last dimension). Keys hidden by `key_mask` are zeroed in copies of K and V (a
-masked key may hold NaN) while the kernel masks their scores.
+Inputs: fp32, fp64 (gradcheck), bf16 and fp16, read in place (any strides with a contiguous last
+dimension). bf16/fp16 stay in low precision in the GEMMs, with fp32 accumulation, softmax and lse, as SDPA
+does: the probabilities and dS are rounded to the input dtype before their GEMMs; torch's brgemm takes no
+transposed operand, so K^T (and Q^T, V^T, dO^T in the backward) are copied once per call, O(S x D). Keys
+hidden by `key_mask` are zeroed in copies of K and V (a masked key may hold NaN) while the kernel masks
+their scores.
 
 Score modifiers (`sparse_attn.score_mods.ScoreMods`: softcap, ALiBi slopes, rel_bias) go to the kernel in
 its accumulation type; the backward also gets rel_bias reversed along its last dimension (so that a key's
-row of queries reads it forwards) and returns rel_bias' gradient, converted back to rel_bias' dtype. Without modifiers the kernel
-runs its modifier-free instantiation.
+row of queries reads it forwards) and returns rel_bias' gradient, converted back to rel_bias' dtype. Without
+modifiers the kernel runs its modifier-free instantiation. A row whose scores are NaN (a NaN query, NaN
+slopes or bias) gives NaN, as the reference and SDPA do.
 """
 
 from __future__ import annotations
@@ -80,15 +93,78 @@ def get_engine() -> str:
     return name
 
 
-def active() -> bool:
-    """Whether the "torch" backend runs this kernel now (building it on first use)."""
+def active(dtype: torch.dtype | None = None) -> bool:
+    """Whether the "torch" backend runs this kernel now for inputs of `dtype` (building it on first use).
+
+    "auto" runs it where it builds and, for `dtype`, where `auto_choice` measured it no slower than the ATen
+    engine on this CPU (without a dtype: where it builds)."""
     name = get_engine()
     if name == "aten":
         return False
     if name == "kernel":
         load(strict=True)
         return True
-    return load() is not None
+    if load() is None:
+        return False
+    return dtype is None or auto_choice(dtype)["engine"] == "kernel"
+
+
+# "auto"'s measurement: one small forward per engine, once per process, ISA and dtype class.
+CALIBRATION = {"heads": 4, "seq": 2048, "dim": 64, "window": 128, "repeats": 3}
+_choices: dict[tuple[str, str], dict] = {}
+_choice_lock = threading.Lock()
+
+
+def _dtype_class(dtype: torch.dtype) -> torch.dtype:
+    """The dtype measured for `dtype`: fp32 stands for fp32 and fp64, bf16 and fp16 for themselves."""
+    return dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def auto_choice(dtype: torch.dtype) -> dict:
+    """What "auto" runs for inputs of `dtype`: ``{"engine": "kernel" or "aten", "kernel_s": .., "aten_s": ..,
+    "isa": .., "dtype": ..}``.
+
+    Measured, not assumed: the first call per process, ISA build and dtype class times both engines on one
+    ``sliding_window(128)`` forward (B=1, H=4, S=2048, D=64; a few tens of ms), interleaved, medians of
+    `CALIBRATION["repeats"]`, and keeps the faster (the kernel on a tie). Both engines are exact; the choice
+    only decides speed. ``SPARSE_ATTN_CPU_ENGINE=kernel`` or ``aten`` skips the measurement."""
+    key = (get_isa(), str(_dtype_class(dtype)))
+    if key not in _choices:
+        load(strict=True)
+        with _choice_lock:
+            if key not in _choices:
+                _choices[key] = _measure_engines(_dtype_class(dtype))
+    return _choices[key]
+
+
+def _measure_engines(dtype: torch.dtype) -> dict:
+    import statistics
+    import time
+
+    from ..patterns import sliding_window
+    from .torch_backend.attention import aten_forward
+
+    c = CALIBRATION
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, c["heads"], c["seq"], c["dim"], generator=gen).to(dtype) for _ in range(3))
+    layout = sliding_window(c["window"]).layout(c["seq"], block_size=64)
+    scale = c["dim"] ** -0.5
+    runs = {
+        "kernel": lambda: forward(q, k, v, layout, scale, None),
+        "aten": lambda: aten_forward(q, k, v, layout, scale, None),
+    }
+    times = {name: [] for name in runs}
+    with torch.inference_mode():
+        for name, run in runs.items():
+            run()  # warm-up: first-touch scratch, thread pools
+        for _ in range(c["repeats"]):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    kernel_s, aten_s = (statistics.median(times[name]) for name in ("kernel", "aten"))
+    engine = "kernel" if kernel_s <= aten_s else "aten"
+    return {"engine": engine, "kernel_s": kernel_s, "aten_s": aten_s, "isa": get_isa(), "dtype": str(dtype)}
 
 
 def supported_isas() -> tuple[str, ...]:
