@@ -155,7 +155,7 @@ def _measure_engines(dtype: torch.dtype) -> dict:
     }
     times = {name: [] for name in runs}
     with torch.inference_mode():
-        for name, run in runs.items():
+        for run in runs.values():
             run()  # warm-up: first-touch scratch, thread pools
         for _ in range(c["repeats"]):
             for name, run in runs.items():
