@@ -25,13 +25,18 @@
 // for any thread count. Every kernel is instantiated with and without modifiers; without them the code
 // is the modifier-free one.
 //
-// Inputs (prepared by sparse_attn/backends/cpu_kernel.py): everything in the accumulation type T
-// (float, or double for gradcheck) with a contiguous last dimension, any other strides; keys hidden by
-// the key mask zeroed in K and V (such a key may hold NaN), their scores set to -inf here.
+// Inputs (prepared by sparse_attn/backends/cpu_kernel.py): q, k, v, dO in their storage type S (float,
+// double for gradcheck, bf16 or fp16) with a contiguous last dimension, any other strides; scores,
+// softmax, accumulators and lse in T = acc_t<S> (float, or double); keys hidden by the key mask zeroed in
+// K and V (such a key may hold NaN), their scores set to -inf here. Per-batch layouts (documents, varlen,
+// top-k) are walked like shared ones: batch element b, head h reads layout sequence Layout::seq(b, h).
+// A row whose scores are NaN stays NaN (nan_max; the tile mask is a select, not an added -inf).
 //
-// GEMMs: the BLAS PyTorch links (sgemm_/dgemm_, as SDPA's CPU kernel calls it), which reads transposed
-// operands in place. oneDNN's brgemm (at::native::cpublas::brgemm) was tried first: it takes no
-// transposed operand, and on AVX2 its wide GEMMs over pre-transposed K were slower.
+// GEMMs (see gemm()): fp32/fp64 through the BLAS PyTorch links (sgemm_/dgemm_, as SDPA's CPU kernel calls
+// it), which reads transposed operands in place (oneDNN's brgemm, with K^T copied, was slower there);
+// bf16/fp16 through torch's at::native::cpublas::brgemm with fp32 accumulation, P and dS rounded to S
+// first, B^T operands copied once per call. The build's ISA (flags chosen by cpu_kernel.py: AVX-512,
+// AVX2 or none) sets the width of ATen's Vectorized element-wise passes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
