@@ -113,18 +113,57 @@ def _flex_forward(q, k, v, window: int):
     return run
 
 
-def _engine(name: str, fn):
-    """`fn` run with the "torch" backend's engine set to `name` ("kernel" or "aten")."""
+def _engine(name: str, fn, isa: str | None = None):
+    """`fn` run with the "torch" backend's engine set to `name` ("kernel" or "aten"), the kernel's ISA build
+    to `isa` (None: the best this CPU runs)."""
     from sparse_attn.backends import cpu_kernel
 
     def run():
         cpu_kernel.set_engine(name)
+        before = os.environ.pop(cpu_kernel.ISA_ENV, None)
+        if isa is not None:
+            os.environ[cpu_kernel.ISA_ENV] = isa
         try:
             return fn()
         finally:
             cpu_kernel.set_engine(None)
+            os.environ.pop(cpu_kernel.ISA_ENV, None)
+            if before is not None:
+                os.environ[cpu_kernel.ISA_ENV] = before
 
     return run
+
+
+def _kernel_isas() -> list[str]:
+    """The vector ISA builds this CPU runs, best first (the best is "sparse_attn", the others
+    "sparse_attn_<isa>")."""
+    from sparse_attn.backends import cpu_kernel
+
+    isas = [isa for isa in cpu_kernel.supported_isas() if isa != "generic"] or ["generic"]
+    return isas[::-1]
+
+
+def _isa_report() -> dict:
+    """The CPU's vector features, torch's dispatch level, the kernel builds measured and "auto"'s choice."""
+    from sparse_attn.backends import cpu_kernel
+
+    flags = set()
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16")
+    wanted += ("amx_bf16", "amx_fp16", "amx_tile")
+    return {
+        "cpu_flags": [f for f in wanted if f in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "kernel_isas": _kernel_isas(),
+        "auto_choice": {
+            str(dt).removeprefix("torch."): cpu_kernel.auto_choice(dt)
+            for dt in (torch.float32, torch.bfloat16)
+        },
+    }
 
 
 def _fwd(fn):
@@ -188,9 +227,12 @@ def _run_dtype(q, k, v, window_pat, big, window, density, repeats, flex, bar) ->
     name = str(q.dtype).removeprefix("torch.")
     sparse = lambda pattern: lambda: sa.sparse_attention(q, k, v, pattern, backend="torch")
     dense = lambda: F.scaled_dot_product_attention(q, k, v)
-    # The engine is set around the whole call, backward included.
-    engines = {"sparse_attn": "kernel", "previous": "aten"}
-    ours = lambda wrap, pattern: {n: _engine(e, wrap(sparse(pattern))) for n, e in engines.items()}
+    # The engine (and the kernel's ISA build) is set around the whole call, backward included.
+    best, *lower = _kernel_isas()
+    engines = {"sparse_attn": ("kernel", best)}
+    engines |= {f"sparse_attn_{isa}": ("kernel", isa) for isa in lower}
+    engines["previous"] = ("aten", None)
+    ours = lambda wrap, pattern: {n: _engine(*e[:1], wrap(sparse(pattern)), e[1]) for n, e in engines.items()}
     with_grad = lambda fn: _fwd_bwd(fn, (q, k, v))
     fwd = ours(_fwd, window_pat) | {"sdpa": _fwd(dense)}
     if flex:
@@ -283,7 +325,8 @@ def run(
     from sparse_attn.backends import cpu_kernel
 
     torch.set_num_threads(threads)
-    cpu_kernel.load(strict=True)  # built before anything is timed
+    for isa in _kernel_isas():
+        cpu_kernel.load(strict=True, isa=isa)  # built before anything is timed
     seq, heads, dim, window = (1024, 2, 64, 128) if quick else (8192, 8, 64, 256)
     window_pat = sa.sliding_window(window)
     big = sa.bigbird(64, 32, 2) if quick else sa.bigbird(window=256, global_tokens=64, num_random_blocks=3)
@@ -297,6 +340,7 @@ def run(
         "config": {"B": 1, "H": heads, "S": seq, "D": dim, "threads": threads, "window": window},
         "density": density,
         "load_before": _load(),
+        "isa": _isa_report(),
     }
     rounds = len(dtypes) * (3 * repeats + (1 if flex else 0)) + (2 * repeats if modifiers else 0)
     bar = tqdm(total=rounds, desc="cpu attention", unit="round")
@@ -315,10 +359,20 @@ def run(
 
 def _table(results: dict, dtypes: list[str]) -> str:
     full = results["config"]["S"] == 8192
-    lines = [f"load average before/after: {results['load_before']} / {results['load_after']}"]
+    isa = results["isa"]
+    lines = [
+        f"load average before/after: {results['load_before']} / {results['load_after']}",
+        f"CPU: {results.get('hardware', _cpu_name())}; flags {' '.join(isa['cpu_flags'])}; torch dispatch "
+        f"{isa['torch_capability']}; kernel builds {', '.join(isa['kernel_isas'])} (sparse_attn = the first)",
+    ]
+    for dt, c in isa["auto_choice"].items():
+        lines.append(
+            f"auto engine for {dt}: {c['engine']} (kernel {c['kernel_s'] * 1e3:.1f} ms, "
+            f"ATen {c['aten_s'] * 1e3:.1f} ms on its calibration forward)"
+        )
     if dtypes:
         lines.append(
-            f"{'dtype':<9}{'case':<18}{'impl':<15}{'wall ms':>9}{'cpu ms':>9}{'of ideal (wall/cpu)':>22}  target"
+            f"{'dtype':<9}{'case':<18}{'impl':<20}{'wall ms':>9}{'cpu ms':>9}{'of ideal (wall/cpu)':>22}  target"
         )
     for dtype in dtypes:
         for case in CASES:
@@ -334,7 +388,7 @@ def _table(results: dict, dtypes: list[str]) -> str:
                     said = lambda f, target=target: "meets" if f >= target else "MISSES"
                     verdict = f">= {target:.0%}: wall {said(frac['wall_s'])}, cpu {said(frac['cpu_s'])}"
                 lines.append(
-                    f"{dtype:<9}{case:<18}{impl:<15}{t['wall_s'] * 1e3:>9.1f}{t['cpu_s'] * 1e3:>9.1f}"
+                    f"{dtype:<9}{case:<18}{impl:<20}{t['wall_s'] * 1e3:>9.1f}{t['cpu_s'] * 1e3:>9.1f}"
                     f"{shown:>22}  {verdict}"
                 )
     mods = results.get("modifiers")
@@ -376,17 +430,18 @@ def _plot(results: dict, dtypes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    impls = ("sparse_attn", "previous", "flex_compiled")
+    impls = ("sparse_attn", *(f"sparse_attn_{isa}" for isa in results["isa"]["kernel_isas"][1:]))
+    impls += ("previous", "flex_compiled")
     mods = results.get("modifiers")
     panels = len(dtypes) + (1 if mods else 0)
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.6), squeeze=False)
     if mods:
         _plot_modifiers(axes[0][-1], mods)
     for ax, dtype in zip(axes[0], dtypes, strict=False):
-        width = 0.27
+        width = 0.8 / len(impls)
         for i, impl in enumerate(impls):
             fr = results[dtype]["fraction_of_ideal"]
-            xs = [x + (i - 1) * width for x in range(len(CASES))]
+            xs = [x + (i - (len(impls) - 1) / 2) * width for x in range(len(CASES))]
             cpu = [100 * fr[c][impl]["cpu_s"] if impl in fr[c] else float("nan") for c in CASES]
             wall = [100 * fr[c][impl]["wall_s"] if impl in fr[c] else float("nan") for c in CASES]
             bars = ax.bar(xs, cpu, width, label=impl)

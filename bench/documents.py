@@ -4,7 +4,9 @@ Questions (issue 13):
 1. Layout build for 131,072 tokens packed from 64 random-length documents, ``documents(ids) & causal()``,
    block 128: at most 5 ms and 20 MB? FlexAttention's eager ``create_block_mask`` for the same mask is
    quoted in the same run, at the sizes it can handle (it evaluates the whole S x S grid).
-2. Packed training step, B=1, H=8, D=64, 16,384 tokens of 16 random-length documents, fp32, forward +
+2. Packed training step, B=1, H=8, D=64, 8 documents of 4,096 tokens (issue 22; ``--step-docs``,
+   ``--step-tokens``, ``--random-lengths`` for others, e.g. issue 13's 16 random-length documents in
+   16,384 tokens), fp32, forward +
    backward through the PyTorch backend: at least 10x faster than dense SDPA with the equivalent boolean
    mask, and within 1.25x of running the 16 documents one by one through SDPA with ``is_causal=True``
    (which computes no wasted pair: the practical limit)?
@@ -91,11 +93,15 @@ def random_lengths(seq: int, docs: int, seed: int = 0) -> list[int]:
     return torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([seq])])).tolist()
 
 
-def training_step(seq: int, docs: int, heads: int, dim: int, repeats: int, dense: bool) -> dict:
-    """Median forward + backward seconds of sparse-attn, per-document SDPA and (optionally) dense SDPA."""
+def training_step(
+    seq: int, docs: int, heads: int, dim: int, repeats: int, dense: bool, equal: bool = False
+) -> dict:
+    """Median forward + backward seconds of sparse-attn, per-document SDPA and (optionally) dense SDPA;
+    documents of equal lengths (`equal`) or random ones."""
     import sparse_attn as sa
 
-    lengths = random_lengths(seq, docs)
+    lengths = [seq // docs] * docs if equal else random_lengths(seq, docs)
+    lengths[-1] += seq - sum(lengths)
     ids = torch.repeat_interleave(torch.arange(docs), torch.tensor(lengths))
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, heads, seq, dim, generator=gen).requires_grad_(True) for _ in range(3))
@@ -151,6 +157,16 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes only")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="timed training steps per implementation")
+    parser.add_argument(
+        "--step-docs", type=int, default=8, help="documents in the training step (default 8, issue 22)"
+    )
+    parser.add_argument(
+        "--step-tokens", type=int, default=32768, help="tokens in the training step (default 8 x 4096)"
+    )
+    parser.add_argument(
+        "--random-lengths", action="store_true", help="random document lengths in the step (default: equal)"
+    )
+    parser.add_argument("--no-build", action="store_true", help="skip the layout-build measurements")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -164,7 +180,9 @@ def main(argv=None) -> int:
             **measure_build("sparse_attn", build_seq, 64, 21),
         }
     ]
-    for seq in sorted({*flex_seqs, 16384 if not args.quick else 2048}):
+    if args.no_build:
+        builds, flex_seqs = builds[:1], []
+    for seq in sorted({*flex_seqs}):
         builds.append(
             {"impl": "sparse_attn", "tokens": seq, "docs": 64, **measure_build("sparse_attn", seq, 64, 21)}
         )
@@ -177,8 +195,9 @@ def main(argv=None) -> int:
                 **measure_build("flex_attention", seq, 64, 1),
             }
         )
-    step_seq, step_docs = (2048, 16) if args.quick else (16384, 16)
-    step = training_step(step_seq, step_docs, 8, 64, 3 if args.quick else args.repeats, dense=True)
+    step_seq, step_docs = (2048, 16) if args.quick else (args.step_tokens, args.step_docs)
+    equal = not (args.random_lengths or args.quick)
+    step = training_step(step_seq, step_docs, 8, 64, 3 if args.quick else args.repeats, True, equal)
     report = {
         "meta": {
             "cpu": _cpu_name(),
@@ -191,7 +210,14 @@ def main(argv=None) -> int:
         },
         "targets": TARGETS,
         "layout_build": builds,
-        "training_step": {"tokens": step_seq, "docs": step_docs, "heads": 8, "dim": 64, **step},
+        "training_step": {
+            "tokens": step_seq,
+            "docs": step_docs,
+            "lengths": "equal" if equal else "random",
+            "heads": 8,
+            "dim": 64,
+            **step,
+        },
     }
     print_report(report)
     name = "documents" + ("-quick" if args.quick else "")

@@ -266,13 +266,13 @@ def test_bad_modifier_tensors_are_refused():
     q, k, v = (t.float() for t in make_inputs(1, 2, 2, 40, 40, 16))
     layout = sa.causal().layout(40, 40, block_size=32)
     tensors, ints = layout.flatten()
-    args = (q, k, v, tensors, ints[:5], cpu_kernel._tiles_t(layout), None, None, 0.25)
+    args = (q, k, v, tensors, ints, cpu_kernel._tiles_t(layout), None, None, 0.25)
     with pytest.raises(RuntimeError, match="rel_bias must be contiguous"):
-        module.forward(*args, 0.0, None, torch.zeros(2, 78))
+        module.forward(*args, 0.0, None, torch.zeros(2, 78), [])
     with pytest.raises(RuntimeError, match="alibi_slopes must be"):
-        module.forward(*args, 0.0, torch.zeros(1, 3), None)
+        module.forward(*args, 0.0, torch.zeros(1, 3), None, [])
     with pytest.raises(RuntimeError, match="softcap must be"):
-        module.forward(*args, float("inf"), None, None)
+        module.forward(*args, float("inf"), None, None, [])
 
 
 def api_run(qkv, pattern, mods, dtype, key_mask=None):

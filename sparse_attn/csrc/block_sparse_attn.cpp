@@ -25,23 +25,34 @@
 // for any thread count. Every kernel is instantiated with and without modifiers; without them the code
 // is the modifier-free one.
 //
-// Inputs (prepared by sparse_attn/backends/cpu_kernel.py): everything in the accumulation type T
-// (float, or double for gradcheck) with a contiguous last dimension, any other strides; keys hidden by
-// the key mask zeroed in K and V (such a key may hold NaN), their scores set to -inf here.
+// Inputs (prepared by sparse_attn/backends/cpu_kernel.py): q, k, v, dO in their storage type S (float,
+// double for gradcheck, bf16 or fp16) with a contiguous last dimension, any other strides; scores,
+// softmax, accumulators and lse in T = acc_t<S> (float, or double); keys hidden by the key mask zeroed in
+// K and V (such a key may hold NaN), their scores set to -inf here. Per-batch layouts (documents, varlen,
+// top-k) are walked like shared ones: batch element b, head h reads layout sequence Layout::seq(b, h).
+// A row whose scores are NaN stays NaN (nan_max; the tile mask is a select, not an added -inf).
 //
-// GEMMs: the BLAS PyTorch links (sgemm_/dgemm_, as SDPA's CPU kernel calls it), which reads transposed
-// operands in place. oneDNN's brgemm (at::native::cpublas::brgemm) was tried first: it takes no
-// transposed operand, and on AVX2 its wide GEMMs over pre-transposed K were slower.
+// GEMMs (see gemm()): fp32/fp64 through the BLAS PyTorch links (sgemm_/dgemm_, as SDPA's CPU kernel calls
+// it), which reads transposed operands in place (oneDNN's brgemm, with K^T copied, was slower there);
+// bf16/fp16 through torch's at::native::cpublas::brgemm with fp32 accumulation, P and dS rounded to S
+// first, B^T operands copied once per call. The build's ISA (flags chosen by cpu_kernel.py: AVX-512,
+// AVX2 or none) sets the width of ATen's Vectorized element-wise passes.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <type_traits>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -62,34 +73,100 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const int* ldc) __attribute__((weak));
 // MKL: this thread's MKL thread count (0 restores the global one).
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // (the lower-case name takes an int*)
+// OpenMP: this thread's team size for parallel regions it opens (torch's intra-op pool is OpenMP here).
+void omp_set_num_threads(int n) __attribute__((weak));
+int omp_get_max_threads() __attribute__((weak));
 }
 
-template <typename T>
-void loop_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+using at::BFloat16;
+using at::Half;
+
+// Accumulation type of a storage type: float for float, bf16 and fp16; double for double.
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+template <typename S>
+constexpr bool kLowPrecision = std::is_same_v<S, BFloat16> || std::is_same_v<S, Half>;
+
+template <typename S, typename T>
+void loop_gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                int64_t ldb, T* C, int64_t ldc, bool add) {
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = 0; j < N; ++j) {
       T c = add ? C[i * ldc + j] : T(0);
-      for (int64_t k = 0; k < K; ++k) c += A[i * lda + k] * (trans_b ? B[j * ldb + k] : B[k * ldb + j]);
+      for (int64_t k = 0; k < K; ++k)
+        c += static_cast<T>(A[i * lda + k]) * static_cast<T>(trans_b ? B[j * ldb + k] : B[k * ldb + j]);
       C[i * ldc + j] = c;
     }
 }
 
 // C[M, N] (+)= A[M, K] op(B), all row-major with leading dimensions in elements; op(B) is B [K, N], or
-// with `trans_b` the transpose of B stored [N, K] (so K^T, V^T, Q^T, dO^T need no copy). Row-major C is
-// column-major C^T = op(B)^T A^T, hence the swapped operands.
-template <typename T>
-inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+// with `trans_b` the transpose of B stored [N, K] (so K^T, V^T, Q^T, dO^T need no copy in fp32). A and B
+// are in the storage type S, C in its accumulation type.
+// - fp32 / fp64: the BLAS's sgemm_/dgemm_. Row-major C is column-major C^T = op(B)^T A^T, hence the
+//   swapped operands.
+// - bf16 / fp16 (products summed in fp32, as SDPA's matmuls): torch's batch-reduce GEMM
+//   `at::native::cpublas::brgemm`, the building block of torch's own CPU flash attention. It reaches
+//   oneDNN (AVX512-BF16 / AVX512-FP16 instructions where the CPU has them, AVX-512 or AVX2 otherwise). It
+//   takes no transposed operand: the callers pass B^T copies made once per call (`gemm_abt`).
+template <typename S, typename T>
+inline void gemm(bool trans_b, int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const S* B,
                  int64_t ldb, T* C, int64_t ldc, bool add) {
-  const char tb = trans_b ? 'T' : 'N', ta = 'N';
-  const int m = N, n = M, k = K, lb = ldb, la = lda, lc = ldc;
-  const T alpha = 1, beta = add ? 1 : 0;
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) return sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+  if constexpr (kLowPrecision<S>) {
+    TORCH_CHECK(!trans_b, "internal: low-precision GEMMs take B^T copies");
+    return at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
   } else {
-    if (dgemm_) return dgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    const char tb = trans_b ? 'T' : 'N', ta = 'N';
+    const int m = N, n = M, k = K, lb = ldb, la = lda, lc = ldc;
+    const T alpha = 1, beta = add ? 1 : 0;
+    if constexpr (std::is_same_v<S, float>) {
+      if (sgemm_) return sgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    } else {
+      if (dgemm_) return dgemm_(&tb, &ta, &m, &n, &k, &alpha, B, &lb, A, &la, &beta, C, &lc);
+    }
   }
   loop_gemm(trans_b, M, N, K, A, lda, B, ldb, C, ldc, add);
+}
+
+// [B, H, D, S]: the transpose of a [B, H, S, D] tensor, made contiguous (low precision only; see gemm).
+template <typename S>
+struct Transposed {
+  const S* ptr = nullptr;
+  int64_t sb = 0, sh = 0, ld = 0;
+  Transposed() = default;
+  explicit Transposed(const at::Tensor& t)
+      : ptr(t.data_ptr<S>()), sb(t.stride(0)), sh(t.stride(1)), ld(t.stride(2)) {}
+  // Column s (position s of the sequence) of batch b, head h.
+  const S* at(int64_t b, int64_t h, int64_t s) const { return ptr + b * sb + h * sh + s; }
+};
+
+// dst[r, :n] = src[r, :n] for m rows (leading dimension ld), converted to S: P and dS rounded to the
+// input precision before their GEMMs, as SDPA does. Returns dst (src itself when S is T).
+template <typename S, typename T>
+inline const S* to_storage(const T* src, S* dst, int64_t m, int64_t n, int64_t ld) {
+  if constexpr (std::is_same_v<S, T>) {
+    return src;
+  } else {
+    for (int64_t r = 0; r < m; ++r) at::vec::convert(src + r * ld, dst + r * ld, n);
+    return dst;
+  }
+}
+
+// dst[:n] = src[:n] * a, converted to S (an output row).
+template <typename S, typename T>
+inline void store_row(const T* src, S* dst, int64_t n, T a) {
+  using V = Vectorized<T>;
+  if constexpr (std::is_same_v<S, T>) {
+    int64_t c = 0;
+    for (; c + V::size() <= n; c += V::size()) (V::loadu(src + c) * V(a)).store(dst + c);
+    for (; c < n; ++c) dst[c] = src[c] * a;
+  } else {
+    T tmp[256];
+    for (int64_t c0 = 0; c0 < n; c0 += 256) {
+      const int64_t len = std::min<int64_t>(256, n - c0);
+      for (int64_t c = 0; c < len; ++c) tmp[c] = src[c0 + c] * a;
+      at::vec::convert(tmp, dst + c0, len);
+    }
+  }
 }
 
 inline Vectorized<float> vexp(const Vectorized<float>& x) { return x.exp_u20(); }
@@ -122,6 +199,31 @@ constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
 }
 
+// max that propagates NaN (std::max(a, NaN) is a): a row whose scores are NaN must give NaN, as the
+// reference and SDPA do, never an empty row.
+template <typename T>
+inline T nan_max(T a, T b) {
+  return (a != a || b != b) ? std::numeric_limits<T>::quiet_NaN() : std::max(a, b);
+}
+
+// The max (NaN if any lane is NaN) and the sum of a vector's lanes.
+template <typename T>
+inline T lanes_max(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T out = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) out = nan_max(out, lanes[i]);
+  return out;
+}
+template <typename T>
+inline T lanes_sum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T out = lanes[0];
+  for (int i = 1; i < Vectorized<T>::size(); ++i) out += lanes[i];
+  return out;
+}
+
 // Element-wise passes over one row of scores (at most a block wide, so it stays in L1), vectorized with
 // ATen's Vectorized<T> and a masked tail.
 
@@ -141,8 +243,8 @@ inline T max_of(const T* x, int64_t n) {
   V m(neg_inf<T>());
   int64_t c = 0;
   for (; c + V::size() <= n; c += V::size()) m = at::vec::maximum(m, V::loadu(x + c));
-  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
-  for (; c < n; ++c) out = std::max(out, x[c]);
+  T out = lanes_max(m);
+  for (; c < n; ++c) out = nan_max(out, x[c]);
   return out;
 }
 
@@ -157,8 +259,8 @@ inline T scale_max_(T* x, int64_t n, T a) {
     y.store(x + c);
     m = at::vec::maximum(m, y);
   }
-  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
-  for (; c < n; ++c) out = std::max(out, x[c] *= a);
+  T out = lanes_max(m);
+  for (; c < n; ++c) out = nan_max(out, x[c] *= a);
   return out;
 }
 
@@ -173,7 +275,7 @@ inline T exp_sum(T* x, int64_t n, T m) {
     p.store(x + c);
     acc = acc + p;
   }
-  T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+  T sum = lanes_sum(acc);
   for (; c < n; ++c) sum += (x[c] = std::exp(x[c] - m));
   return sum;
 }
@@ -266,32 +368,46 @@ inline T modify_row_(T* x, int64_t n, T scale, T cap, T* th, T slope, int64_t re
     y.store(x + c);
     m = at::vec::maximum(m, y);
   }
-  T out = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, m);
+  T out = lanes_max(m);
   if (c < n) {
     apply(V::loadu(x + c, n - c), c, n - c).store(x + c, n - c);
-    for (; c < n; ++c) out = std::max(out, x[c]);
+    for (; c < n; ++c) out = nan_max(out, x[c]);
   }
   return out;
 }
 
-// 0 or -inf for each bit of a byte: a tile row's mask, 8 columns at a time, as an addition.
+// For each bit of a byte, the masks that keep a score (bit 1) or make it -inf (bit 0) as bit operations
+// x = (x & keep) | hide, 8 columns at a time. A select, not an addition of -inf: a NaN score of an invisible
+// pair must become -inf, as in the reference (NaN - inf is NaN).
 template <typename T>
-struct TileBias {
-  T bias[256][8];
-  TileBias() {
+struct TileSelect {
+  using U = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  U keep[256][8], hide[256][8];
+  TileSelect() {
+    const T ninf = neg_inf<T>();
+    U ninf_bits;
+    std::memcpy(&ninf_bits, &ninf, sizeof(U));
     for (int b = 0; b < 256; ++b)
-      for (int k = 0; k < 8; ++k) bias[b][k] = ((b >> k) & 1) ? T(0) : neg_inf<T>();
+      for (int k = 0; k < 8; ++k) {
+        const bool on = (b >> k) & 1;
+        keep[b][k] = on ? ~U(0) : U(0);
+        hide[b][k] = on ? U(0) : ninf_bits;
+      }
   }
 };
 
 // x[c] = -inf where bit c of the packed tile row `bits` is 0 (bits beyond the sequence are 0 too).
 template <typename T>
 inline void mask_tile_(T* x, int64_t n, const int32_t* bits) {
-  static const TileBias<T> lut;
+  using U = typename TileSelect<T>::U;
+  static const TileSelect<T> lut;
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) {
-    const T* b = lut.bias[(static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 0xFFu];
-    for (int k = 0; k < 8; ++k) x[c + k] += b[k];
+    const uint32_t byte = (static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 0xFFu;
+    U lanes[8];
+    std::memcpy(lanes, x + c, sizeof(lanes));
+    for (int k = 0; k < 8; ++k) lanes[k] = (lanes[k] & lut.keep[byte][k]) | lut.hide[byte][k];
+    std::memcpy(x + c, lanes, sizeof(lanes));
   }
   for (; c < n; ++c) x[c] = ((static_cast<uint32_t>(bits[c >> 5]) >> (c & 31)) & 1u) ? x[c] : neg_inf<T>();
 }
@@ -312,23 +428,53 @@ struct Strided {
   T* at(int64_t b, int64_t h, int64_t s) const { return ptr + b * sb + h * sh + s * ss; }
 };
 
+// C[M, N] = A[M, K] X^T, where X^T's columns are rows s0.. s0 + N - 1 of X (batch b, head h): X read in
+// place (trans_b) in fp32 / fp64, its transposed copy XT in bf16 / fp16.
+template <typename S, typename T>
+inline void gemm_abt(int64_t M, int64_t N, int64_t K, const S* A, int64_t lda, const Strided<S>& X,
+                     const Transposed<S>& XT, int64_t b, int64_t h, int64_t s0, T* C, int64_t ldc) {
+  if constexpr (kLowPrecision<S>) {
+    gemm(false, M, N, K, A, lda, XT.at(b, h, s0), XT.ld, C, ldc, false);
+  } else {
+    gemm(true, M, N, K, A, lda, X.at(b, h, s0), X.ss, C, ldc, false);
+  }
+}
+
+// The transposed copies of the low-precision path: `names` of `t` (the kernel's optional list), checked.
+template <typename S>
+std::vector<Transposed<S>> transposed_of(at::TensorList t, std::initializer_list<const at::Tensor*> of) {
+  std::vector<Transposed<S>> out;
+  if constexpr (!kLowPrecision<S>) return std::vector<Transposed<S>>(of.size());
+  TORCH_CHECK(t.size() == of.size(), "the bf16/fp16 kernel takes ", of.size(), " transposed copies");
+  size_t i = 0;
+  for (const at::Tensor* x : of) {
+    const auto& c = t[i++];
+    TORCH_CHECK(c.dim() == 4 && c.size(0) == x->size(0) && c.size(1) == x->size(1) && c.size(2) == x->size(3) &&
+                    c.size(3) == x->size(2) && c.stride(3) == 1 && c.scalar_type() == x->scalar_type(),
+                "a transposed copy must be [B, H, D, S] with a contiguous last dimension");
+    out.emplace_back(c);
+  }
+  return out;
+}
+
 // The layout's CSR lists (see sparse_attn/layout.py) and geometry.
 struct Layout {
-  int64_t heads, q_len, kv_len, bq, bk, nqb, nkb, words, words_t;
+  int64_t heads, batch, q_len, kv_len, bq, bk, nqb, nkb, words, words_t;
   const int32_t *row_full_ptr, *row_full_idx, *row_part_ptr, *row_part_idx, *row_part_tile;
   const int32_t *col_full_ptr, *col_full_idx, *col_part_ptr, *col_part_idx, *col_part_tile;
   const int32_t *tiles, *tiles_t;
 
   Layout(at::TensorList t, at::IntArrayRef ints, const at::Tensor& tiles_t_) {
-    // BlockLayout.flatten(): 11 int32 tensors and (q_len, kv_len, block_q, block_k, heads).
-    TORCH_CHECK(t.size() == 11 && ints.size() == 5, "unexpected BlockLayout format: ", t.size(),
-                " tensors and ", ints.size(), " ints (this kernel takes one layout per head, no batch)");
-    q_len = ints[0], kv_len = ints[1], bq = ints[2], bk = ints[3], heads = ints[4];
+    // BlockLayout.flatten(): 11 int32 tensors and (q_len, kv_len, block_q, block_k, heads, batch or 0).
+    TORCH_CHECK(t.size() == 11 && ints.size() == 6, "unexpected BlockLayout format: ", t.size(),
+                " tensors and ", ints.size(), " ints");
+    q_len = ints[0], kv_len = ints[1], bq = ints[2], bk = ints[3], heads = ints[4], batch = ints[5];
     nqb = (q_len + bq - 1) / bq;
     nkb = (kv_len + bk - 1) / bk;
-    TORCH_CHECK(t[0].dim() == 2 && t[0].size(0) == heads && t[0].size(1) == nqb + 1 &&
-                    t[5].dim() == 2 && t[5].size(0) == heads && t[5].size(1) == nkb + 1,
-                "BlockLayout row/column offsets must be [heads, blocks + 1]");
+    const int64_t seqs = std::max<int64_t>(batch, 1) * heads;
+    TORCH_CHECK(t[0].dim() == 2 && t[0].size(0) == seqs && t[0].size(1) == nqb + 1 &&
+                    t[5].dim() == 2 && t[5].size(0) == seqs && t[5].size(1) == nkb + 1,
+                "BlockLayout row/column offsets must be [(batch or 1) * heads, blocks + 1]");
     for (const auto& x : t) TORCH_CHECK(x.scalar_type() == at::kInt && x.is_contiguous() && x.is_cpu(),
                                         "BlockLayout tensors must be contiguous int32 CPU tensors");
     words = (bk + 31) / 32;
@@ -340,8 +486,8 @@ struct Layout {
     TORCH_CHECK(tiles_t_.scalar_type() == at::kInt && tiles_t_.is_contiguous(), "tiles_t must be contiguous int32");
     tiles_t = tiles_t_.data_ptr<int32_t>();
   }
-  // Layout head of query head h.
-  int64_t head(int64_t h) const { return heads == 1 ? 0 : h; }
+  // The layout sequence of batch element b, query head h (see sparse_attn/layout.py).
+  int64_t seq(int64_t b, int64_t h) const { return (batch ? b : 0) * heads + (heads == 1 ? 0 : h); }
 };
 
 // Runs f(task) for every task on torch's intra-op threads; tasks are handed out one at a time, the
@@ -355,8 +501,11 @@ void run_tasks(const std::vector<int64_t>& order, F f) {
     // Each worker's GEMMs run on that worker alone: MKL would otherwise start nested OpenMP teams whose
     // spinning threads starve the other workers (10x slower on a loaded 2-core machine).
     const int mkl_before = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const int omp_before = omp_get_max_threads ? omp_get_max_threads() : 0;
+    if (omp_set_num_threads) omp_set_num_threads(1);
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(order[i]);
     if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_before);
+    if (omp_set_num_threads) omp_set_num_threads(omp_before);
   });
 }
 
@@ -439,49 +588,53 @@ KeyMask<T> key_mask_of(const std::optional<at::Tensor>& real, const std::optiona
 
 // ---------------------------------------------------------------------------------------------------
 // forward
-template <typename T, bool MODS>
+// S: the storage type of q, k, v and out (float, double, bf16 or fp16); T = acc_t<S> for scores, softmax,
+// accumulators and lse.
+template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                     const Layout& lay, const KeyMask<T>& km, double scale_arg,
-                                     const Mods<T>& md) {
+                                     const Transposed<S>& KT, const Layout& lay, const KeyMask<T>& km,
+                                     double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = v.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
   const T scale = static_cast<T>(scale_arg);
   auto out = at::empty({B, Hq, lay.q_len, D}, q.options());
-  auto lse = at::empty({B, Hq, lay.q_len}, q.options());
-  const Strided<T> Q(q), K(k), V(v), O(out);
+  at::Tensor lse = at::empty({B, Hq, lay.q_len}, q.options().dtype(c10::CppTypeToScalarType<T>::value));
+  const Strided<S> Q(q), K(k), V(v), O(out);
   T* L = lse.data_ptr<T>();
 
   std::vector<int64_t> cost(B * Hq * nqb);
   for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
-    const int64_t l = lay.head((t / nqb) % Hq), qb = t % nqb;
+    const int64_t l = lay.seq(t / (Hq * nqb), (t / nqb) % Hq), qb = t % nqb;
     cost[t] = count(lay.row_full_ptr, nqb, l, qb) + count(lay.row_part_ptr, nqb, l, qb);
   }
   run_tasks(by_cost(cost), [&](int64_t t) {
     thread_local std::vector<T> scratch;
+    thread_local std::vector<S> low;  // P in the storage type (bf16, fp16) for the P V GEMM
     thread_local std::vector<Kept> kept;
     scratch.resize(bq * W + bq * D + 2 * bq);
-    T* S = scratch.data();  // [bq, W] scores, then probabilities
-    T* acc = S + bq * W;    // [bq, D] unnormalised output
-    T* mx = acc + bq * D;   // [bq] running max (scaled scores)
-    T* sum = mx + bq;       // [bq] running sum of exp
+    if constexpr (kLowPrecision<S>) low.resize(bq * W);
+    T* St = scratch.data();  // [bq, W] scores, then probabilities
+    T* acc = St + bq * W;    // [bq, D] unnormalised output
+    T* mx = acc + bq * D;    // [bq] running max (scaled scores)
+    T* sum = mx + bq;        // [bq] running sum of exp
     const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, g = h / group;
-    const int64_t l = lay.head(h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
+    const int64_t l = lay.seq(b, h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
     std::fill(acc, acc + m * D, T(0));
     std::fill(mx, mx + m, neg_inf<T>());
     std::fill(sum, sum + m, T(0));
-    const T* q_rows = Q.at(b, h, i0);
+    const S* q_rows = Q.at(b, h, i0);
     const T slope = md.slope(b, h);
     kept_blocks(kept, nqb, l, qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr, lay.row_part_idx,
                 lay.row_part_tile, lay.tiles, bq * lay.words);
     for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
       const int64_t j0 = kept[first].idx * bk, w = std::min(blocks * bk, lay.kv_len - j0);
-      gemm(true, m, w, D, q_rows, Q.ss, K.at(b, g, j0), K.ss, S, W, false);
+      gemm_abt(m, w, D, q_rows, Q.ss, K, KT, b, g, j0, St, W);
       bool masked = false;
       for (int64_t i = 0; i < blocks; ++i)
         masked |= kept[first + i].tile != nullptr || km.keys(b, kept[first + i].idx) != nullptr;
       for (int64_t r = 0; r < m; ++r) {
-        T* s = S + r * W;
+        T* s = St + r * W;
         T row_max = neg_inf<T>();
         if constexpr (MODS) {
           // Query row i sits at qpos = i + Skv - Sq; key j0 + c is on diagonal j0 + c - i + Sq - 1.
@@ -501,7 +654,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
           }
           row_max = max_of(s, w);
         }
-        const T new_max = std::max(mx[r], row_max);
+        // NaN scores (a NaN query, NaN modifiers) keep the row NaN: nan_max, and no "empty" shortcut.
+        const T new_max = nan_max(mx[r], row_max);
         if (new_max == neg_inf<T>()) {  // nothing visible yet: weights 0
           std::fill(s, s + w, T(0));
           continue;
@@ -511,17 +665,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         mx[r] = new_max;
         if (corr != T(1)) scale_by(acc + r * D, D, corr);
       }
-      gemm(false, m, D, w, S, W, V.at(b, g, j0), V.ss, acc, D, true);
+      gemm(false, m, D, w, to_storage(St, low.data(), m, w, W), W, V.at(b, g, j0), V.ss, acc, D, true);
     });
     T* lse_rows = L + (b * Hq + h) * lay.q_len + i0;
     for (int64_t r = 0; r < m; ++r) {
-      T* o = O.at(b, h, i0 + r);
-      if (sum[r] > T(0)) {
-        std::copy(acc + r * D, acc + (r + 1) * D, o);
-        scale_by(o, D, T(1) / sum[r]);
+      S* o = O.at(b, h, i0 + r);
+      if (sum[r] > T(0) || sum[r] != sum[r]) {
+        store_row(acc + r * D, o, D, T(1) / sum[r]);
         lse_rows[r] = mx[r] + std::log(sum[r]);
       } else {
-        std::fill(o, o + D, T(0));
+        std::fill(o, o + D, S(0));
         lse_rows[r] = neg_inf<T>();
       }
     }
@@ -548,8 +701,9 @@ DiagonalParts diagonal_parts(const Layout& lay, int64_t B, int64_t Hq, int64_t r
   parts.task_first.reserve(B * Hq * nqb + 1);
   for (int64_t t = 0; t < B * Hq * nqb; ++t) {
     parts.task_first.push_back(static_cast<int64_t>(parts.offset.size()));
-    const int64_t h = (t / nqb) % Hq, qb = t % nqb, i0 = qb * lay.bq, m = std::min(lay.bq, lay.q_len - i0);
-    kept_blocks(kept, nqb, lay.head(h), qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr,
+    const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, i0 = qb * lay.bq;
+    const int64_t m = std::min(lay.bq, lay.q_len - i0);
+    kept_blocks(kept, nqb, lay.seq(b, h), qb, lay.row_full_ptr, lay.row_full_idx, lay.row_part_ptr,
                 lay.row_part_idx, lay.row_part_tile, lay.tiles, lay.bq * lay.words);
     for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
       const int64_t j0 = kept[first].idx * lay.bk, w = std::min(blocks * lay.bk, lay.kv_len - j0);
@@ -589,17 +743,18 @@ at::Tensor reduce_diagonals(const DiagonalParts& parts, const T* sums, int64_t B
 }
 
 // {dq}, and d_rel_bias [Hq, Sq + Skv - 1] after it when the modifiers have a rel_bias.
-template <typename T, bool MODS>
+template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                          const at::Tensor& dout, const at::Tensor& lse,
-                                         const at::Tensor& delta, const Layout& lay, const KeyMask<T>& km,
+                                         const at::Tensor& delta, const Transposed<S>& KT,
+                                         const Transposed<S>& VT, const Layout& lay, const KeyMask<T>& km,
                                          double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nqb = lay.nqb;
   const int64_t run_max = std::max<int64_t>(1, kRunWidth / bk), W = run_max * bk;
   const T scale = static_cast<T>(scale_arg);
   auto dq = at::empty({B, Hq, lay.q_len, D}, q.options());
-  const Strided<T> Q(q), K(k), V(v), DO(dout), DQ(dq);
+  const Strided<S> Q(q), K(k), V(v), DO(dout), DQ(dq);
   const T *LSE = lse.data_ptr<T>(), *DELTA = delta.data_ptr<T>();
   // d_rel_bias: every task's partial sums (zeroed by the task that owns them).
   const bool rel_grad = MODS && md.rel != nullptr;
@@ -612,19 +767,21 @@ std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& 
 
   std::vector<int64_t> cost(B * Hq * nqb);
   for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
-    const int64_t l = lay.head((t / nqb) % Hq), qb = t % nqb;
+    const int64_t l = lay.seq(t / (Hq * nqb), (t / nqb) % Hq), qb = t % nqb;
     cost[t] = count(lay.row_full_ptr, nqb, l, qb) + count(lay.row_part_ptr, nqb, l, qb);
   }
   run_tasks(by_cost(cost), [&](int64_t t) {
     thread_local std::vector<T> scratch;
+    thread_local std::vector<S> low;  // dS in the storage type (bf16, fp16) for the dS K GEMM
     thread_local std::vector<Kept> kept;
     scratch.resize(2 * bq * W + bq * D + (MODS ? W : 0));
+    if constexpr (kLowPrecision<S>) low.resize(bq * W);
     T* P = scratch.data();  // [bq, W]
     T* dS = P + bq * W;     // [bq, W]
     T* acc = dS + bq * W;   // [bq, D]
     T* th = acc + bq * D;   // [W] tanh of one softcapped row (with modifiers)
     const int64_t b = t / (Hq * nqb), h = (t / nqb) % Hq, qb = t % nqb, g = h / group;
-    const int64_t l = lay.head(h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
+    const int64_t l = lay.seq(b, h), i0 = qb * bq, m = std::min(bq, lay.q_len - i0);
     std::fill(acc, acc + m * D, T(0));
     const T* lse_rows = LSE + (b * Hq + h) * lay.q_len + i0;
     const T* delta_rows = DELTA + (b * Hq + h) * lay.q_len + i0;
@@ -639,8 +796,8 @@ std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& 
         diag_sums = sums.get() + parts.offset[run++];
         std::fill(diag_sums, diag_sums + m + w - 1, T(0));
       }
-      gemm(true, m, w, D, Q.at(b, h, i0), Q.ss, K.at(b, g, j0), K.ss, P, W, false);
-      gemm(true, m, w, D, DO.at(b, h, i0), DO.ss, V.at(b, g, j0), V.ss, dS, W, false);
+      gemm_abt(m, w, D, Q.at(b, h, i0), Q.ss, K, KT, b, g, j0, P, W);
+      gemm_abt(m, w, D, DO.at(b, h, i0), DO.ss, V, VT, b, g, j0, dS, W);
       for (int64_t r = 0; r < m; ++r) {
         T* p = P + r * W;
         T* ds = dS + r * W;
@@ -674,18 +831,19 @@ std::vector<at::Tensor> backward_dq_impl(const at::Tensor& q, const at::Tensor& 
           dsoftmax(ds, p, w, delta_rows + r, 0, scale);
         }
       }
-      gemm(false, m, D, w, dS, W, K.at(b, g, j0), K.ss, acc, D, true);
+      gemm(false, m, D, w, to_storage(dS, low.data(), m, w, W), W, K.at(b, g, j0), K.ss, acc, D, true);
     });
-    for (int64_t r = 0; r < m; ++r) std::copy(acc + r * D, acc + (r + 1) * D, DQ.at(b, h, i0 + r));
+    for (int64_t r = 0; r < m; ++r) store_row(acc + r * D, DQ.at(b, h, i0 + r), D, T(1));
   });
   if (!rel_grad) return {dq};
-  return {dq, reduce_diagonals<T>(parts, sums.get(), B, Hq, nqb, md.diags, q.options())};
+  return {dq, reduce_diagonals<T>(parts, sums.get(), B, Hq, nqb, md.diags, lse.options())};
 }
 
-template <typename T, bool MODS>
+template <typename S, bool MODS, typename T = acc_t<S>>
 std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& dout, const at::Tensor& lse,
-                                           const at::Tensor& delta, const Layout& lay,
+                                           const at::Tensor& delta, const Transposed<S>& QT,
+                                           const Transposed<S>& DOT, const Layout& lay,
                                            const KeyMask<T>& km, double scale_arg, const Mods<T>& md) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(3), Hkv = k.size(1);
   const int64_t group = Hq / Hkv, bq = lay.bq, bk = lay.bk, nkb = lay.nkb;
@@ -693,19 +851,23 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
   const T scale = static_cast<T>(scale_arg);
   auto dk = at::empty({B, Hkv, lay.kv_len, D}, q.options());
   auto dv = at::empty({B, Hkv, lay.kv_len, D}, q.options());
-  const Strided<T> Q(q), K(k), V(v), DO(dout), DK(dk), DV(dv);
+  const Strided<S> Q(q), K(k), V(v), DO(dout), DK(dk), DV(dv);
   const T *LSE = lse.data_ptr<T>(), *DELTA = delta.data_ptr<T>();
 
   std::vector<int64_t> cost(B * Hkv * nkb);
   for (int64_t t = 0; t < (int64_t)cost.size(); ++t) {
-    const int64_t g = (t / nkb) % Hkv, kb = t % nkb;
-    for (int64_t h = g * group; h < (g + 1) * group; ++h)
-      cost[t] += count(lay.col_full_ptr, nkb, lay.head(h), kb) + count(lay.col_part_ptr, nkb, lay.head(h), kb);
+    const int64_t b = t / (Hkv * nkb), g = (t / nkb) % Hkv, kb = t % nkb;
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      const int64_t l = lay.seq(b, h);
+      cost[t] += count(lay.col_full_ptr, nkb, l, kb) + count(lay.col_part_ptr, nkb, l, kb);
+    }
   }
   run_tasks(by_cost(cost), [&](int64_t t) {
     thread_local std::vector<T> scratch;
+    thread_local std::vector<S> low;  // P^T and dS^T in the storage type (bf16, fp16) for their GEMMs
     thread_local std::vector<Kept> kept;
     scratch.resize(2 * bk * W + 2 * bk * D + (MODS ? W : 0));
+    if constexpr (kLowPrecision<S>) low.resize(2 * bk * W);
     T* P = scratch.data();     // [bk, W]: P^T
     T* dS = P + bk * W;        // [bk, W]: dS^T
     T* dk_acc = dS + bk * W;   // [bk, D]
@@ -720,12 +882,12 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
       const T* lse_h = LSE + (b * Hq + h) * lay.q_len;
       const T* delta_h = DELTA + (b * Hq + h) * lay.q_len;
       const T slope = md.slope(b, h);
-      kept_blocks(kept, nkb, lay.head(h), kb, lay.col_full_ptr, lay.col_full_idx, lay.col_part_ptr,
+      kept_blocks(kept, nkb, lay.seq(b, h), kb, lay.col_full_ptr, lay.col_full_idx, lay.col_part_ptr,
                   lay.col_part_idx, lay.col_part_tile, lay.tiles_t, bk * lay.words_t);
       for_each_run(kept, run_max, [&](size_t first, int64_t blocks) {
         const int64_t i0 = kept[first].idx * bq, w = std::min(blocks * bq, lay.q_len - i0);
-        gemm(true, n, w, D, K.at(b, g, j0), K.ss, Q.at(b, h, i0), Q.ss, P, W, false);
-        gemm(true, n, w, D, V.at(b, g, j0), V.ss, DO.at(b, h, i0), DO.ss, dS, W, false);
+        gemm_abt(n, w, D, K.at(b, g, j0), K.ss, Q, QT, b, h, i0, P, W);
+        gemm_abt(n, w, D, V.at(b, g, j0), V.ss, DO, DOT, b, h, i0, dS, W);
         bool tiled = false;
         for (int64_t i = 0; i < blocks; ++i) tiled |= kept[first + i].tile != nullptr;
         for (int64_t j = 0; j < n; ++j) {
@@ -761,20 +923,17 @@ std::vector<at::Tensor> backward_dkdv_impl(const at::Tensor& q, const at::Tensor
             dsoftmax(ds, p, w, delta_h + i0, 1, scale);
           }
         }
-        gemm(false, n, D, w, P, W, DO.at(b, h, i0), DO.ss, dv_acc, D, true);
-        gemm(false, n, D, w, dS, W, Q.at(b, h, i0), Q.ss, dk_acc, D, true);
+        gemm(false, n, D, w, to_storage(P, low.data(), n, w, W), W, DO.at(b, h, i0), DO.ss, dv_acc, D, true);
+        gemm(false, n, D, w, to_storage(dS, low.data() + (kLowPrecision<S> ? bk * W : 0), n, w, W), W,
+             Q.at(b, h, i0), Q.ss, dk_acc, D, true);
       });
     }
     for (int64_t j = 0; j < n; ++j) {
-      std::copy(dk_acc + j * D, dk_acc + (j + 1) * D, DK.at(b, g, j0 + j));
-      std::copy(dv_acc + j * D, dv_acc + (j + 1) * D, DV.at(b, g, j0 + j));
+      store_row(dk_acc + j * D, DK.at(b, g, j0 + j), D, T(1));
+      store_row(dv_acc + j * D, DV.at(b, g, j0 + j), D, T(1));
     }
   });
   return {dk, dv};
-}
-
-void check_float_rows(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.dim() == 4 && t.stride(3) == 1, name, " must be 4-D with a contiguous last dimension");
 }
 
 // The modifiers in T, checked against the problem: softcap 0 for none; slopes [1 or B, Hq]; rel_bias and
@@ -782,7 +941,7 @@ void check_float_rows(const at::Tensor& t, const char* name) {
 template <typename T>
 Mods<T> mods_of(double softcap, const std::optional<at::Tensor>& slopes, const std::optional<at::Tensor>& rel,
                 const std::optional<at::Tensor>& rel_rev, const at::Tensor& q, const Layout& lay) {
-  const auto dtype = q.scalar_type();
+  const auto dtype = c10::CppTypeToScalarType<T>::value;
   const int64_t B = q.size(0), Hq = q.size(1);
   Mods<T> md;
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "softcap must be finite and >= 0 (0: none)");
@@ -791,14 +950,14 @@ Mods<T> mods_of(double softcap, const std::optional<at::Tensor>& slopes, const s
   if (slopes.has_value() && slopes->defined()) {
     TORCH_CHECK(slopes->scalar_type() == dtype && slopes->is_contiguous() && slopes->dim() == 2 &&
                     (slopes->size(0) == 1 || slopes->size(0) == B) && slopes->size(1) == Hq,
-                "alibi_slopes must be contiguous [1 or B, Hq] in the kernel's dtype");
+                "alibi_slopes must be contiguous [1 or B, Hq] in the kernel's accumulation dtype");
     md.slopes = slopes->data_ptr<T>();
     md.slopes_b = slopes->size(0) == 1 ? 0 : Hq;
   }
   auto check_bias = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.dim() == 2 && t.size(0) == Hq &&
                     t.size(1) == md.diags,
-                name, " must be contiguous [Hq, Sq + Skv - 1] in the kernel's dtype");
+                name, " must be contiguous [Hq, Sq + Skv - 1] in the kernel's accumulation dtype");
     return t.data_ptr<T>();
   };
   if (rel.has_value() && rel->defined()) md.rel = check_bias(*rel, "rel_bias");
@@ -809,52 +968,91 @@ Mods<T> mods_of(double softcap, const std::optional<at::Tensor>& slopes, const s
   return md;
 }
 
-template <typename T>
+template <typename S, typename T = acc_t<S>>
 std::vector<at::Tensor> forward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const Layout& lay, const KeyMask<T>& km, double scale,
-                                      const Mods<T>& md) {
-  return md.any() ? forward_impl<T, true>(q, k, v, lay, km, scale, md)
-                  : forward_impl<T, false>(q, k, v, lay, km, scale, md);
+                                      const Layout& lay, const std::optional<at::Tensor>& key_mask,
+                                      const std::optional<at::Tensor>& block_masked, double scale,
+                                      double softcap, const std::optional<at::Tensor>& slopes,
+                                      const std::optional<at::Tensor>& rel, at::TensorList transposed) {
+  const auto km = key_mask_of<T>(key_mask, block_masked, lay);
+  const auto md = mods_of<T>(softcap, slopes, rel, std::nullopt, q, lay);
+  const auto tr = transposed_of<S>(transposed, {&k});
+  return md.any() ? forward_impl<S, true>(q, k, v, tr[0], lay, km, scale, md)
+                  : forward_impl<S, false>(q, k, v, tr[0], lay, km, scale, md);
 }
 
 // {dq, dk, dv}, and d_rel_bias after them when there is a rel_bias.
-template <typename T>
+template <typename S, typename T = acc_t<S>>
 std::vector<at::Tensor> backward_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
-                                       const Layout& lay, const KeyMask<T>& km, double scale,
-                                       const Mods<T>& md) {
+                                       const Layout& lay, const std::optional<at::Tensor>& key_mask,
+                                       const std::optional<at::Tensor>& block_masked, double scale,
+                                       double softcap, const std::optional<at::Tensor>& slopes,
+                                       const std::optional<at::Tensor>& rel,
+                                       const std::optional<at::Tensor>& rel_rev, at::TensorList transposed) {
+  constexpr auto acc = c10::CppTypeToScalarType<T>::value;
+  TORCH_CHECK(lse.scalar_type() == acc && delta.scalar_type() == acc,
+              "lse and delta must be in the kernel's accumulation dtype");
+  const auto km = key_mask_of<T>(key_mask, block_masked, lay);
+  const auto md = mods_of<T>(softcap, slopes, rel, rel_rev, q, lay);
+  const auto tr = transposed_of<S>(transposed, {&q, &k, &v, &dout});
   std::vector<at::Tensor> dq, dkdv;
   if (md.any()) {
     TORCH_CHECK(md.rel == nullptr || md.rel_rev != nullptr, "the backward needs rel_bias_rev with rel_bias");
-    dq = backward_dq_impl<T, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
-    dkdv = backward_dkdv_impl<T, true>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dq = backward_dq_impl<S, true>(q, k, v, dout, lse, delta, tr[1], tr[2], lay, km, scale, md);
+    dkdv = backward_dkdv_impl<S, true>(q, k, v, dout, lse, delta, tr[0], tr[3], lay, km, scale, md);
   } else {
-    dq = backward_dq_impl<T, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
-    dkdv = backward_dkdv_impl<T, false>(q, k, v, dout, lse, delta, lay, km, scale, md);
+    dq = backward_dq_impl<S, false>(q, k, v, dout, lse, delta, tr[1], tr[2], lay, km, scale, md);
+    dkdv = backward_dkdv_impl<S, false>(q, k, v, dout, lse, delta, tr[0], tr[3], lay, km, scale, md);
   }
   std::vector<at::Tensor> out{dq[0], dkdv[0], dkdv[1]};
   if (dq.size() > 1) out.push_back(dq[1]);
   return out;
 }
 
-// Modifiers: softcap (0 for none), alibi_slopes, rel_bias (None for none), in q's dtype.
+// q, k, v (and dout) share one dtype, float32, float64, bfloat16 or float16, and are [B, H, S, D] with a
+// contiguous last dimension; a per-batch layout has B elements.
+void check_inputs(std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors, const Layout& lay) {
+  const at::Tensor& q = *tensors.begin()->first;
+  for (auto& [t, name] : tensors) {
+    TORCH_CHECK(t->dim() == 4 && t->stride(3) == 1, name, " must be 4-D with a contiguous last dimension");
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, " must have q's dtype");
+  }
+  TORCH_CHECK(lay.batch == 0 || lay.batch == q.size(0), "a per-batch layout of ", lay.batch,
+              " elements for a batch of ", q.size(0));
+}
+
+// Runs f.template operator()<S>() for q's storage type S.
+template <typename F>
+std::vector<at::Tensor> by_dtype(const at::Tensor& q, F f) {
+  switch (q.scalar_type()) {
+    case at::kFloat: return f(float{});
+    case at::kDouble: return f(double{});
+    case at::kBFloat16: return f(BFloat16{});
+    case at::kHalf: return f(Half{});
+    default: TORCH_CHECK(false, "the CPU kernel takes float32, float64, bfloat16 or float16, got ", q.scalar_type());
+  }
+}
+
+// Modifiers: softcap (0 for none), alibi_slopes, rel_bias (None for none), in the accumulation dtype
+// (float64 for float64 inputs, else float32). `transposed`: bf16/fp16 only, [K^T] ([B, Hkv, D, Skv],
+// contiguous last dimension); empty otherwise.
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
                                 const std::optional<at::Tensor>& key_mask,
                                 const std::optional<at::Tensor>& block_masked, double scale, double softcap,
                                 const std::optional<at::Tensor>& alibi_slopes,
-                                const std::optional<at::Tensor>& rel_bias) {
-  for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}}) check_float_rows(t, name);
+                                const std::optional<at::Tensor>& rel_bias, at::TensorList transposed) {
   const Layout lay(layout, ints, tiles_t);
-  if (q.scalar_type() == at::kDouble)
-    return forward_typed<double>(q, k, v, lay, key_mask_of<double>(key_mask, block_masked, lay), scale,
-                                 mods_of<double>(softcap, alibi_slopes, rel_bias, std::nullopt, q, lay));
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
-  return forward_typed<float>(q, k, v, lay, key_mask_of<float>(key_mask, block_masked, lay), scale,
-                              mods_of<float>(softcap, alibi_slopes, rel_bias, std::nullopt, q, lay));
+  check_inputs({{&q, "q"}, {&k, "k"}, {&v, "v"}}, lay);
+  return by_dtype(q, [&](auto s) {
+    return forward_typed<decltype(s)>(q, k, v, lay, key_mask, block_masked, scale, softcap, alibi_slopes,
+                                      rel_bias, transposed);
+  });
 }
 
-// As forward, and rel_bias_rev: rel_bias reversed along its last dimension (given with rel_bias).
+// As forward, and rel_bias_rev: rel_bias reversed along its last dimension (given with rel_bias); lse and
+// delta in the accumulation dtype; `transposed`: bf16/fp16 only, [Q^T, K^T, V^T, dO^T].
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
                                  at::TensorList layout, at::IntArrayRef ints, const at::Tensor& tiles_t,
@@ -862,24 +1060,25 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const std::optional<at::Tensor>& block_masked, double scale, double softcap,
                                  const std::optional<at::Tensor>& alibi_slopes,
                                  const std::optional<at::Tensor>& rel_bias,
-                                 const std::optional<at::Tensor>& rel_bias_rev) {
-  for (auto& [t, name] : {std::pair{q, "q"}, {k, "k"}, {v, "v"}, {dout, "dout"}}) check_float_rows(t, name);
-  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
+                                 const std::optional<at::Tensor>& rel_bias_rev, at::TensorList transposed) {
   const Layout lay(layout, ints, tiles_t);
-  if (q.scalar_type() == at::kDouble)
-    return backward_typed<double>(q, k, v, dout, lse, delta, lay,
-                                  key_mask_of<double>(key_mask, block_masked, lay), scale,
-                                  mods_of<double>(softcap, alibi_slopes, rel_bias, rel_bias_rev, q, lay));
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "the CPU kernel computes in float32 or float64");
-  return backward_typed<float>(q, k, v, dout, lse, delta, lay,
-                               key_mask_of<float>(key_mask, block_masked, lay),
-                               scale, mods_of<float>(softcap, alibi_slopes, rel_bias, rel_bias_rev, q, lay));
+  check_inputs({{&q, "q"}, {&k, "k"}, {&v, "v"}, {&dout, "dout"}}, lay);
+  TORCH_CHECK(lse.is_contiguous() && delta.is_contiguous(), "lse and delta must be contiguous");
+  return by_dtype(q, [&](auto s) {
+    return backward_typed<decltype(s)>(q, k, v, dout, lse, delta, lay, key_mask, block_masked, scale, softcap,
+                                       alibi_slopes, rel_bias, rel_bias_rev, transposed);
+  });
 }
 
 }  // namespace
 
-// Registered as torch.ops.sparse_attn_cpu.{forward,backward} (no pybind11: the build stays short).
-TORCH_LIBRARY(sparse_attn_cpu, m) {
+// Registered as torch.ops.<SPARSE_ATTN_NAMESPACE>.{forward,backward}, one namespace per ISA build (the
+// builds may be loaded side by side); no pybind11: the build stays short.
+#ifndef SPARSE_ATTN_NAMESPACE
+#define SPARSE_ATTN_NAMESPACE sparse_attn_cpu
+#endif
+#define SPARSE_ATTN_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+SPARSE_ATTN_LIBRARY(SPARSE_ATTN_NAMESPACE, m) {
   m.def("forward", &forward);
   m.def("backward", &backward);
 }

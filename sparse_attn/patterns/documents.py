@@ -135,10 +135,10 @@ def segment_band_blocks(
     ck = corner[rep_of, None, None]
     covered = band_full[rep_of, None, None]
     if dilation == 1:
-        # Every row of a rectangle tile sees one interval of keys: its packed words directly (never empty:
-        # the band meets the rectangle, so d takes a value in [lo, hi] there).
+        # Every row of a tile sees one interval of keys (its segment's keys within the band): the packed
+        # words come from the intervals directly, with no [bq, bk] tile ever formed.
         rect_tiles = None
-        rect_words = _interval_words(rows, lo_r, hi_r, lo_c, hi_c, ck, covered, lo, hi, bk)
+        rect_start, rect_end = _rect_intervals(rows, lo_r, hi_r, lo_c, hi_c, ck, covered, lo, hi)
     else:
         # Only bool tensors are tile-sized: each comparison broadcasts [m, bq, 1] against [m or 1, 1, bk].
         in_rows = (rows >= lo_r) & (rows <= hi_r)
@@ -147,10 +147,22 @@ def segment_band_blocks(
     # Blocks holding several segments on both sides: each its own tile, from the segment of every row / key.
     multi = sel[~rect]
     row_pos = (b * g.q_len + r0)[multi, None] + torch.arange(bq)[None, :]
-    col_pos = (b * g.kv_len + k0)[multi, None] + torch.arange(bk)[None, :]
     rs = _segment_of(gq0, gq1, row_pos)
-    cs = _segment_of(gk0, gk1, col_pos)
     rs = torch.where(torch.arange(bq)[None, :] <= (r1 - r0)[multi, None], rs, -1)
+    part_ids = torch.empty(len(part), dtype=torch.long)
+    part_ids[rect] = inverse
+    part_ids[~rect] = len(uniq) + torch.arange(len(multi))
+    if rect_tiles is None:
+        multi_start, multi_end = _segment_intervals(segs, rs, r0[multi], k0[multi], k1[multi], lo, hi)
+        # Multi-segment tiles may be empty (the band can miss every same-segment pair): drop those.
+        nonempty = torch.cat([torch.ones(len(uniq), dtype=torch.bool), (multi_start <= multi_end).any(1)])
+        keep_multi = nonempty[len(uniq) :]
+        start = torch.cat([rect_start, multi_start[keep_multi]])
+        end = torch.cat([rect_end, multi_end[keep_multi]])
+        packed = _interval_words(start, end, bk)
+        return _finish(key, tile_id, part, part_ids, nonempty, batch, PackedBlockSet, packed, bk)
+    col_pos = (b * g.kv_len + k0)[multi, None] + torch.arange(bk)[None, :]
+    cs = _segment_of(gk0, gk1, col_pos)
     cs = torch.where((torch.arange(bk)[None, :] <= (k1 - k0)[multi, None]) & (cs >= 0), cs, -2)
     # d = row + shift - key, in element coordinates (the batch offsets cancel within a segment).
     a = row_pos - (b * g.q_len)[multi, None] + segs.shift[rs.clamp(min=0)]
@@ -158,16 +170,6 @@ def segment_band_blocks(
     multi_tiles = (rs[:, :, None] == cs[:, None, :]) & _band_pairs(
         a[:, :, None], c[:, None, :], lo, hi, dilation
     )
-    part_ids = torch.empty(len(part), dtype=torch.long)
-    part_ids[rect] = inverse
-    part_ids[~rect] = len(uniq) + torch.arange(len(multi))
-    if rect_tiles is None:
-        # Multi-segment tiles may be empty (the band can miss every same-segment pair): drop those.
-        nonempty = torch.cat([torch.ones(len(uniq), dtype=torch.bool), multi_tiles.flatten(1).any(1)])
-        from ..layout import pack_tiles  # layout.py imports the patterns
-
-        packed = torch.cat([rect_words, pack_tiles(multi_tiles[nonempty[len(uniq) :]])])
-        return _finish(key, tile_id, part, part_ids, nonempty, batch, PackedBlockSet, packed, bk)
     tiles = torch.cat([rect_tiles, multi_tiles])
     nonempty = tiles.flatten(1).any(1)
     return _finish(key, tile_id, part, part_ids, nonempty, batch, BlockSet, tiles[nonempty])
@@ -205,19 +207,39 @@ class PackedBlockSet(BlockSet):
         self._tiles, self.packed_tiles = value, None
 
 
-def _interval_words(rows, lo_r, hi_r, lo_c, hi_c, ck, covered, lo, hi, bk) -> torch.Tensor:
-    """Packed words (int32 ``[m, bq, ceil(bk / 32)]``) of rectangle tiles: row r of a tile (in
-    ``[lo_r, hi_r]``) sees the keys in ``[lo_c, hi_c]`` whose ``d = r + ck - c`` lies in ``[lo, hi]``
+def _rect_intervals(rows, lo_r, hi_r, lo_c, hi_c, ck, covered, lo, hi):
+    """Each row's visible columns ``[start, end]`` (``[m, bq]``; start > end: none) of rectangle tiles: row r
+    (in ``[lo_r, hi_r]``) sees the keys in ``[lo_c, hi_c]`` whose ``d = r + ck - c`` lies in ``[lo, hi]``
     (all of them where `covered`)."""
-    start = torch.where(covered, lo_c, torch.maximum(lo_c, rows + ck - hi))  # [m, bq, 1]
+    rows = rows[..., 0]  # [1, bq]
+    lo_r, hi_r, lo_c, hi_c, ck, covered = (t[..., 0] for t in (lo_r, hi_r, lo_c, hi_c, ck, covered))
+    start = torch.where(covered, lo_c, torch.maximum(lo_c, rows + ck - hi))
     end = torch.where(covered, hi_c, torch.minimum(hi_c, rows + ck - lo))
-    live = (rows >= lo_r) & (rows <= hi_r) & (start <= end)
+    return start, torch.where((rows >= lo_r) & (rows <= hi_r), end, start - 1)
+
+
+def _segment_intervals(segs: Segments, rs, r0, k0, k1, lo, hi):
+    """Each row's visible columns ``[start, end]`` (``[m, bq]``; start > end: none) of blocks with rows
+    ``r0 + [0, bq)`` and keys ``[k0, k1]`` (element coordinates): row r of segment ``rs[:, r]`` (-1: none)
+    sees the segment's keys whose ``d = r + shift - key`` lies in ``[lo, hi]``."""
+    s = rs.clamp(min=0)
+    row = r0[:, None] + torch.arange(rs.shape[1])[None, :]
+    first = torch.maximum(segs.k_start[s], row + segs.shift[s] - hi)
+    last = torch.minimum(segs.k_end[s] - 1, row + segs.shift[s] - lo)
+    start = (first - k0[:, None]).clamp(min=0)
+    end = torch.minimum(last, k1[:, None]) - k0[:, None]
+    return start, torch.where(rs >= 0, end, start - 1)
+
+
+def _interval_words(start: torch.Tensor, end: torch.Tensor, bk: int) -> torch.Tensor:
+    """Packed tiles (int32 ``[m, bq, ceil(bk / 32)]``) whose row r sees the columns ``[start, end]`` of
+    ``[m, bq]`` (none where start > end)."""
     w0 = torch.arange(-(-bk // 32))[None, None, :] * 32
-    a = (start - w0).clamp(0, 32)  # bits [a, b) of each word
-    b = (end + 1 - w0).clamp(0, 32)
+    a = (start[..., None] - w0).clamp_(0, 32)  # bits [a, b) of each word
+    b = torch.maximum((end[..., None] + 1 - w0).clamp_(max=32), a)
+    # (1 << b) - (1 << a) as an int64 (bits a..b-1), then its low 32 bits as int32 (two's complement).
     one = torch.ones((), dtype=torch.int64)
-    words = torch.where(live & (a < b), (one << b) - (one << a), 0)
-    # Two's complement: bit 31 is int32's sign bit.
+    words = (one << b) - (one << a)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 

@@ -33,9 +33,13 @@ def forward(q, k, v, layout, scale, key_mask, mods=None):
     """``(out [B, Hq, Sq, D] like q, lse [B, Hq, Sq])``; rows with no visible key: out 0, lse -inf."""
     if q.device.type != "cpu":
         return _on_cpu(forward, q.device, q, k, v, layout, scale, key_mask, mods)
-    if cpu_kernel.active() and layout.batch is None:
-        # The C++ kernel walks batch-shared layouts; per-batch ones (documents, top-k) take the ATen path.
+    if cpu_kernel.active(q.dtype):
         return cpu_kernel.forward(q, k, v, layout, scale, key_mask, mods)
+    return aten_forward(q, k, v, layout, scale, key_mask, mods)
+
+
+def aten_forward(q, k, v, layout, scale, key_mask, mods=None):
+    """`forward` by the ATen-composition engine (CPU tensors)."""
     layout = layout.cached("per_kv_head", lambda: per_kv_head(layout, q.shape[1], k.shape[1]))
     problem = Problem(q, k, v, layout, scale, key_mask, mods)
     rows_total = problem.batch * problem.hq * problem.nqb
@@ -91,7 +95,7 @@ def backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods=None):
     d_rel_bias is None unless `mods` has a rel_bias."""
     if q.device.type != "cpu":
         return _on_cpu(backward, q.device, do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods)
-    if cpu_kernel.active() and layout.batch is None:
+    if cpu_kernel.active(q.dtype):
         return cpu_kernel.backward(do, dlse, q, k, v, out, lse, layout, scale, key_mask, mods)
     if dlse is not None:
         live_dlse = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
