@@ -14,9 +14,14 @@ demo: setup
 
 # The tests run the real Triton kernels on the CPU through Triton's interpreter (TRITON_INTERPRET=1 must be
 # set before triton is imported). pytest exits 5 when it collected no test; that is a failure here.
+# PYTEST_WORKERS processes (pytest-xdist) share the cores: the interpreter runs one Python thread per test, so
+# two workers nearly halve the wall time on a 2-core machine. Each worker starts with one intra-op thread
+# (OMP_NUM_THREADS=1: idle OpenMP threads spinning beside the other worker cost far more than they give);
+# tests about threads set their own counts.
+PYTEST_WORKERS ?= 2
 test: setup
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench
-	TRITON_INTERPRET=1 $(PYTHON) -m pytest -q; status=$$?; \
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 	$(MAKE) --no-print-directory test-transformers-lowest
 
@@ -34,7 +39,8 @@ test-transformers-lowest:
 	  2>/dev/null || { rm -rf $(TRANSFORMERS_LOWEST_ENV) \
 	  && $(PYTHON) -m venv --system-site-packages $(TRANSFORMERS_LOWEST_ENV) \
 	  && $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pip install --quiet "transformers[kernels]==$(TRANSFORMERS_LOWEST)"; }
-	TRITON_INTERPRET=1 PYTHONPATH=$(CURDIR) $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pytest -q -p no:cacheprovider \
+	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) \
+	  -p no:cacheprovider \
 	  tests/test_transformers.py -k "$(TRANSFORMERS_LOWEST_TESTS)"
 
 lint:

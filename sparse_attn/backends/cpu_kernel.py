@@ -187,7 +187,9 @@ def get_isa() -> str:
 
 
 def _flags(isa: str) -> list[str]:
-    return ["-O3", *ISA_FLAGS[isa], f"-DSPARSE_ATTN_NAMESPACE={_namespace(isa)}"]
+    # -fopenmp: `at::parallel_for` is inline in ATen's headers, so without it the kernel's tasks run on one
+    # thread. The library then needs libgomp.so.1, which resolves to the one torch has already loaded.
+    return ["-O3", "-fopenmp", *ISA_FLAGS[isa], f"-DSPARSE_ATTN_NAMESPACE={_namespace(isa)}"]
 
 
 def _namespace(isa: str) -> str:
@@ -202,7 +204,12 @@ def _build(isa: str):
     name = f"sparse_attn_cpu_{isa}_{digest.hexdigest()[:12]}"
     # A plain library registering torch.ops.sparse_attn_cpu_<isa>.* (no pybind11 module: it builds faster).
     cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=flags, is_python_module=False, verbose=False
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
     )
     return getattr(torch.ops, _namespace(isa))
 
