@@ -23,7 +23,11 @@ length); one-query decode steps fold the query's row of the model's mask, and th
 key mask, computed on the device: no synchronisation and one compiled graph for every step. Such a step runs
 through `sparse_attn.paged` with the model's own pattern (`_paged_static_decode`: the cache seen as pages with
 an identity block table, so only the pages the pattern needs are read), or, with attention sinks or shifted
-chunks, over a `dense()` layout of the whole cache. A mask the integration cannot express exactly (custom mask
+chunks, over a `dense()` layout of the whole cache. Continuous batching (``generate_batch``): `register()` lets transformers keep a sparse_attn model
+(`_let_continuous_batching_keep_sparse_attn`); transformers then passes no mask, as to flash attention, only the
+packed requests' ``cu_seq_lens_q/k`` over keys gathered from its paged cache, and the step runs through
+`sparse_attention_varlen` with the layer's causal or sliding-window pattern; any other layer raises
+(`_check_continuous_batching`). A mask the integration cannot express exactly (custom mask
 overlays, a `set_pattern` pattern in static-cache decoding) or an additive bias other than T5's (ALiBi, a
 dense ``position_bias``) raises a clear error instead of being dropped.
 
@@ -216,7 +220,32 @@ def register(name: str = DEFAULT_NAME) -> str:
     AttentionMaskInterface.register(name, sparse_mask)
     _REGISTERED.add(name)
     _wrap_t5_compute_bias()
+    _let_continuous_batching_keep_sparse_attn()
     return name
+
+
+def _let_continuous_batching_keep_sparse_attn() -> None:
+    """Continuous batching (``generate_batch``, `ContinuousBatchingManager`) switches a model to an
+    implementation it knows ("sdpa", "paged|eager", flash) and refuses any other; under a registered sparse_attn
+    name it now keeps the model as it is: it then hands our attention function its packed batch and its 4-D
+    mask, which `_continuous_batching_forward` checks and runs exactly (idempotent; nothing is wrapped when the
+    class or method is not there)."""
+    try:
+        from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+    except ImportError:
+        return
+    original = getattr(ContinuousBatchingManager, "switch_to_cb_friendly_attn", None)
+    if original is None or getattr(original, "_sparse_attn_original", None) is not None:
+        return
+
+    def switch_to_cb_friendly_attn(self, model, *args, _original=original, **kwargs):
+        if getattr(model.config, "_attn_implementation", None) in _REGISTERED:
+            return None
+        return _original(self, model, *args, **kwargs)
+
+    switch_to_cb_friendly_attn._sparse_attn_original = original
+    switch_to_cb_friendly_attn.__doc__ = original.__doc__
+    ContinuousBatchingManager.switch_to_cb_friendly_attn = switch_to_cb_friendly_attn
 
 
 class RelativePositionBias:
@@ -665,6 +694,8 @@ def sparse_attention_forward(
         raise ValueError(
             "sparse_attn never forms attention weights; use attn_implementation='eager' to output them"
         )
+    if _from_continuous_batching(kwargs):
+        _check_continuous_batching(module, attention_mask, is_causal, sliding_window, kwargs)
     info = _mask_info(module, query, key, attention_mask, is_causal, sliding_window)
     if info.kv_length != key.shape[2] or info.q_length != query.shape[2]:
         raise ValueError(
@@ -712,6 +743,54 @@ def sparse_attention_forward(
     else:
         out = _attend(query, key, value, pattern, scaling, key_mask, sinks, mods)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _from_continuous_batching(kwargs) -> bool:
+    """A forward pass of transformers' continuous batching: the paged cache's read/write indices are there, and
+    the packed batch's ``cu_seq_lens_q/k``; it passes no mask to an implementation other than sdpa/eager (its
+    mask functions return None for a paged cache), as to flash attention."""
+    return "read_index" in kwargs and "write_index" in kwargs and kwargs.get("cu_seq_lens_q") is not None
+
+
+#: The layer types whose pattern a continuous-batching step carries (``sliding_window`` and causality).
+_BATCHING_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _check_continuous_batching(module, attention_mask, is_causal, sliding_window, kwargs) -> None:
+    """Fail closed in continuous batching, where no mask function runs: the requests are packed (``cu_seq_lens``)
+    and each one's keys are gathered from the paged cache oldest first, so the packed varlen path with the
+    layer's own causal or sliding-window pattern is exact; only that. A layer whose pattern is anything else
+    (chunked, bidirectional, another layer type, a window other than the config's) or whose logits change
+    (sinks, biases) raises."""
+    config = getattr(module, "config", None)
+    if config is None:
+        raise ValueError(
+            "continuous batching (generate_batch): the attention layer has no config to read its pattern"
+        )
+    if attention_mask is not None:
+        raise ValueError(
+            f"continuous batching (generate_batch): sparse_attn expects no mask, got {type(attention_mask).__name__}"
+        )
+    if not getattr(module, "is_causal", True) or is_causal is False:
+        raise ValueError("continuous batching (generate_batch) with sparse_attn supports causal layers only")
+    for name in ("s_aux", "position_bias", "attention_chunk_size"):
+        if kwargs.get(name) is not None or (name == "attention_chunk_size" and getattr(config, name, None)):
+            raise ValueError(
+                f"continuous batching (generate_batch) with sparse_attn does not support {name!r}"
+            )
+    layer_types = getattr(config, "layer_types", None)
+    window = getattr(config, "sliding_window", None)
+    if layer_types is None:
+        layer_type = "full_attention" if window is None else "sliding_attention"
+    else:
+        layer_type = layer_types[getattr(module, "layer_idx", 0)]
+    expected = window if layer_type == "sliding_attention" else None
+    if layer_type not in _BATCHING_LAYER_TYPES or sliding_window != expected:
+        raise ValueError(
+            f"continuous batching (generate_batch): layer type {layer_type!r} with sliding_window={sliding_window} "
+            f"(config.sliding_window={window}) is not a pattern sparse_attn can apply exactly here; only causal "
+            "full and sliding-window layers are supported"
+        )
 
 
 def _attend(query, key, value, pattern, scaling, key_mask, sinks, mods) -> torch.Tensor:
