@@ -10,6 +10,7 @@ continuous_batching = pytest.importorskip("transformers.generation.continuous_ba
 
 from transformers import GenerationConfig  # noqa: E402
 
+from sparse_attn import causal  # noqa: E402
 from sparse_attn.integrations import transformers as sa_hf  # noqa: E402
 
 NAME = sa_hf.register()
@@ -102,6 +103,7 @@ def test_packed_step_matches_transformers_mask_in_float64(window):
         (dict(layer_types=["full_attention", "chunked_attention"]), {}, "chunked_attention"),
         (dict(sliding_window=None), dict(s_aux=torch.zeros(4)), "s_aux"),
         (dict(sliding_window=None), dict(is_causal=False), "causal layers only"),
+        (dict(sliding_window=None), dict(set_pattern=True), "set_pattern"),
         (dict(sliding_window=None), dict(attention_mask=torch.zeros(1, 1, 11, 27)), "expects no mask"),
     ],
 )
@@ -111,8 +113,11 @@ def test_a_pattern_continuous_batching_cannot_carry_raises(config, call, match):
     q, k, v, _, kwargs = _packed_step(None)
     kwargs.update(call)
     mask = kwargs.pop("attention_mask", None)
+    layer = _layer(**config)
+    if kwargs.pop("set_pattern", None):
+        sa_hf.set_pattern(layer, causal())
     with pytest.raises(ValueError, match=match):
-        sa_hf.sparse_attention_forward(_layer(**config), q, k, v, mask, **kwargs)
+        sa_hf.sparse_attention_forward(layer, q, k, v, mask, **kwargs)
 
 
 def test_generate_batch_refuses_a_chunked_model():

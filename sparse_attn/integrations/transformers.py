@@ -771,6 +771,8 @@ def _check_continuous_batching(module, attention_mask, is_causal, sliding_window
         raise ValueError(
             f"continuous batching (generate_batch): sparse_attn expects no mask, got {type(attention_mask).__name__}"
         )
+    if getattr(module, _PATTERN_ATTR, None) is not None:
+        raise ValueError("continuous batching (generate_batch) with sparse_attn does not support set_pattern")
     if not getattr(module, "is_causal", True) or is_causal is False:
         raise ValueError("continuous batching (generate_batch) with sparse_attn supports causal layers only")
     for name in ("s_aux", "position_bias", "attention_chunk_size"):
