@@ -29,11 +29,11 @@ test: setup
 # the installed one, the newest): a throwaway virtual environment in build/ that sees this one's packages and
 # installs over them only that release and what it needs (its huggingface-hub, tokenizers and `kernels`, which
 # a newer `kernels` would break). Kept between runs, so a warm run only runs the tests: the version-sensitive
-# ones (mask recognition and evaluation, packed batches, caches, a model of each mask kind).
+# ones (mask recognition and evaluation, packed batches, caches, a model of each mask kind, continuous batching).
 TRANSFORMERS_LOWEST = 5.23.0
 TRANSFORMERS_LOWEST_ENV = build/transformers-$(TRANSFORMERS_LOWEST)
 TRANSFORMERS_LOWEST_TESTS = (mask_info or decode_key_mask or alignment or unrecognised or look_alike or unseen \
-  or packed_batch or left_padding or t5) and not compiled
+  or packed_batch or left_padding or t5 or generate_batch or packed_step or continuous_batching) and not compiled
 test-transformers-lowest:
 	@$(TRANSFORMERS_LOWEST_ENV)/bin/python -c "import transformers as t; assert t.__version__ == '$(TRANSFORMERS_LOWEST)'" \
 	  2>/dev/null || { rm -rf $(TRANSFORMERS_LOWEST_ENV) \
@@ -41,7 +41,7 @@ test-transformers-lowest:
 	  && $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pip install --quiet "transformers[kernels]==$(TRANSFORMERS_LOWEST)"; }
 	TRITON_INTERPRET=1 OMP_NUM_THREADS=1 PYTHONPATH=$(CURDIR) $(TRANSFORMERS_LOWEST_ENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) \
 	  -p no:cacheprovider \
-	  tests/test_transformers.py -k "$(TRANSFORMERS_LOWEST_TESTS)"
+	  tests/test_transformers.py tests/test_transformers_paged.py -k "$(TRANSFORMERS_LOWEST_TESTS)"
 
 lint:
 	$(PYTHON) -m ruff check sparse_attn triton_kernels tests bench

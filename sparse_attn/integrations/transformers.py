@@ -696,6 +696,8 @@ def sparse_attention_forward(
         )
     if _from_continuous_batching(kwargs):
         _check_continuous_batching(module, attention_mask, is_causal, sliding_window, kwargs)
+        key, value = _update_paged_cache(module, key, value, kwargs)
+        attention_mask = None  # the layer's causal / window pattern, per packed request (checked above)
     info = _mask_info(module, query, key, attention_mask, is_causal, sliding_window)
     if info.kv_length != key.shape[2] or info.q_length != query.shape[2]:
         raise ValueError(
@@ -752,11 +754,51 @@ def _from_continuous_batching(kwargs) -> bool:
     return "read_index" in kwargs and "write_index" in kwargs and kwargs.get("cu_seq_lens_q") is not None
 
 
+def _plain_causal_info(info, window) -> bool:
+    """Whether `info` is our mask function's answer for a recognised causal mask of `window`, no padding, no
+    chunks: what transformers < 5.25 asks for in continuous batching (its pattern is then the one the packed
+    step applies). Its packing (`packed`, from position ids that restart) is not read: the requests are those of
+    ``cu_seq_lens_q/k``, by which the paged cache gathered the keys."""
+    return (
+        isinstance(info, SparseMaskInfo)
+        and info.causal
+        and info.window == window
+        and info.evaluated is None
+        and info.chunk is None
+        and info.key_mask is None
+        and info.decode_position is None
+        and info.kv_used is None
+    )
+
+
 #: The layer types whose pattern a continuous-batching step carries (``sliding_window`` and causality).
 _BATCHING_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def _check_continuous_batching(module, attention_mask, is_causal, sliding_window, kwargs) -> None:
+def _update_paged_cache(module, key, value, kwargs):
+    """transformers < 5.25 hands the attention function its paged cache (``cache``) un-updated, as its sdpa does:
+    write the step's keys and gather every request's, oldest first (`PagedAttentionCache.update`, which also
+    picks this layer type's ``cu_seq_lens_k``). From 5.25 the model has done that before the call."""
+    cache = kwargs.pop("cache", None)
+    if cache is not None:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+        if not isinstance(cache, PagedAttentionCache):
+            raise TypeError(
+                f"continuous batching: expected a PagedAttentionCache, got {type(cache).__name__}"
+            )
+        key, value = cache.update(
+            key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs
+        )
+    if not isinstance(kwargs.get("cu_seq_lens_k"), torch.Tensor):
+        raise ValueError(
+            "continuous batching: cu_seq_lens_k is not this layer's tensor (a paged cache transformers did not "
+            f"update?), got {type(kwargs.get('cu_seq_lens_k')).__name__}"
+        )
+    return key, value
+
+
+def _check_continuous_batching(module, attention_mask, is_causal, sliding_window, kwargs) -> str:
     """Fail closed in continuous batching, where no mask function runs: the requests are packed (``cu_seq_lens``)
     and each one's keys are gathered from the paged cache oldest first, so the packed varlen path with the
     layer's own causal or sliding-window pattern is exact; only that. A layer whose pattern is anything else
@@ -767,9 +809,11 @@ def _check_continuous_batching(module, attention_mask, is_causal, sliding_window
         raise ValueError(
             "continuous batching (generate_batch): the attention layer has no config to read its pattern"
         )
-    if attention_mask is not None:
+    if attention_mask is not None and not _plain_causal_info(attention_mask, sliding_window):
         raise ValueError(
-            f"continuous batching (generate_batch): sparse_attn expects no mask, got {type(attention_mask).__name__}"
+            "continuous batching (generate_batch): sparse_attn expects no mask, or (transformers < 5.25, which "
+            "still runs the mask function) the recognised causal mask of the layer's window without padding; got "
+            f"{attention_mask!r}"
         )
     if getattr(module, _PATTERN_ATTR, None) is not None:
         raise ValueError("continuous batching (generate_batch) with sparse_attn does not support set_pattern")
@@ -793,6 +837,7 @@ def _check_continuous_batching(module, attention_mask, is_causal, sliding_window
             f"(config.sliding_window={window}) is not a pattern sparse_attn can apply exactly here; only causal "
             "full and sliding-window layers are supported"
         )
+    return layer_type
 
 
 def _attend(query, key, value, pattern, scaling, key_mask, sinks, mods) -> torch.Tensor:
