@@ -25,10 +25,18 @@ def _model(kind):
     )  # fmt: skip
     if kind == "llama":
         return transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval()
-    return transformers.MistralForCausalLM(transformers.MistralConfig(sliding_window=WINDOW, **common)).eval()
+    if kind == "mistral":
+        return transformers.MistralForCausalLM(
+            transformers.MistralConfig(sliding_window=WINDOW, **common)
+        ).eval()
+    # Qwen2: a full layer, then a sliding one (two layer types, two groups of pages in the paged cache).
+    config = transformers.Qwen2Config(
+        use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, **common
+    )
+    return transformers.Qwen2ForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
 def test_generate_batch_matches_sdpa(kind, monkeypatch):
     """Three requests of different lengths, a small batch budget (prefill split into chunks, run beside other
     requests' decode steps): each request's greedy tokens are those of plain sdpa generate()."""
@@ -55,7 +63,7 @@ def test_generate_batch_matches_sdpa(kind, monkeypatch):
     got = [out[request].generated_tokens for request in sorted(out, key=lambda r: int(r.split("_")[-1]))]
     assert got == expected
     assert model.config._attn_implementation == NAME  # continuous batching kept it
-    assert set(windows) == {None if kind == "llama" else WINDOW}
+    assert set(windows) == {"llama": {None}, "mistral": {WINDOW}, "qwen2": {None, WINDOW}}[kind]
 
 
 def _layer(**config):
