@@ -90,12 +90,14 @@ def _packed_step(window):
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_packed_step_matches_transformers_mask_in_float64(window):
-    """Each request's queries sit at the end of its keys (bottom-right), its window counted there."""
+    """Each request's queries sit at the end of its keys (bottom-right), its window counted there (key states
+    with the strides of a gather from the cache, heads innermost)."""
     q, k, v, mask, kwargs = _packed_step(window)
     layer = _layer(sliding_window=window)
+    k_strided, v_strided = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     with torch.inference_mode():
         out, _ = sa_hf.sparse_attention_forward(
-            layer, q, k, v, None, scaling=0.3, sliding_window=window, **kwargs
+            layer, q, k_strided, v_strided, None, scaling=0.3, sliding_window=window, **kwargs
         )
     k2, v2 = (t.double().repeat_interleave(2, dim=1) for t in (k, v))
     logits = q.double() @ k2.transpose(-1, -2) * 0.3 + mask
