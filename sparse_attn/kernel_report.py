@@ -224,9 +224,6 @@ def fixed_config_name(kernel: str) -> str:
 
 def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, flags: dict) -> dict:
     """Compile one kernel variant for one target; return its record."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from sparse_attn.triton_kernels import bsattn
     from sparse_attn.triton_kernels.launch import REDUCE_NUM_WARPS
@@ -237,6 +234,23 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, fla
         options = config.options()
     else:
         options = {"num_warps": REDUCE_NUM_WARPS if kernel == "_bsattn_rel_bias_reduce" else 4}
+    return {
+        "kernel": kernel,
+        "target": target,
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "config": str(config) if config else fixed_config_name(kernel),
+        "variant": variant_name(flags),
+        **_compile_and_inspect(fn, signature, constexprs, attrs, target, options),
+    }
+
+
+def _compile_and_inspect(fn, signature, constexprs, attrs, target: str, options: dict) -> dict:
+    """Compile `fn` for `target` and read its cubin: registers, spills, stack, shared memory, tensor cores."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     compiled = triton.compile(
         ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
         target=GPUTarget("cuda", TARGETS[target], 32),
@@ -250,12 +264,6 @@ def compile_one(kernel: str, target: str, dtype: str, head_dim: int, config, fla
         sass = _cuobjdump("--dump-sass", path)
     fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     return {
-        "kernel": kernel,
-        "target": target,
-        "dtype": dtype,
-        "head_dim": head_dim,
-        "config": str(config) if config else fixed_config_name(kernel),
-        "variant": variant_name(flags),
         "registers": int(fields["REG"]),
         "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
         "stack_bytes": int(fields["STACK"]),
@@ -360,10 +368,6 @@ _DECODE_ALIGNED = tuple(
 
 def compile_decode(target: str, dtype: str, head_dim: int, rows: int, softcap: bool, per_head: bool) -> dict:
     """Compile the decode kernel with the launcher's tile choice (page size 64, group 4); return its record."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from sparse_attn.triton_kernels import decode
 
     fn = decode._decode_fwd_kernel
@@ -393,18 +397,7 @@ def compile_decode(target: str, dtype: str, head_dim: int, rows: int, softcap: b
             signature[name] = "fp32" if name in ("scale2", "softcap2") else "i32"
             if name in _DECODE_ALIGNED:
                 attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(
-        ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-        target=GPUTarget("cuda", TARGETS[target], 32),
-        options={"num_warps": num_warps, "num_stages": 2},
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = _cuobjdump("--dump-resource-usage", path)
-        sass = _cuobjdump("--dump-sass", path)
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    options = {"num_warps": num_warps, "num_stages": 2}
     return {
         "kernel": "_decode_fwd_kernel",
         "target": target,
@@ -412,11 +405,7 @@ def compile_decode(target: str, dtype: str, head_dim: int, rows: int, softcap: b
         "head_dim": head_dim,
         "config": f"BLOCK_M={block_m} BLOCK_N={block_n} warps={num_warps} stages=2",
         "variant": f"rows={rows}" + (" SOFTCAP" if softcap else "") + (" PER_HEAD" if per_head else ""),
-        "registers": int(fields["REG"]),
-        "spill_bytes": _spill_store_bytes(sass) + int(fields.get("LOCAL", 0)),
-        "stack_bytes": int(fields["STACK"]),
-        "shared_bytes": int(compiled.metadata.shared) + int(fields["SHARED"]),
-        "tensor_core_instructions": len(re.findall(r"\bH(?:G)?MMA\b", sass)),
+        **_compile_and_inspect(fn, signature, constexprs, attrs, target, options),
     }
 
 

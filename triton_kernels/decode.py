@@ -24,20 +24,11 @@ import torch
 import triton
 import triton.language as tl
 
+# One tanh for every kernel (exp2-based: the interpreter has no libdevice).
+from .bsattn import _tanh
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-@triton.jit
-def _tanh(x):
-    """tanh in fp32 from exp2 (the interpreter has no libdevice), odd Taylor polynomial near 0."""
-    a = tl.abs(x)
-    e = tl.math.exp2(a * (-2.0 * 1.4426950408889634))
-    big = (1.0 - e) / (1.0 + e)
-    a2 = a * a
-    small = a + a * a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0))))
-    y = tl.where(a < 0.125, small, big)
-    return tl.where(x < 0.0, -y, y)
 
 
 @triton.jit
