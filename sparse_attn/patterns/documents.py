@@ -11,10 +11,13 @@ none: ``lo, hi = -inf, inf``) applied inside each segment.
 `segment_band_blocks` builds that set in work proportional to the kept blocks: each row of query blocks
 keeps one contiguous run of key blocks (from the first key its first segment may see to the last key its
 last segment may see); a candidate block is full when its rows and keys all lie in one segment and the band
-covers it, and otherwise partial. Partial tiles are shared: a block whose rows and keys share exactly one
-segment has a rectangle (the segment's rows x the segment's keys, in block coordinates) intersected with the
-band at the block's corner, a handful of distinct tiles per document boundary; only blocks holding two or
-more segments on both sides (near the diagonal at a boundary, or short documents) get a tile of their own.
+covers it, and otherwise partial. Most full blocks are known per row, not block by block: a row inside one
+segment has a run of surely full key blocks (from the segment's bounds and the band); only the other
+candidates are classified one by one. Partial tiles are shared: a block whose rows and keys share exactly
+one segment has a rectangle (the segment's rows x the segment's keys, in block coordinates) intersected
+with the band at the block's corner, a handful of distinct tiles per document boundary; only blocks holding
+two or more segments on both sides (near the diagonal at a boundary, or short documents) get a tile of
+their own.
 The ids are read once: the only host synchronisation is one copy of ``sign(diff(ids))`` to the CPU.
 """
 
@@ -46,8 +49,8 @@ class Segments:
     shift: torch.Tensor
 
     def nonempty(self) -> Segments:
-        keep = (self.q_end > self.q_start) & (self.k_end > self.k_start)
-        return Segments(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
+        keep = torch.nonzero((self.q_end > self.q_start) & (self.k_end > self.k_start)).squeeze(1)
+        return Segments(*(_at(getattr(self, f), keep) for f in self.__dataclass_fields__))
 
 
 def _at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -233,9 +236,9 @@ def _finish(key, tile_id, part, part_ids, nonempty, batch, kind, *tiles):
     Classes are exact otherwise: a block is full iff one segment covers it whole and the band covers it,
     and a block holding two segments on both sides has invisible pairs across them."""
     new_id = torch.cumsum(nonempty, 0) - 1
-    tile_id[part] = torch.where(nonempty[part_ids], new_id[part_ids], -2)
-    kept = tile_id != -2
-    return kind(1, key[kept], tile_id[kept], *tiles[:1], batch, *tiles[1:])
+    tile_id.index_copy_(0, part, torch.where(_at(nonempty, part_ids), _at(new_id, part_ids), -2))
+    kept = torch.nonzero(tile_id != -2).squeeze(1)
+    return kind(1, _at(key, kept), _at(tile_id, kept), *tiles[:1], batch, *tiles[1:])
 
 
 class PackedBlockSet(BlockSet):
