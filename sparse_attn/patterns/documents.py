@@ -294,8 +294,8 @@ def _interval_words(start: torch.Tensor, end: torch.Tensor, bk: int) -> torch.Te
     a = start.clamp(0, bk)
     b = torch.maximum((end + 1).clamp(max=bk), a)
     shape = (*start.shape, prefix.shape[1])
-    words = prefix.index_select(0, a.flatten()) ^ prefix.index_select(0, b.flatten())
-    return words.view(shape)
+    words = prefix.index_select(0, a.flatten())
+    return words.bitwise_xor_(prefix.index_select(0, b.flatten())).view(shape)
 
 
 @functools.cache
