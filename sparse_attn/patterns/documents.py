@@ -192,9 +192,9 @@ def segment_band_blocks(
         # Multi-segment tiles may be empty (the band can miss every same-segment pair): drop those.
         nonempty = torch.cat([torch.ones(len(uniq), dtype=torch.bool), (multi_start <= multi_end).any(1)])
         keep_multi = nonempty[len(uniq) :]
-        start = torch.cat([rect_start, multi_start[keep_multi]])
-        end = torch.cat([rect_end, multi_end[keep_multi]])
-        packed = _interval_words(start, end, bk)
+        keep_multi = torch.nonzero(keep_multi).squeeze(1)
+        parts = [(rect_start, rect_end), (_at(multi_start, keep_multi), _at(multi_end, keep_multi))]
+        packed = _interval_words(parts, bk)
         return _finish(key, tile_id, part, part_ids, nonempty, batch, PackedBlockSet, packed, bk)
     col_pos = (mb * g.kv_len + mk0)[:, None] + torch.arange(bk)[None, :]
     cs = _segment_of(gk0, gk1, col_pos)
@@ -286,16 +286,27 @@ def _segment_intervals(segs: Segments, rs, r0, k0, k1, lo, hi):
     return start, torch.where(rs >= 0, end, start - 1)
 
 
-def _interval_words(start: torch.Tensor, end: torch.Tensor, bk: int) -> torch.Tensor:
-    """Packed tiles (int32 ``[m, bq, ceil(bk / 32)]``) whose row r sees the columns ``[start, end]`` of
-    ``[m, bq]`` (none where start > end)."""
+def _interval_words(parts, bk: int, chunk: int = 4096) -> torch.Tensor:
+    """Packed tiles (int32 ``[m, bq, ceil(bk / 32)]``, the tiles of every ``(start, end)`` of `parts` in
+    order) whose row r sees the columns ``[start, end]`` of ``[m_i, bq]`` (none where start > end)."""
     # Columns [a, b) are the bits of prefix(b) that prefix(a) lacks (a <= b): two row gathers and an xor.
     prefix = _prefix_words(bk)
-    a = start.clamp(0, bk)
-    b = torch.maximum((end + 1).clamp(max=bk), a)
-    shape = (*start.shape, prefix.shape[1])
-    words = prefix.index_select(0, a.flatten())
-    return words.bitwise_xor_(prefix.index_select(0, b.flatten())).view(shape)
+    bq = parts[0][0].shape[1]
+    starts = [p[0].flatten() for p in parts]
+    ends = [p[1].flatten() for p in parts]
+    words = torch.empty(sum(map(len, starts)), prefix.shape[1], dtype=torch.int32)
+    # `chunk` rows at a time, written in place: every temporary stays small enough for the allocator's heap
+    # (a large one is a fresh mapping whose pages fault in on every build, dearer than a few more calls).
+    base = 0
+    for start, end in zip(starts, ends, strict=True):
+        for s in range(0, len(start), chunk):
+            a = start[s : s + chunk].clamp(0, bk)
+            b = (end[s : s + chunk] + 1).clamp_(max=bk)
+            out = words[base + s : base + s + len(a)]
+            torch.index_select(prefix, 0, a, out=out)
+            out ^= prefix.index_select(0, torch.maximum(b, a, out=b))
+        base += len(start)
+    return words.view(-1, bq, prefix.shape[1])
 
 
 @functools.cache
