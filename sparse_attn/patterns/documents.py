@@ -217,8 +217,8 @@ def _sure_full_runs(segs: Segments, r0, r1, sf, sl, g: Geometry, lo, hi, dilatio
     bk = g.block_k
     ks, ke, sh = _at(segs.k_start, sf), _at(segs.k_end, sf), _at(segs.shift, sf)
     single = (sf == sl) & (_at(segs.q_start, sf) <= r0) & (r1 < _at(segs.q_end, sf))
-    if dilation > 1:  # a dilated band covers no block of two or more keys: leave every block to the rest
-        single &= False
+    if dilation > 1:  # a dilated band rarely covers a block: every block is classified one by one
+        single = torch.zeros_like(single)
     # Keys [k0, k1] of block kb: k0 = kb * bk >= max(segment start, r1 + shift - hi) ...
     fa = torch.maximum(ks, r1 + sh - hi).clamp(min=0)
     fa = torch.div(fa + bk - 1, bk, rounding_mode="floor")
