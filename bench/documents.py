@@ -41,8 +41,8 @@ TARGETS = {"build_ms": 5.0, "build_mib": 20.0, "vs_dense": 10.0, "vs_per_doc": 1
 # Runs in the child: `repeats` builds of documents & causal over `seq` tokens of `docs` documents.
 BUILD_CHILD = r"""
 import json, sys, time, torch
-torch.set_num_threads(2)
-which, seq, docs, repeats, block = sys.argv[1], *map(int, sys.argv[2:])
+which, seq, docs, repeats, block, threads = sys.argv[1], *map(int, sys.argv[2:])
+torch.set_num_threads(threads)
 
 def rss_kib(field):
     for line in open("/proc/self/status"):
@@ -65,25 +65,27 @@ else:
 before = rss_kib("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # resets VmHWM to the current resident set
-times = []
+times, cpu_times = [], []
 for r in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     result = build()
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.thread_time() - c0)  # this thread's CPU time: machine load barely moves it
     if r == 0:
         peak = rss_kib("VmHWM:")
     del result
-print(json.dumps({"times": times, "peak_mib": (peak - before) / 1024}))
+print(json.dumps({"times": times, "cpu_times": cpu_times, "peak_mib": (peak - before) / 1024}))
 """
 
 
-def measure_build(which: str, seq: int, docs: int, repeats: int) -> dict:
-    args = [sys.executable, "-c", BUILD_CHILD, which, str(seq), str(docs), str(repeats), str(BLOCK)]
+def measure_build(which: str, seq: int, docs: int, repeats: int, threads: int = 2) -> dict:
+    args = [sys.executable, "-c", BUILD_CHILD, which, *map(str, (seq, docs, repeats, BLOCK, threads))]
     done = subprocess.run(args, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["median_ms"] = statistics.median(result["times"]) * 1e3
+    result["median_cpu_ms"] = statistics.median(result["cpu_times"]) * 1e3
     return result
 
 
@@ -167,6 +169,9 @@ def main(argv=None) -> int:
         "--random-lengths", action="store_true", help="random document lengths in the step (default: equal)"
     )
     parser.add_argument("--no-build", action="store_true", help="skip the layout-build measurements")
+    parser.add_argument("--build-only", action="store_true", help="only the 131k-token layout build")
+    parser.add_argument("--build-threads", type=int, default=2, help="intra-op threads of the build child")
+    parser.add_argument("--build-repeats", type=int, default=21, help="timed builds (a new pattern each)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -177,9 +182,12 @@ def main(argv=None) -> int:
             "impl": "sparse_attn",
             "tokens": build_seq,
             "docs": 64,
-            **measure_build("sparse_attn", build_seq, 64, 21),
+            **measure_build("sparse_attn", build_seq, 64, args.build_repeats, args.build_threads),
         }
     ]
+    if args.build_only:
+        print_builds(builds, args.build_threads)
+        return 0
     if args.no_build:
         builds, flex_seqs = builds[:1], []
     for seq in sorted({*flex_seqs}):
@@ -203,6 +211,7 @@ def main(argv=None) -> int:
             "cpu": _cpu_name(),
             "torch": torch.__version__,
             "threads": args.threads,
+            "build_threads": args.build_threads,
             "block": BLOCK,
             "date": datetime.date.today().isoformat(),
             "load_average": list(__import__("os").getloadavg()),
@@ -227,16 +236,25 @@ def main(argv=None) -> int:
     return 0
 
 
-def print_report(report):
-    meta = report["meta"]
-    print(f"\n{meta['cpu']}, {meta['threads']} threads, load average {meta['load_average'][0]:.1f}")
-    print(f"documents(ids) & causal(), 64 random-length documents, block {BLOCK}: layout build")
-    print(f"{'impl':<16}{'tokens':>10}{'median ms':>12}{'peak MiB':>10}")
-    for r in report["layout_build"]:
+def print_builds(builds, threads):
+    print(
+        f"{_cpu_name()}; documents(ids) & causal(), 64 random-length documents, block {BLOCK}: layout build"
+    )
+    print(f"{'impl':<16}{'tokens':>10}{'median ms':>12}{'cpu ms':>10}{'peak MiB':>10}   ({threads} threads)")
+    for r in builds:
         if "error" in r:
             print(f"{r['impl']:<16}{r['tokens']:>10}  failed: {r['error']}")
         else:
-            print(f"{r['impl']:<16}{r['tokens']:>10}{r['median_ms']:>12.2f}{r['peak_mib']:>10.1f}")
+            print(
+                f"{r['impl']:<16}{r['tokens']:>10}{r['median_ms']:>12.2f}{r['median_cpu_ms']:>10.2f}"
+                f"{r['peak_mib']:>10.1f}"
+            )
+
+
+def print_report(report):
+    meta = report["meta"]
+    print(f"\n{meta['cpu']}, {meta['threads']} threads, load average {meta['load_average'][0]:.1f}")
+    print_builds(report["layout_build"], meta.get("build_threads", 2))
     s = report["training_step"]
     print(
         f"\npacked training step: B=1 H=8 D=64, {s['tokens']} tokens of {s['docs']} documents, fp32, fwd+bwd"

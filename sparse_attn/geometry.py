@@ -74,7 +74,11 @@ class BlockSet:
     def split_key(self, g: Geometry):
         """(layout sequence, query block, key block) of every kept block."""
         nqb, nkb = g.num_q_blocks, g.num_k_blocks
-        return self.key // (nqb * nkb), (self.key // nkb) % nqb, self.key % nkb
+        # Integer division is the slow op here: one per level, remainders by multiply-subtract.
+        row = self.key // nkb
+        kb = self.key - row * nkb
+        seq = row // nqb
+        return seq, row - seq * nqb, kb
 
     def with_heads(self, heads: int, g: Geometry) -> BlockSet:
         """The same blocks repeated for `heads` heads (only from a shared set)."""

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
-from sparse_attn.layout import BlockLayout
+from sparse_attn.layout import BlockLayout, pack_tiles
+from sparse_attn.patterns.documents import _interval_words
 from sparse_attn.reference import attention_reference
 
 BACKENDS = ["torch", "triton"]
@@ -388,3 +389,17 @@ def test_show_and_plot_documents(tmp_path, capsys):
     ids = torch.stack([ids_from_lengths([10, 54]), ids_from_lengths([64])])
     fig = plot_pattern(sa.documents(ids) & sa.causal(), 64, block_size=16, batch=1)
     assert fig is not None
+
+
+@pytest.mark.parametrize("bk", [5, 32, 37, 128])
+def test_interval_words_pack_row_intervals_in_chunks(bk):
+    """The packed words of row intervals ``[start, end]`` (empty where start > end, clipped to the tile)
+    equal `pack_tiles` of the boolean rows, whatever the chunking and however the rows are split in parts."""
+    gen = torch.Generator().manual_seed(bk)
+    start = torch.randint(-3, bk + 3, (7, 6), generator=gen)
+    end = start + torch.randint(-4, bk + 4, (7, 6), generator=gen)
+    cols = torch.arange(bk)
+    truth = pack_tiles((cols >= start[..., None]) & (cols <= end[..., None]))
+    for chunk in (1, 5, 4096):
+        parts = [(start[:3], end[:3]), (start[3:3], end[3:3]), (start[3:], end[3:])]
+        assert torch.equal(_interval_words(parts, bk, chunk), truth)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sparse_attn as sa
-from sparse_attn.layout import pack_tiles, unpack_tiles
+from sparse_attn.layout import _sort_pairs, pack_tiles, unpack_tiles
 
 
 def classes_from_mask(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
@@ -303,3 +303,17 @@ def test_random_cells_smaller_than_blocks_share_tiles(block_size):
         assert torch.equal(layout.to_dense()[0], pattern.mask(q_len, kv_len))
     big = sa.bigbird(192, 64, 3).layout(32768, block_size=128)
     assert big.num_partial > 2000 and big.tiles.shape[0] < 100
+
+
+@pytest.mark.parametrize("top", [50, 1 << 16, 1 << 20])  # radix sort of 16-bit pairs, or torch.argsort
+def test_sort_pairs_orders_like_argsort_of_the_combined_key(top):
+    """`_sort_pairs` (CSR order of a layout's entries) on shuffled, sorted and empty distinct pairs."""
+    gen = torch.Generator().manual_seed(top)
+    flat = torch.unique(torch.randint(0, top * 40, (3000,), generator=gen))  # distinct pairs
+    major, minor = flat // 40, flat % 40
+    for order in (torch.randperm(len(flat), generator=gen), torch.argsort(flat)):
+        a, b = major[order], minor[order]
+        perm = _sort_pairs(a, b)
+        assert torch.equal(perm, torch.argsort(a * 40 + b))
+        assert torch.equal(_sort_pairs(b, a), torch.argsort(b * (int(a.max()) + 1) + a))
+    assert _sort_pairs(major[:0], minor[:0]).numel() == 0

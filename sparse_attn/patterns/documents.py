@@ -11,15 +11,19 @@ none: ``lo, hi = -inf, inf``) applied inside each segment.
 `segment_band_blocks` builds that set in work proportional to the kept blocks: each row of query blocks
 keeps one contiguous run of key blocks (from the first key its first segment may see to the last key its
 last segment may see); a candidate block is full when its rows and keys all lie in one segment and the band
-covers it, and otherwise partial. Partial tiles are shared: a block whose rows and keys share exactly one
-segment has a rectangle (the segment's rows x the segment's keys, in block coordinates) intersected with the
-band at the block's corner, a handful of distinct tiles per document boundary; only blocks holding two or
-more segments on both sides (near the diagonal at a boundary, or short documents) get a tile of their own.
+covers it, and otherwise partial. Most full blocks are known per row, not block by block: a row inside one
+segment has a run of surely full key blocks (from the segment's bounds and the band); only the other
+candidates are classified one by one. Partial tiles are shared: a block whose rows and keys share exactly
+one segment has a rectangle (the segment's rows x the segment's keys, in block coordinates) intersected
+with the band at the block's corner, a handful of distinct tiles per document boundary; only blocks holding
+two or more segments on both sides (near the diagonal at a boundary, or short documents) get a tile of
+their own.
 The ids are read once: the only host synchronisation is one copy of ``sign(diff(ids))`` to the CPU.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +49,13 @@ class Segments:
     shift: torch.Tensor
 
     def nonempty(self) -> Segments:
-        keep = (self.q_end > self.q_start) & (self.k_end > self.k_start)
-        return Segments(*(getattr(self, f)[keep] for f in self.__dataclass_fields__))
+        keep = torch.nonzero((self.q_end > self.q_start) & (self.k_end > self.k_start)).squeeze(1)
+        return Segments(*(_at(getattr(self, f), keep) for f in self.__dataclass_fields__))
+
+
+def _at(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[index]`` for a 1-D index: `index_select`, a fraction of advanced indexing's per-call cost."""
+    return t.index_select(0, index)
 
 
 def _segment_of(start: torch.Tensor, end: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -78,62 +87,86 @@ def segment_band_blocks(
     sf = torch.searchsorted(gq1, row_b * g.q_len + r0, right=True)
     sl = torch.searchsorted(gq0, row_b * g.q_len + r1, right=True) - 1
     live = sf <= sl
-    row_b, row_qb, r0, r1, sf, sl = (t[live] for t in (row_b, row_qb, r0, r1, sf, sl))
+    live = torch.nonzero(live).squeeze(1)
+    row_b, row_qb, r0, r1, sf, sl = (t.index_select(0, live) for t in (row_b, row_qb, r0, r1, sf, sl))
     # The first key the first segment's first row may see, the last key the last segment's last row may see.
-    ra = torch.maximum(r0, segs.q_start[sf])
-    rb = torch.minimum(r1, segs.q_end[sl] - 1)
-    j_first = torch.minimum(torch.maximum(segs.k_start[sf], ra + segs.shift[sf] - hi), segs.k_end[sf])
-    j_last = torch.maximum(torch.minimum(segs.k_end[sl] - 1, rb + segs.shift[sl] - lo), segs.k_start[sl] - 1)
+    ra = torch.maximum(r0, _at(segs.q_start, sf))
+    rb = torch.minimum(r1, _at(segs.q_end, sl) - 1)
+    j_first = torch.minimum(
+        torch.maximum(_at(segs.k_start, sf), ra + _at(segs.shift, sf) - hi), _at(segs.k_end, sf)
+    )
+    j_last = torch.maximum(
+        torch.minimum(_at(segs.k_end, sl) - 1, rb + _at(segs.shift, sl) - lo), _at(segs.k_start, sl) - 1
+    )
     kb_first = j_first.clamp(0, g.kv_len - 1) // bk
     counts = torch.where(j_first <= j_last, j_last.clamp(0, g.kv_len - 1) // bk - kb_first + 1, 0)
     pick = torch.repeat_interleave(torch.arange(len(counts)), counts)
     within = torch.arange(len(pick)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-    b, qb, r0, r1, sf, sl = (t[pick] for t in (row_b, row_qb, r0, r1, sf, sl))
-    kb = kb_first[pick] + within
-    k0 = kb * bk
-    k1 = k0 + g.valid_cols(kb) - 1
-    kf = torch.searchsorted(gk1, b * g.kv_len + k0, right=True)
-    kl = torch.searchsorted(gk0, b * g.kv_len + k1, right=True) - 1
+    kb = _at(kb_first, pick) + within
+    key = _at((row_b * nqb + row_qb) * nkb + kb_first, pick) + within
+    # Most candidates are surely full (a run of key blocks per row, from its segment's bounds): only the
+    # others are classified block by block.
+    fa, fb = _sure_full_runs(segs, r0, r1, sf, sl, g, lo, hi, dilation)
+    sure = (kb >= _at(fa, pick)) & (kb <= _at(fb, pick))
+    rest = torch.nonzero(~sure).squeeze(1)
+    row = _at(pick, rest)
+    r0, r1, sf, sl = (_at(t, row) for t in (r0, r1, sf, sl))
+    # Key-block columns (element, key block): first / last key and segments, once per column, then gathered.
+    col = _at(row_b * nkb, row) + _at(kb, rest)
+    col_b = torch.arange(n_b).repeat_interleave(nkb)
+    col_k0 = torch.arange(nkb).repeat(n_b) * bk
+    col_k1 = col_k0 + g.valid_cols(col_k0 // bk) - 1
+    col_kf = torch.searchsorted(gk1, col_b * g.kv_len + col_k0, right=True)
+    col_kl = torch.searchsorted(gk0, col_b * g.kv_len + col_k1, right=True) - 1
+    k0, k1, kf, kl = (_at(t, col) for t in (col_k0, col_k1, col_kf, col_kl))
     c_lo, c_hi = torch.maximum(sf, kf), torch.minimum(sl, kl)
     # One shared segment: a rectangle of rows x keys, intersected with the band.
     x = c_lo.clamp(max=len(gq0) - 1)
     one = c_lo == c_hi
-    ra = torch.maximum(r0, segs.q_start[x])
-    rb = torch.minimum(r1, segs.q_end[x] - 1)
-    ca = torch.maximum(k0, segs.k_start[x])
-    cb = torch.minimum(k1, segs.k_end[x] - 1)
-    corner = r0 + segs.shift[x] - k0  # d at the block's top-left corner
-    d_min, d_max = ra + segs.shift[x] - cb, rb + segs.shift[x] - ca
+    shift = _at(segs.shift, x)
+    ra = torch.maximum(r0, _at(segs.q_start, x))
+    rb = torch.minimum(r1, _at(segs.q_end, x) - 1)
+    ca = torch.maximum(k0, _at(segs.k_start, x))
+    cb = torch.minimum(k1, _at(segs.k_end, x) - 1)
+    corner = r0 + shift - k0  # d at the block's top-left corner
+    d_min, d_max = ra + shift - cb, rb + shift - ca
     band_full = (d_min >= lo) & (d_max <= hi)
     if dilation > 1:
         band_full &= (d_min == d_max) & (d_min % dilation == 0)
     band_meets = (d_max >= lo) & (d_min <= hi)
     whole = (ra == r0) & (rb == r1) & (ca == k0) & (cb == k1)
-    full = one & whole & band_full
-    keep = (one & band_meets) | (c_lo < c_hi)
-    key = ((b * nqb + qb) * nkb + kb)[keep]
-    full, one = full[keep], one[keep]
+    keep, full = sure.clone(), sure.clone()
+    keep[rest] = (one & band_meets) | (c_lo < c_hi)
+    full[rest] = one & whole & band_full
+    kept = torch.nonzero(keep).squeeze(1)
+    key, full = _at(key, kept), _at(full, kept)
     tile_id = torch.full_like(key, FULL)
     part = torch.nonzero(~full).squeeze(1)
     if len(part) == 0:
         return BlockSet(1, key, tile_id, empty_tiles(g), batch)
-    sel = torch.nonzero(keep).squeeze(1)[part]
-    rect = one[part]
+    # Partial blocks are never sure ones: their place among the others.
+    sel = _at(torch.cumsum(~sure, 0) - 1, _at(kept, part))
+    rect = _at(one, sel)
     # Rectangle tiles, deduplicated by (rows, keys, band corner or "band covers it"), packed in one int64.
-    rsel = sel[rect]
-    corners, corner_id = torch.unique(
-        torch.where(band_full[rsel], UNBOUNDED * 4, corner[rsel]), return_inverse=True
+    rsel = _at(sel, torch.nonzero(rect).squeeze(1))
+    r0s, k0s = _at(r0, rsel), _at(k0, rsel)
+    # A rectangle in tile coordinates: rows [lo_r, hi_r], keys [lo_c, hi_c]; its band corner ck.
+    lo_r, hi_r, lo_c, hi_c = (
+        _at(ra, rsel) - r0s,
+        _at(rb, rsel) - r0s,
+        _at(ca, rsel) - k0s,
+        _at(cb, rsel) - k0s,
     )
-    rect_key = ((ra - r0)[rsel] * bq + (rb - r0)[rsel]) * bk + (ca - k0)[rsel]
-    rect_key = (rect_key * bk + (cb - k0)[rsel]) * len(corners) + corner_id
+    ck, covered = _at(corner, rsel), _at(band_full, rsel)
+    corners, corner_id = torch.unique(torch.where(covered, UNBOUNDED * 4, ck), return_inverse=True)
+    rect_key = (((lo_r * bq + hi_r) * bk + lo_c) * bk + hi_c) * len(corners) + corner_id
     uniq, inverse = torch.unique(rect_key, return_inverse=True)
-    rep_of = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inverse, rsel)
+    rep_of = torch.zeros(len(uniq), dtype=torch.long).scatter_(0, inverse, torch.arange(len(rsel)))
     rows = torch.arange(bq)[None, :, None]
     cols = torch.arange(bk)[None, None, :]
-    lo_r, hi_r = (t[rep_of, None, None] for t in (ra - r0, rb - r0))
-    lo_c, hi_c = (t[rep_of, None, None] for t in (ca - k0, cb - k0))
-    ck = corner[rep_of, None, None]
-    covered = band_full[rep_of, None, None]
+    lo_r, hi_r, lo_c, hi_c, ck, covered = (
+        _at(t, rep_of)[:, None, None] for t in (lo_r, hi_r, lo_c, hi_c, ck, covered)
+    )
     if dilation == 1:
         # Every row of a tile sees one interval of keys (its segment's keys within the band): the packed
         # words come from the intervals directly, with no [bq, bk] tile ever formed.
@@ -145,28 +178,30 @@ def segment_band_blocks(
         in_cols = (cols >= lo_c) & (cols <= hi_c)
         rect_tiles = in_rows & in_cols & (_band_pairs(rows + ck, cols, lo, hi, dilation) | covered)
     # Blocks holding several segments on both sides: each its own tile, from the segment of every row / key.
-    multi = sel[~rect]
-    row_pos = (b * g.q_len + r0)[multi, None] + torch.arange(bq)[None, :]
+    multi = _at(sel, torch.nonzero(~rect).squeeze(1))
+    mb = _at(row_b, _at(row, multi))
+    mr0, mr1, mk0, mk1 = (_at(t, multi) for t in (r0, r1, k0, k1))
+    row_pos = (mb * g.q_len + mr0)[:, None] + torch.arange(bq)[None, :]
     rs = _segment_of(gq0, gq1, row_pos)
-    rs = torch.where(torch.arange(bq)[None, :] <= (r1 - r0)[multi, None], rs, -1)
+    rs = torch.where(torch.arange(bq)[None, :] <= (mr1 - mr0)[:, None], rs, -1)
     part_ids = torch.empty(len(part), dtype=torch.long)
     part_ids[rect] = inverse
     part_ids[~rect] = len(uniq) + torch.arange(len(multi))
     if rect_tiles is None:
-        multi_start, multi_end = _segment_intervals(segs, rs, r0[multi], k0[multi], k1[multi], lo, hi)
+        multi_start, multi_end = _segment_intervals(segs, rs, mr0, mk0, mk1, lo, hi)
         # Multi-segment tiles may be empty (the band can miss every same-segment pair): drop those.
         nonempty = torch.cat([torch.ones(len(uniq), dtype=torch.bool), (multi_start <= multi_end).any(1)])
         keep_multi = nonempty[len(uniq) :]
-        start = torch.cat([rect_start, multi_start[keep_multi]])
-        end = torch.cat([rect_end, multi_end[keep_multi]])
-        packed = _interval_words(start, end, bk)
+        keep_multi = torch.nonzero(keep_multi).squeeze(1)
+        parts = [(rect_start, rect_end), (_at(multi_start, keep_multi), _at(multi_end, keep_multi))]
+        packed = _interval_words(parts, bk)
         return _finish(key, tile_id, part, part_ids, nonempty, batch, PackedBlockSet, packed, bk)
-    col_pos = (b * g.kv_len + k0)[multi, None] + torch.arange(bk)[None, :]
+    col_pos = (mb * g.kv_len + mk0)[:, None] + torch.arange(bk)[None, :]
     cs = _segment_of(gk0, gk1, col_pos)
-    cs = torch.where((torch.arange(bk)[None, :] <= (k1 - k0)[multi, None]) & (cs >= 0), cs, -2)
+    cs = torch.where((torch.arange(bk)[None, :] <= (mk1 - mk0)[:, None]) & (cs >= 0), cs, -2)
     # d = row + shift - key, in element coordinates (the batch offsets cancel within a segment).
-    a = row_pos - (b * g.q_len)[multi, None] + segs.shift[rs.clamp(min=0)]
-    c = col_pos - (b * g.kv_len)[multi, None]
+    a = row_pos - (mb * g.q_len)[:, None] + segs.shift[rs.clamp(min=0)]
+    c = col_pos - (mb * g.kv_len)[:, None]
     multi_tiles = (rs[:, :, None] == cs[:, None, :]) & _band_pairs(
         a[:, :, None], c[:, None, :], lo, hi, dilation
     )
@@ -175,15 +210,35 @@ def segment_band_blocks(
     return _finish(key, tile_id, part, part_ids, nonempty, batch, BlockSet, tiles[nonempty])
 
 
+def _sure_full_runs(segs: Segments, r0, r1, sf, sl, g: Geometry, lo, hi, dilation):
+    """Per row of query blocks (rows ``[r0, r1]``, segments ``sf..sl``): key blocks ``[fa, fb]`` that are
+    surely full (possibly not all full ones; none where fa > fb): the rows lie in one segment, and so do
+    the block's keys, and the band covers the block (``d = row + shift - key`` in ``[lo, hi]``)."""
+    bk = g.block_k
+    ks, ke, sh = _at(segs.k_start, sf), _at(segs.k_end, sf), _at(segs.shift, sf)
+    single = (sf == sl) & (_at(segs.q_start, sf) <= r0) & (r1 < _at(segs.q_end, sf))
+    if dilation > 1:  # a dilated band rarely covers a block: every block is classified one by one
+        single = torch.zeros_like(single)
+    # Keys [k0, k1] of block kb: k0 = kb * bk >= max(segment start, r1 + shift - hi) ...
+    fa = torch.maximum(ks, r1 + sh - hi).clamp(min=0)
+    fa = torch.div(fa + bk - 1, bk, rounding_mode="floor")
+    # ... and k1 = min(kb * bk + bk - 1, kv_len - 1) <= min(segment end - 1, r0 + shift - lo).
+    last = torch.minimum(ke - 1, r0 + sh - lo)
+    fb = torch.where(
+        last >= g.kv_len - 1, g.num_k_blocks - 1, torch.div(last + 1, bk, rounding_mode="floor") - 1
+    )
+    return fa, torch.where(single, fb, fa - 1)
+
+
 def _finish(key, tile_id, part, part_ids, nonempty, batch, kind, *tiles):
     """The set, with blocks whose tile is empty dropped and the tiles renumbered.
 
     Classes are exact otherwise: a block is full iff one segment covers it whole and the band covers it,
     and a block holding two segments on both sides has invisible pairs across them."""
     new_id = torch.cumsum(nonempty, 0) - 1
-    tile_id[part] = torch.where(nonempty[part_ids], new_id[part_ids], -2)
-    kept = tile_id != -2
-    return kind(1, key[kept], tile_id[kept], *tiles[:1], batch, *tiles[1:])
+    tile_id.index_copy_(0, part, torch.where(_at(nonempty, part_ids), _at(new_id, part_ids), -2))
+    kept = torch.nonzero(tile_id != -2).squeeze(1)
+    return kind(1, _at(key, kept), _at(tile_id, kept), *tiles[:1], batch, *tiles[1:])
 
 
 class PackedBlockSet(BlockSet):
@@ -231,16 +286,36 @@ def _segment_intervals(segs: Segments, rs, r0, k0, k1, lo, hi):
     return start, torch.where(rs >= 0, end, start - 1)
 
 
-def _interval_words(start: torch.Tensor, end: torch.Tensor, bk: int) -> torch.Tensor:
-    """Packed tiles (int32 ``[m, bq, ceil(bk / 32)]``) whose row r sees the columns ``[start, end]`` of
-    ``[m, bq]`` (none where start > end)."""
-    w0 = torch.arange(-(-bk // 32))[None, None, :] * 32
-    a = (start[..., None] - w0).clamp_(0, 32)  # bits [a, b) of each word
-    b = torch.maximum((end[..., None] + 1 - w0).clamp_(max=32), a)
-    # (1 << b) - (1 << a) as an int64 (bits a..b-1), then its low 32 bits as int32 (two's complement).
-    one = torch.ones((), dtype=torch.int64)
-    words = (one << b) - (one << a)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+def _interval_words(parts, bk: int, chunk: int = 4096) -> torch.Tensor:
+    """Packed tiles (int32 ``[m, bq, ceil(bk / 32)]``, the tiles of every ``(start, end)`` of `parts` in
+    order) whose row r sees the columns ``[start, end]`` of ``[m_i, bq]`` (none where start > end)."""
+    # Columns [a, b) are the bits of prefix(b) that prefix(a) lacks (a <= b): two row gathers and an xor.
+    prefix = _prefix_words(bk)
+    bq = parts[0][0].shape[1]
+    starts = [p[0].flatten() for p in parts]
+    ends = [p[1].flatten() for p in parts]
+    words = torch.empty(sum(map(len, starts)), prefix.shape[1], dtype=torch.int32)
+    # `chunk` rows at a time, written in place: every temporary stays small enough for the allocator's heap
+    # (a large one is a fresh mapping whose pages fault in on every build, dearer than a few more calls).
+    base = 0
+    for start, end in zip(starts, ends, strict=True):
+        for s in range(0, len(start), chunk):
+            a = start[s : s + chunk].clamp(0, bk)
+            b = (end[s : s + chunk] + 1).clamp_(max=bk)
+            out = words[base + s : base + s + len(a)]
+            torch.index_select(prefix, 0, a, out=out)
+            out ^= prefix.index_select(0, torch.maximum(b, a, out=b))
+        base += len(start)
+    return words.view(-1, bq, prefix.shape[1])
+
+
+@functools.cache
+def _prefix_words(bk: int) -> torch.Tensor:
+    """Packed rows ``[bk + 1, ceil(bk / 32)]``: row n has columns ``[0, n)`` set (read-only, shared)."""
+    from ..layout import pack_tiles
+
+    with torch.inference_mode(False):  # a normal tensor, whatever mode the first call ran in
+        return pack_tiles((torch.arange(bk)[None, :] < torch.arange(bk + 1)[:, None])[None])[0]
 
 
 def _band_pairs(a: torch.Tensor, c: torch.Tensor, lo: int, hi: int, dilation: int) -> torch.Tensor:
