@@ -268,9 +268,9 @@ def _show(args) -> int:
 
 def _grid_pattern(pattern, tile_major_text):
     """The pattern to draw (in tile-major order if asked) and its grid's sequence length (None: no grid)."""
-    from .patterns.grid import _grid_leaves, tile_major
+    from .patterns.grid import grid_leaves, tile_major
 
-    leaves = list(_grid_leaves(pattern))
+    leaves = list(grid_leaves(pattern))
     if tile_major_text is not None:
         try:
             tile = [int(t) for t in tile_major_text.split(",")]

@@ -553,11 +553,11 @@ class GridView:
 
 def _grid_source(pattern):
     """(grid, prefix, suffix, layout position of each user position) of a pattern built on one grid."""
-    from .patterns.grid import TileMajor, _grid_leaves
+    from .patterns.grid import TileMajor, grid_leaves
 
     if isinstance(pattern, TileMajor):
         return pattern.grid, pattern.prefix, pattern.suffix, pattern.inverse
-    leaves = list(_grid_leaves(pattern)) if isinstance(pattern, Pattern) else []
+    leaves = list(grid_leaves(pattern)) if isinstance(pattern, Pattern) else []
     if not leaves:
         raise TypeError(f"expected a pattern built from neighborhood or sliding_tile, got {pattern!r}")
     first = leaves[0]

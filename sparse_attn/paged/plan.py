@@ -29,7 +29,7 @@ from ..geometry import ElementGeometry, Geometry
 from ..patterns.base import Intersection, Pattern, PerHead, Union
 from ..patterns.chunked import Chunked
 from ..patterns.global_tokens import GlobalTokens
-from ..patterns.topk import TopKBlocks, leaves
+from ..patterns.topk import TopKBlocks, leaves, selects
 from ..patterns.window import UNBOUNDED, _Band
 from ..score_mods import ScoreMods
 
@@ -138,18 +138,7 @@ def _heads(pattern: Pattern, step: _Step) -> torch.Tensor:
 
 
 def _needs_heads(pattern: Pattern) -> bool:
-    return pattern.num_heads is not None or any(True for _ in _selecting(pattern))
-
-
-def _selecting(pattern):
-    if isinstance(pattern, TopKBlocks):
-        yield pattern
-    elif isinstance(pattern, Union | Intersection):
-        yield from _selecting(pattern.left)
-        yield from _selecting(pattern.right)
-    elif isinstance(pattern, PerHead):
-        for p in pattern.patterns:
-            yield from _selecting(p)
+    return pattern.num_heads is not None or selects(pattern)
 
 
 def _per_query_head(keys: torch.Tensor, pattern: Pattern, step: _Step) -> torch.Tensor:

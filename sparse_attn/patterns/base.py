@@ -264,6 +264,18 @@ class PerHead(Pattern):
         return f"per_head([{', '.join(map(repr, self.patterns))}])"
 
 
+def nodes_of(pattern: Pattern, kind: type):
+    """The nodes of type `kind` in `pattern`'s tree (through ``|``, ``&`` and `per_head`), in tree order."""
+    if isinstance(pattern, kind):
+        yield pattern
+    elif isinstance(pattern, _Binary):
+        yield from nodes_of(pattern.left, kind)
+        yield from nodes_of(pattern.right, kind)
+    elif isinstance(pattern, PerHead):
+        for p in pattern.patterns:
+            yield from nodes_of(p, kind)
+
+
 def per_head(patterns) -> Pattern:
     """Give head `h` the pattern ``patterns[h]``; the number of heads is ``len(patterns)``."""
     return PerHead(patterns)

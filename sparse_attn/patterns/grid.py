@@ -481,7 +481,7 @@ class TileMajor(Pattern):
             raise TypeError(f"tile_major takes a Pattern, got {type(pattern).__name__}")
         if pattern.reorders_tokens:
             raise TypeError(f"{pattern!r} is already in tile-major order")
-        leaves = list(_grid_leaves(pattern))
+        leaves = list(grid_leaves(pattern))
         if not leaves:
             raise TypeError(
                 f"tile_major needs a pattern built from neighborhood or sliding_tile, got {pattern!r}"
@@ -553,17 +553,11 @@ class TileMajor(Pattern):
         return f"tile_major({self.pattern!r}, tile={self.order.tile})"
 
 
-def _grid_leaves(p):
-    from .base import Intersection, PerHead, Union
+def grid_leaves(p):
+    """The `neighborhood` / `sliding_tile` nodes of pattern `p`, in tree order."""
+    from .base import nodes_of
 
-    if isinstance(p, GridPattern):
-        yield p
-    elif isinstance(p, Union | Intersection):
-        yield from _grid_leaves(p.left)
-        yield from _grid_leaves(p.right)
-    elif isinstance(p, PerHead):
-        for q in p.patterns:
-            yield from _grid_leaves(q)
+    return nodes_of(p, GridPattern)
 
 
 def _in_order(p, tm: TileMajor):
